@@ -1,0 +1,26 @@
+"""elmkit: make large language models small enough for edge devices, and prove what it costs.
+
+The public API (everything else lives in sub-packages)::
+
+    from elmkit import finetune, FinetuneConfig, evaluate, EvalConfig, load_model
+"""
+
+__version__ = "0.1.0"
+
+from .api import demo, info, remove_layers  # noqa: E402
+from .eval import EvalConfig, evaluate  # noqa: E402
+from .models import load_model, load_tokenizer  # noqa: E402
+from .train import FinetuneConfig, finetune  # noqa: E402
+
+__all__ = [
+    "EvalConfig",
+    "FinetuneConfig",
+    "__version__",
+    "demo",
+    "evaluate",
+    "finetune",
+    "info",
+    "load_model",
+    "load_tokenizer",
+    "remove_layers",
+]

@@ -1,0 +1,48 @@
+"""Model access (adapters), surgery and elmkit's own model formats."""
+
+from .adapters import (
+    FAMILIES,
+    Family,
+    LayerContext,
+    UnsupportedModelError,
+    capture_hidden_states,
+    count_parameters,
+    family_of,
+    get_embed,
+    get_head,
+    get_layers,
+    get_norm,
+    get_rotary,
+    head_logits,
+    insert_layer_,
+    layer_inputs,
+    remove_layers_,
+    renumber_,
+    replace_span_,
+    run_layers,
+)
+from .loading import load_model, load_tokenizer
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "LayerContext",
+    "UnsupportedModelError",
+    "capture_hidden_states",
+    "count_parameters",
+    "family_of",
+    "get_embed",
+    "get_head",
+    "get_layers",
+    "get_norm",
+    "get_rotary",
+    "head_logits",
+    "insert_layer_",
+    "layer_inputs",
+    "load_model",
+    "load_tokenizer",
+    "remove_layers_",
+    "renumber_",
+    "replace_span_",
+    "run_layers",
+]

@@ -1,0 +1,319 @@
+"""Task fine-tuning with LoRA (Hu et al., 2021), merged into the weights at the end.
+
+    W' = W + (alpha / r) * B @ A,    A: (r, d_in), B: (d_out, r), B initialised to 0
+
+Adapters sit on all seven projections of every decoder layer (q, k, v, o, gate, up, down); the
+scale is alpha / r as in the paper and peft. (ELM's official code used r / alpha and merged
+without the scale, which is only right when r == alpha.) Loss is cross-entropy on answer tokens
+only (see ``elmkit.data.chat``).
+
+The loop is plain and resumable: the data order is a pure function of (seed, step), and a
+checkpoint holds the adapter, the optimizer state and the RNG state, so a run killed after a
+checkpoint and restarted with the same command ends with the same weights as an uninterrupted one.
+
+Output folder::
+
+    out/config.json  out/metrics.json  out/loss.png
+    out/checkpoints/step_000100/   (adapter.safetensors, optimizer.pt, state.json)
+    out/adapter/                   (peft adapter, loadable with PeftModel.from_pretrained)
+    out/model/                     (merged HF model + tokenizer, safetensors)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..data.chat import IGNORE_INDEX, encode
+from ..data.collate import pad_batch
+from ..data.formats import Example, read_examples
+from ..io import RunDir, write_json
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """LoRA task fine-tuning settings."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    """Linear layers that get adapters (default: all seven projections)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 2e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA matrices."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_len: int = 512
+    """Tokens per example (prompt + answer); longer ones are cut."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 0
+    """Seed for LoRA init, data order and dropout."""
+    save_every: int = 100
+    """Checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast where the GPU supports it, else fp32."""
+    format: str = "auto"
+    """Data format of --data (auto, alpaca, gsm8k, metamath)."""
+    limit: int | None = None
+    """Train on the first N examples only."""
+    system: str | None = None
+    """Optional system message for the chat template."""
+    device: str = "auto"
+    """Device: auto, cpu, cuda, ..."""
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha <= 0:
+            raise ValueError("--r must be >= 1 and --alpha > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("--dropout must be in [0, 1)")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_len < 2:
+            raise ValueError("--batch-size, --grad-accum must be >= 1 and --max-len >= 2")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("--epochs must be > 0 (or set --max-steps)")
+        if self.save_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("--save-every and --keep-checkpoints must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError("--precision must be auto, fp32 or bf16")
+        unknown = set(self.target_modules) - set(ALL_PROJECTIONS)
+        if unknown:
+            raise ValueError(f"unknown --target-modules {sorted(unknown)}; known: {ALL_PROJECTIONS}")
+
+
+def finetune(
+    model: str | Path,
+    data: str | Path | list[Example],
+    out: str | Path,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """LoRA-fine-tune ``model`` on ``data``; resume from ``out``'s last checkpoint if present.
+
+    Args:
+        model: model folder or hub id (Llama, Qwen2, Qwen3, Mistral families).
+        data: instruction data file (alpaca, gsm8k, metamath) or a list of examples.
+        out: run folder; the merged model is written to ``out/model``.
+        cfg: the training settings.
+        on_step: called as ``on_step(step, loss)`` after every optimizer step.
+
+    Returns:
+        The metrics written to ``out/metrics.json``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from ..models.loading import load_model, load_tokenizer, resolve_device
+
+    run = RunDir(out)
+    data_desc = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} examples>"
+    config = {"model": str(model), "data": data_desc, **asdict(cfg)}
+    fingerprint = _fingerprint(config)
+    run.write_config("finetune", **config)
+
+    tokenizer = load_tokenizer(model)
+    examples = read_examples(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
+    examples = examples[: cfg.limit] if cfg.limit else examples
+    feats = [encode(tokenizer, ex, cfg.max_len, cfg.system) for ex in examples]
+    feats = [f for f in feats if any(t != IGNORE_INDEX for t in f["labels"])]
+    if not feats:
+        raise ValueError("no example has an answer token within --max-len; raise --max-len")
+
+    device = resolve_device(cfg.device)
+    base = load_model(model, dtype="float32", device="cpu")
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(base, LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+    )).to(device)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+
+    micro_per_epoch = math.ceil(len(feats) / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    ckpt_dir = run / "checkpoints"
+    step, history = 0, []
+    last = _latest_checkpoint(ckpt_dir)
+    if last is not None:
+        step, history = _load_checkpoint(last, peft_model, opt, fingerprint)
+        print(f"resuming from {last} (step {step}/{total})")
+
+    peft_model.train()
+    bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress)
+    t0, tokens = time.time(), 0
+    while step < total:
+        lr = _lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            batch = pad_batch(_micro_batch(feats, step * cfg.grad_accum + k, cfg, micro_per_epoch),
+                              tokenizer.pad_token_id)
+            batch = {n: t.to(device) for n, t in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = peft_model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower --lr")
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "loss": loss_sum, "lr": lr})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+        if step % cfg.save_every == 0 or step == total:
+            _save_checkpoint(ckpt_dir, step, peft_model, opt, history, fingerprint, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step, loss_sum)
+    bar.close()
+
+    peft_model.eval()
+    peft_model.save_pretrained(str(run / "adapter"))
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(run / "model"), safe_serialization=True)
+    tokenizer.save_pretrained(str(run / "model"))
+    _plot_loss(history, run / "loss.png")
+    metrics = {
+        "steps": step, "examples": len(feats),
+        "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+        "loss_curve": [h["loss"] for h in history],
+        "trainable_params": sum(p.numel() for p in params),
+        "lora_scale": cfg.alpha / cfg.r,
+    }
+    run.write_metrics(metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up, then half-cosine from lr to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _micro_batch(feats, k: int, cfg: FinetuneConfig, micro_per_epoch: int):
+    """Micro-batch k of the whole run: a pure function of (seed, k), so resume is exact."""
+    epoch, pos = divmod(k, micro_per_epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(len(feats), generator=g).tolist()
+    return [feats[i] for i in perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
+
+
+def _fingerprint(config: dict) -> str:
+    keep = {k: v for k, v in config.items() if k not in ("save_every", "keep_checkpoints", "device")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(ckpt_dir: Path, step, model, opt, history, fingerprint, keep: int) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:06d}"
+    tmp = ckpt_dir / f".tmp_step_{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_trainable_state(model), str(tmp / "adapter.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "history": history})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = [p for p in sorted(ckpt_dir.glob("step_*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> tuple[int, list]:
+    state = json.loads((path / "state.json").read_text())
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path} was written by a run with different settings; use a new --out "
+            "or delete its checkpoints/ to start over"
+        )
+    weights = load_file(str(path / "adapter.safetensors"))
+    missing = set(_trainable_state(model)) - set(weights)
+    if missing:
+        raise ValueError(f"{path} lacks adapter tensors {sorted(missing)[:3]}...")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            named[n].copy_(t)
+    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["cpu"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    return state["step"], state["history"]
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (answer tokens)")
+    ax.set_title("LoRA fine-tuning")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
