@@ -166,12 +166,13 @@ def detect_format(path: str | Path) -> str:
         if not isinstance(rec, dict):
             raise DataFormatError(f"{where}: expected a JSON object")
         keys = set(rec)
-        if {"instruction", "output"} <= keys:
+        # decide on the leading field, so that a missing second field is reported by the reader
+        if "instruction" in keys:
             return "alpaca"
-        if {"query", "response"} <= keys:
+        if "query" in keys:
             return "metamath"
-        if {"question", "answer"} <= keys:
-            return "gsm8k" if "####" in str(rec["answer"]) else "math"
+        if "question" in keys:
+            return "gsm8k" if "####" in str(rec.get("answer", "####")) else "math"
         if "text" in keys:
             return "text"
         raise DataFormatError(

@@ -129,7 +129,7 @@ def _fix_fracs(s: str) -> str:
         if part.startswith("{"):
             # numerator braced; denominator may be a bare char
             depth, k = 0, 0
-            for k, ch in enumerate(part):
+            for k, ch in enumerate(part):  # noqa: B007  (k is read after the loop)
                 depth += (ch == "{") - (ch == "}")
                 if depth == 0:
                     break

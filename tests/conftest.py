@@ -1,0 +1,55 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from elmkit.data import byte_tokenizer
+from elmkit.models.tiny import tiny_model
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+def shared_data_dir() -> Path | None:
+    """The real benchmark files, when this checkout sits beside them (../shared/data)."""
+    env = os.environ.get("ELMKIT_SHARED_DATA")
+    cand = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return cand if cand.is_dir() else None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data is not present")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_model():
+    def make(family="qwen2", seed=0, **kw):
+        kw.setdefault("num_layers", 6)
+        kw.setdefault("hidden_size", 32)
+        return tiny_model(family, seed=seed, **kw)
+
+    return make
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A saved tiny Qwen2 model folder with the byte tokenizer."""
+    d = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tiny_model("qwen2", num_layers=4, hidden_size=32).save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from elmkit import cli
+from elmkit.data.synthetic import arithmetic_examples
+from elmkit.eval import EvalConfig
+from elmkit.train import FinetuneConfig
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "info", "finetune", "eval", "remove-layers"):
+        assert name in out
+
+
+def test_options_mirror_config_fields_with_their_docs(capsys):
+    import dataclasses
+
+    for command, cls in (("finetune", FinetuneConfig), ("eval", EvalConfig)):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Optimizer steps; overrides epochs." in " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+
+
+def test_cli_builds_the_same_config_as_python():
+    p = cli.build_parser()
+    ns = p.parse_args(["finetune", "--model", "m", "--data", "d", "--out", "o", "--r", "8",
+                       "--max-steps", "100", "--target-modules", "q_proj", "v_proj",
+                       "--system", "none"])
+    cfg = cli.config_from_args(FinetuneConfig, ns)
+    assert cfg == FinetuneConfig(r=8, max_steps=100, target_modules=("q_proj", "v_proj"))
+
+
+def test_eval_and_remove_layers_from_the_command_line(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([
+        {"instruction": e.instruction, "input": "", "output": e.output}
+        for e in arithmetic_examples(3, seed=7)]))
+    rc = cli.main(["eval", "--model", str(tiny_dir), "--data", str(data), "--out",
+                   str(tmp_path / "ev"), "--max-new-tokens", "4", "--device", "cpu"])
+    assert rc == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 3
+    rc = cli.main(["remove-layers", "--model", str(tiny_dir), "--layers", "1,2",
+                   "--out", str(tmp_path / "rm")])
+    assert rc == 0
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "rm" / "model")
+    assert m.config.num_hidden_layers == 2
+    assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["layers_after"] == 2
+    rc = cli.main(["info", "--model", str(tmp_path / "rm" / "model")])
+    assert rc == 0 and '"num_hidden_layers": 2' in capsys.readouterr().out
+
+
+def test_bad_inputs_end_in_one_clear_error(tmp_path, capsys):
+    rc = cli.main(["info", "--model", str(tmp_path / "missing")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["info", "--model", str(tmp_path / "empty")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert cli.main(["info", "--model", str(tmp_path / "broken")]) == 2
+    assert "malformed JSON" in capsys.readouterr().err
+
+    gpt2 = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    assert cli.main(["info", "--model", str(tmp_path / "gpt2")]) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2' is not supported" in err and "qwen2" in err
+
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", "x", "--data", "y", "--out", "z", "--task", "chess"])
+
+
+def test_bad_data_file_is_reported_by_the_command(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a"}]')
+    rc = cli.main(["finetune", "--model", str(tiny_dir), "--data", str(bad), "--out",
+                   str(tmp_path / "ft"), "--max-steps", "1"])
+    assert rc == 2
+    assert "record 0: missing field 'output'" in capsys.readouterr().err
+
+
+def test_remove_layers_rejects_bad_indices(tiny_dir, tmp_path, capsys):
+    assert cli.main(["remove-layers", "--model", str(tiny_dir), "--layers", "1,x",
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert cli.main(["remove-layers", "--model", str(tiny_dir), "--layers", "9",
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "layers 0..3" in capsys.readouterr().err
+    torch.manual_seed(0)
