@@ -31,6 +31,8 @@ class Command:
     """(name, help, required) of the leading arguments, passed by keyword."""
     config: type | None = None
     """Config dataclass whose fields become options; passed as ``cfg``."""
+    presets: dict | None = None
+    """Named base configs; --preset picks one and the options override its fields."""
 
 
 @cache
@@ -76,31 +78,47 @@ def _converter(tp) -> tuple[Callable[[str], object], bool]:
     return str, False
 
 
-def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: bool = False) -> None:
+    """One option per field; a nested dataclass field ``problems`` gives ``--problems.<field>``."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    group = parser.add_argument_group(f"{cls.__name__} options")
+    group = group or parser.add_argument_group(f"{cls.__name__} options")
     for f in dataclasses.fields(cls):
-        conv, seq = _converter(hints[f.name])
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_config_options(parser, tp, f"{prefix}{f.name}.", group, preset)
+            continue
+        conv, seq = _converter(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = None
-        if typing.get_origin(hints[f.name]) is typing.Literal:
-            choices = typing.get_args(hints[f.name])
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+        shown = "from --preset" if preset else default
+        flag = "--" + prefix + f.name.replace("_", "-")
         group.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f"cfg__{f.name}", type=conv,
-            nargs="+" if seq else None, default=argparse.SUPPRESS, choices=choices, help=help_,
+            flag, dest="cfg__" + (prefix + f.name).replace(".", "__"), type=conv,
+            nargs="+" if seq else None, default=argparse.SUPPRESS, choices=choices,
+            help=f"{docs.get(f.name, '')} (default: {shown})",
             metavar=None if choices else f.name.upper(),
         )
 
 
-def config_from_args(cls: type, ns: argparse.Namespace):
+def config_from_args(cls: type, ns: argparse.Namespace, base=None):
+    """The config the options describe, on top of ``base`` (a preset) when given."""
     kw = {k[5:]: v for k, v in vars(ns).items() if k.startswith("cfg__")}
+    return _build(cls, kw, base)
+
+
+def _build(cls: type, kw: dict, base):
     hints = typing.get_type_hints(cls)
+    top, nested = {}, {}
     for k, v in kw.items():
-        if isinstance(v, list) and typing.get_origin(hints[k]) is tuple:
-            kw[k] = tuple(v)
-    return cls(**kw)
+        if "__" in k:
+            head, rest = k.split("__", 1)
+            nested.setdefault(head, {})[rest] = v
+        else:
+            top[k] = tuple(v) if isinstance(v, list) and typing.get_origin(hints[k]) is tuple else v
+    for head, sub in nested.items():
+        top[head] = _build(hints[head], sub, getattr(base, head) if base is not None else None)
+    return dataclasses.replace(base, **top) if base is not None else cls(**top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +127,7 @@ def config_from_args(cls: type, ns: argparse.Namespace):
 
 
 def _commands() -> dict[str, Command]:
-    from . import demo, info, remove_layers
+    from . import demo, info, remove_layers, testbed
     from .eval import EvalConfig, evaluate
     from .train import FinetuneConfig, finetune
 
@@ -125,6 +143,20 @@ def _commands() -> dict[str, Command]:
             remove_layers,
             (model, ("layers", "comma-separated layer indices to delete, e.g. 10,11", True), out),
         ),
+        "testbed train": Command(
+            testbed.train,
+            (out, ("preset", f"recipe to start from: {', '.join(testbed.PRESETS)} (default: tiny)",
+                   False)),
+            testbed.PretrainConfig, presets=testbed.PRESETS),
+        "testbed eval": Command(testbed.evaluate, (
+            ("model", "testbed model folder, or testbed:tiny for the shipped one", True), out,
+            ("n", "test problems (default: the model's own test size)", False),
+            ("shortgpt_ratio", "fraction of layers ShortGPT removes for the depth check "
+                               "(default: 0.25)", False),
+            ("batch_size", "generation batch size (default: 64)", False))),
+        "testbed data": Command(testbed.data, (
+            out, ("preset", "recipe whose splits to write (default: tiny)", False),
+            ("n_train", "training problems (default: the preset's)", False))),
     }
 
 
@@ -134,14 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Hugging Face causal LMs for edge devices and measure the cost.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, cmd in _commands().items():
         doc = inspect.getdoc(cmd.func) or ""
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else "", description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        head, _, tail = name.partition(" ")
+        where = sub
+        if tail:  # "testbed train" -> `elmkit testbed train`
+            if head not in groups:
+                g = sub.add_parser(head, help=f"{head} commands")
+                groups[head] = g.add_subparsers(dest="subcommand", metavar="<subcommand>",
+                                                required=True)
+            where, name = groups[head], tail
+        p = where.add_parser(name, help=doc.splitlines()[0] if doc else "", description=doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         for arg, help_, required in cmd.args:
             p.add_argument("--" + arg.replace("_", "-"), dest=arg, required=required, help=help_)
         if cmd.config is not None:
-            add_config_options(p, cmd.config)
+            add_config_options(p, cmd.config, preset=cmd.presets is not None)
     return parser
 
 
@@ -151,14 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 0
-    cmd = _commands()[ns.command]
+    name = ns.command + (f" {ns.subcommand}" if getattr(ns, "subcommand", None) else "")
+    cmd = _commands()[name]
     kw = {a: getattr(ns, a) for a, _, _ in cmd.args if getattr(ns, a) is not None}
     try:
-        if cmd.config is not None:
+        if cmd.presets is not None:
+            preset = kw.get("preset", "tiny")
+            if preset not in cmd.presets:
+                raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(cmd.presets)}")
+            kw["cfg"] = config_from_args(cmd.config, ns, cmd.presets[preset])
+        elif cmd.config is not None:
             kw["cfg"] = config_from_args(cmd.config, ns)
         result = cmd.func(**kw)
     except (ValueError, FileNotFoundError) as e:
-        print(f"elmkit {ns.command}: error: {e}", file=sys.stderr)
+        print(f"elmkit {name}: error: {e}", file=sys.stderr)
         return 2
     if isinstance(result, dict):
         import json

@@ -1,0 +1,81 @@
+"""ShortGPT: delete the layers that change the hidden state least (Men et al., 2024, arXiv 2403.03853).
+
+Block influence of layer i, over calibration tokens t (padding excluded)::
+
+    BI_i = 1 - E_t[ cos(x_{i,t}, x_{i+1,t}) ]        x_i: input of layer i, x_{i+1}: its output
+
+The n layers with the lowest BI are removed in one shot (not necessarily contiguous), with no
+healing. Differences from the official code, on purpose: BI is a mean over non-pad tokens rather than
+a sum (same ranking for one calibration set), and the last layer is scored on its pre-norm output
+(the official code compares against transformers' post-norm last hidden state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.calibration import Calibration
+from ..models.adapters import layer_inputs, num_layers, remove_layers_, run_layers
+
+
+@dataclass(frozen=True)
+class ShortGPTConfig:
+    """How many layers ShortGPT removes."""
+
+    n_remove: int | None = None
+    """Layers to delete; or set ratio."""
+    ratio: float | None = None
+    """Fraction of layers to delete (rounded to the nearest count), when n_remove is unset."""
+    batch_size: int = 8
+    """Calibration sequences per forward pass."""
+
+    def __post_init__(self):
+        if (self.n_remove is None) == (self.ratio is None):
+            raise ValueError("set exactly one of --n-remove or --ratio")
+        if self.n_remove is not None and self.n_remove < 0:
+            raise ValueError("--n-remove must be >= 0")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ValueError("--ratio must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ShortGPTPlan:
+    drop: tuple[int, ...]
+    """Layer indices to delete (sorted)."""
+    scores: tuple[float, ...]
+    """Block influence of every layer."""
+
+
+@torch.no_grad()
+def block_influence(model, calib: Calibration, batch_size: int = 8) -> list[float]:
+    """BI of every layer, averaged over non-pad calibration tokens."""
+    device = next(model.parameters()).device
+    n = num_layers(model)
+    total, count = torch.zeros(n, dtype=torch.float64), 0
+    for ids, mask in calib.batches(batch_size, device):
+        ctx = layer_inputs(model, ids, mask)
+        h, valid = ctx.hidden, mask.bool()  # (B, T, d), (B, T)
+        for i in range(n):
+            out = run_layers(model, h, ctx, i, i + 1)
+            cos = torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1)  # (B, T)
+            cos = torch.nan_to_num(cos, nan=0.5)
+            total[i] += (1 - cos)[valid].double().sum().cpu()
+            h = out
+        count += int(valid.sum())
+    return (total / max(count, 1)).tolist()
+
+
+def plan(model, calib: Calibration, cfg: ShortGPTConfig) -> ShortGPTPlan:
+    n = num_layers(model)
+    k = cfg.n_remove if cfg.n_remove is not None else round(cfg.ratio * n)
+    if k >= n:
+        raise ValueError(f"cannot remove {k} of {n} layers")
+    scores = block_influence(model, calib, cfg.batch_size)
+    drop = sorted(sorted(range(n), key=lambda i: scores[i])[:k])
+    return ShortGPTPlan(tuple(drop), tuple(scores))
+
+
+def apply_(model, p: ShortGPTPlan):
+    return remove_layers_(model, p.drop)

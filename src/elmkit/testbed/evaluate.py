@@ -1,0 +1,69 @@
+"""Greedy exact-match accuracy of a model on testbed problems (the issue-2 GSM8K scorer)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.chat import encode_prompt
+from ..data.formats import Example
+from ..eval.generate import generate_greedy
+from ..eval.math import score_gsm8k
+
+
+@torch.no_grad()
+def test_accuracy(model, tokenizer, examples: list[Example], batch_size: int = 64,
+                  progress: bool = False) -> float:
+    """Fraction of problems whose generated final answer equals the gold one."""
+    was_training = model.training
+    model.eval()
+    prompts = [encode_prompt(tokenizer, ex) for ex in examples]
+    # budget: the longest reference answer plus slack, so a correct chain is never cut off
+    budget = max(len(tokenizer(ex.output)["input_ids"]) for ex in examples) + 16
+    outs = generate_greedy(model, tokenizer, prompts, budget, batch_size, progress)
+    correct = sum(score_gsm8k(tokenizer.decode(o, skip_special_tokens=True), ex.answer)[1]
+                  for o, ex in zip(outs, examples))
+    model.train(was_training)
+    return correct / len(examples)
+
+
+def evaluate_testbed(model_dir, n_test: int | None = None, shortgpt_ratio: float = 0.25,
+                     batch_size: int = 64, progress: bool = True) -> dict:
+    """Dense test accuracy, and accuracy after ShortGPT deletes ``shortgpt_ratio`` of the layers.
+
+    The test problems are regenerated from the recipe stored with the model (``testbed.json``),
+    so the same 1,000 problems are used wherever this runs.
+    """
+    import json
+    from pathlib import Path
+
+    from ..data.calibration import Calibration
+    from ..data.chat import render
+    from ..methods import shortgpt
+    from ..models.loading import load_model, load_tokenizer
+    from .problems import ProblemConfig, make_split
+
+    model_dir = Path(model_dir)
+    recipe_path = model_dir / "testbed.json"
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no testbed.json: it is not a testbed model")
+    recipe = json.loads(recipe_path.read_text())
+    problems = ProblemConfig(**recipe["problems"])
+    n = n_test or recipe["test_examples"]
+    test = make_split("test", n, problems, recipe["seed"])
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype="float32")
+    dense = test_accuracy(model, tok, test, batch_size, progress)
+
+    # Calibration: 64 validation problems, prompt and answer, as ShortGPT would see task text.
+    calib_ex = make_split("validation", 64, problems, recipe["seed"])
+    calib = Calibration.from_texts(
+        tok, [(lambda r: r.prompt + r.completion)(render(tok, ex)) for ex in calib_ex], 512)
+    p = shortgpt.plan(model, calib, shortgpt.ShortGPTConfig(ratio=shortgpt_ratio))
+    shortgpt.apply_(model, p)
+    pruned = test_accuracy(model, tok, test, batch_size, progress)
+    return {
+        "test_examples": n, "dense_accuracy": dense,
+        "shortgpt": {"ratio": shortgpt_ratio, "removed_layers": list(p.drop),
+                     "block_influence": [round(s, 6) for s in p.scores],
+                     "accuracy": pruned, "retained": pruned / dense if dense else None},
+    }

@@ -1,0 +1,318 @@
+"""Train the testbed model from scratch: a Qwen2-architecture decoder on arithmetic word problems.
+
+The model is a stock ``Qwen2ForCausalLM`` (GQA, RoPE, RMSNorm, SwiGLU: the code paths of a real
+Qwen2.5) with the byte-level tokenizer. The loop is deliberately plain: sample a batch, take the
+cross-entropy on answer tokens, AdamW with linear warm-up and cosine decay, clip, step. Batches are
+a pure function of (seed, step) and checkpoints hold weights, optimizer and RNG state, so an
+interrupted run resumes exactly.
+
+Output (``out``)::
+
+    config.json  metrics.json  train_log.jsonl  loss.png
+    data/{train,validation,test}.json     the exact problems used (ELM/Alpaca JSON)
+    checkpoints/step_XXXXXX/               (removed when the run finishes)
+    model/                                 HF folder: weights, tokenizer, README.md card, card.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..data.chat import encode
+from ..data.collate import pad_batch
+from ..data.tokenizer import byte_tokenizer
+from ..io import RunDir, atomic_write_text, write_json
+from .problems import ProblemConfig, make_split, to_records
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Testbed model size, data and optimisation."""
+
+    layers: int = 12
+    """Decoder layers."""
+    hidden: int = 96
+    """Hidden size d."""
+    heads: int = 4
+    """Query heads."""
+    kv_heads: int = 2
+    """Key/value heads (GQA when fewer than heads)."""
+    intermediate: int = 256
+    """MLP width."""
+    problems: ProblemConfig = field(default_factory=ProblemConfig)
+    """Difficulty of the training and test problems."""
+    train_examples: int = 40_000
+    """Distinct training problems."""
+    val_examples: int = 200
+    """Validation problems (accuracy logged during training)."""
+    test_examples: int = 1_000
+    """Held-out test problems (final accuracy)."""
+    steps: int = 1_500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Problems per step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup: int = 50
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    clip: float = 1.0
+    """Gradient-norm clip."""
+    seed: int = 0
+    """Seed of the model init, the data and the batch order."""
+    eval_every: int = 250
+    """Validation accuracy every N steps (0: only at the end)."""
+    save_every: int = 100
+    """Checkpoint every N steps."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on a GPU that has it, else fp32."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def __post_init__(self):
+        if self.layers < 2 or self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError("need --layers >= 2, --hidden divisible by --heads, "
+                             "--heads divisible by --kv-heads")
+        if min(self.train_examples, self.test_examples, self.val_examples, self.steps,
+               self.batch_size) < 1:
+            raise ValueError("example counts, --steps and --batch-size must be positive")
+        if self.save_every < 1 or self.eval_every < 0:
+            raise ValueError("--save-every must be >= 1 and --eval-every >= 0")
+
+
+PRESETS: dict[str, PretrainConfig] = {
+    # CPU, about 20 minutes on 2 cores; shipped inside the package.
+    "tiny": PretrainConfig(problems=ProblemConfig(min_steps=1, max_steps=3, digits=1, max_value=199)),
+    # One H200, a few minutes: deeper, GQA 8:2, harder problems (3-5 steps, 2-digit amounts).
+    "base": PretrainConfig(
+        layers=24, hidden=384, heads=8, kv_heads=2, intermediate=1152,
+        problems=ProblemConfig(min_steps=3, max_steps=5, digits=2, max_value=999),
+        train_examples=400_000, steps=6_000, batch_size=128, lr=1.5e-3, min_lr=5e-5, warmup=200,
+        eval_every=1_000, save_every=1_000,
+    ),
+}
+
+
+def model_config(cfg: PretrainConfig, tokenizer):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=1024, rope_theta=10_000.0,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str | None = None,
+             progress: bool = True) -> dict:
+    """Train a testbed model from scratch; resumes from ``out/checkpoints`` when present.
+
+    Returns the metrics written to ``out/metrics.json`` (test accuracy among them).
+    """
+    from transformers import Qwen2ForCausalLM
+
+    from ..models.loading import resolve_device
+    from .evaluate import test_accuracy
+
+    run = RunDir(out)
+    run.write_config("testbed train", preset=preset, **asdict(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    tok = byte_tokenizer()
+
+    splits = {
+        "train": make_split("train", cfg.train_examples, cfg.problems, cfg.seed),
+        "validation": make_split("validation", cfg.val_examples, cfg.problems, cfg.seed),
+        "test": make_split("test", cfg.test_examples, cfg.problems, cfg.seed),
+    }
+    for name, exs in splits.items():
+        if not (run / "data" / f"{name}.json").is_file():
+            atomic_write_text(run / "data" / f"{name}.json", json.dumps(to_records(exs), indent=1))
+    feats = [encode(tok, ex, 1024) for ex in splits["train"]]
+
+    torch.manual_seed(cfg.seed)
+    model = Qwen2ForCausalLM(model_config(cfg, tok)).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    ckpt_dir = run / "checkpoints"
+    step = 0
+    last = _latest(ckpt_dir)
+    if last is not None:
+        step = _load(last, model, opt, device)
+        print(f"resuming from {last} (step {step}/{cfg.steps})")
+
+    log_path = run / "train_log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress)
+    t_start, tokens, t_train = time.time(), 0, 0.0
+    model.train()
+    while step < cfg.steps:
+        t0 = time.time()
+        lr = _lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = pad_batch(_batch(feats, step, cfg), tok.pad_token_id)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_v = loss.item()
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"loss became {loss_v} at step {step}; lower --lr")
+        tokens += int(batch["attention_mask"].sum())
+        t_train += time.time() - t0
+        rec = {"step": step, "loss": round(loss_v, 5), "lr": lr, "grad_norm": round(float(gnorm), 4)}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            rec["val_accuracy"] = test_accuracy(model, tok, splits["validation"], batch_size=100)
+            model.train()
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tokens / max(t_train, 1e-9):.0f}",
+                        **({"val": f"{rec['val_accuracy']:.3f}"} if "val_accuracy" in rec else {}))
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            _save(ckpt_dir, step, model, opt)
+    bar.close()
+    train_time = time.time() - t_start
+
+    model.eval()
+    model_dir = run / "model"
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    tok.save_pretrained(str(model_dir))
+    val_acc = test_accuracy(model, tok, splits["validation"], batch_size=100)
+    metrics = {
+        "steps": step, "train_time_s": round(t_train, 1), "wall_time_train_s": round(train_time, 1),
+        "train_tokens_per_s": round(tokens / max(t_train, 1e-9), 1),
+        "final_loss": _tail_loss(log_path), "val_accuracy": val_acc,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    _plot(log_path, run / "loss.png")
+    run.write_metrics(metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+_BUCKET = 8  # batches drawn together and sorted by length, so a batch pads little
+
+
+def _batch(feats, step: int, cfg: PretrainConfig):
+    """Batch ``step``, a pure function of (seed, step): the epoch's permutation is cut into
+    groups of _BUCKET batches; each group is sorted by length, cut, and its batches shuffled."""
+    group = cfg.batch_size * _BUCKET
+    per_epoch = len(feats) // group
+    if per_epoch == 0:
+        raise ValueError(f"--train-examples must be at least {group} (--batch-size x {_BUCKET})")
+    epoch, rest = divmod(step, per_epoch * _BUCKET)
+    g_idx, b_idx = divmod(rest, _BUCKET)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(feats), generator=g)[g_idx * group:(g_idx + 1) * group].tolist()
+    perm.sort(key=lambda i: len(feats[i]["input_ids"]))
+    order = torch.randperm(_BUCKET, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step // _BUCKET)).tolist()
+    pos = order[b_idx]
+    return [feats[i] for i in perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
+
+
+def _save(ckpt_dir: Path, step: int, model, opt) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp, final = ckpt_dir / f".tmp_step_{step:06d}", ckpt_dir / f"step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    write_json(tmp / "state.json", {"step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step_*"))[:-2]:
+        shutil.rmtree(old)
+
+
+def _latest(ckpt_dir: Path) -> Path | None:
+    done = [p for p in sorted(ckpt_dir.glob("step_*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def _load(path: Path, model, opt, device) -> int:
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    blob = torch.load(path / "optimizer.pt", weights_only=True, map_location=device)
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["cpu"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def _tail_loss(log_path: Path, n: int = 20) -> float:
+    rows = [json.loads(l) for l in log_path.read_text().splitlines()[-n:]]
+    return round(sum(r["loss"] for r in rows) / len(rows), 5)
+
+
+def _plot(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in log_path.read_text().splitlines()]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
+    ax[0].set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log")
+    val = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    if val:
+        ax[1].plot(*zip(*val), marker="o")
+    ax[1].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def with_overrides(preset: str, **overrides) -> PretrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
