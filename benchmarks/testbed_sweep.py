@@ -31,6 +31,13 @@ VARIANTS = {
     "h128_v199_1000": dict(problems=P199, hidden=128, intermediate=384, steps=1000),
     "h64_v199_2200": dict(problems=P199, hidden=64, intermediate=192, steps=2200),
     "h96_v199_bs64_800": dict(problems=P199, batch_size=64, steps=800),
+    # second round: fit the 2-core CPU budget (~0.85 s/step at d=96)
+    "h96_1200": dict(problems=P199, steps=1200),
+    "h96_1250_lr4e-3": dict(problems=P199, steps=1250, lr=4e-3),
+    "h64_1800": dict(problems=P199, hidden=64, intermediate=192, steps=1800),
+    "h64_2000_lr4e-3": dict(problems=P199, hidden=64, intermediate=192, steps=2000, lr=4e-3),
+    "h80_1400": dict(problems=P199, hidden=80, intermediate=224, steps=1400),
+    "h96_1250_wd0": dict(problems=P199, steps=1250, weight_decay=0.0),
 }
 
 
