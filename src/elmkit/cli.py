@@ -153,7 +153,7 @@ def _commands() -> dict[str, Command]:
             ("n", "test problems (default: the model's own test size)", False),
             ("shortgpt_ratio", "fraction of layers ShortGPT removes for the depth check "
                                "(default: 0.25)", False),
-            ("batch_size", "generation batch size (default: 64)", False))),
+            ("batch_size", "generation batch size (default: 250 on a GPU, 64 on a CPU)", False))),
         "testbed data": Command(testbed.data, (
             out, ("preset", "recipe whose splits to write (default: tiny)", False),
             ("n_train", "training problems (default: the preset's)", False))),

@@ -1,6 +1,6 @@
 """Data formats, chat-template rendering, label masks and collators."""
 
-from .chat import IGNORE_INDEX, Rendered, encode, encode_prompt, render
+from .chat import IGNORE_INDEX, Rendered, encode, encode_many, encode_prompt, render
 from .collate import pack, pad_batch
 from .formats import (
     FORMATS,
@@ -28,6 +28,7 @@ __all__ = [
     "byte_tokenizer",
     "detect_format",
     "encode",
+    "encode_many",
     "encode_prompt",
     "gsm8k_to_cot",
     "pack",

@@ -66,3 +66,33 @@ def encode(tokenizer, ex: Example, max_len: int, system: str | None = None) -> d
 def encode_prompt(tokenizer, ex: Example, system: str | None = None) -> list[int]:
     """Token ids of the prompt alone (for generation)."""
     return tokenizer(render(tokenizer, ex, system).prompt, add_special_tokens=False)["input_ids"]
+
+
+_SLOT_I, _SLOT_O = "\x00INSTRUCTION\x00", "\x00OUTPUT\x00"
+
+
+def encode_many(tokenizer, examples: list[Example], max_len: int,
+                system: str | None = None) -> list[dict[str, list[int]]]:
+    """:func:`encode` for many examples at once, much faster for large synthetic sets.
+
+    The chat template is rendered once with placeholders and filled in by string substitution,
+    then prompts and completions are tokenized in two batched calls. The shortcut is used only
+    if it reproduces :func:`render` exactly on a sample of the examples; otherwise every example
+    goes through :func:`encode`.
+    """
+    probe = render(tokenizer, Example(_SLOT_I, "", _SLOT_O), system)
+    shaped = probe.prompt.count(_SLOT_I) == 1 and probe.completion.count(_SLOT_O) == 1 and \
+        _SLOT_O not in probe.prompt and _SLOT_I not in probe.completion
+
+    def fast(ex: Example) -> Rendered:
+        return Rendered(probe.prompt.replace(_SLOT_I, user_message(ex)),
+                        probe.completion.replace(_SLOT_O, ex.output))
+
+    sample = examples[:: max(1, len(examples) // 16)][:16]
+    if not shaped or any(fast(ex) != render(tokenizer, ex, system) for ex in sample):
+        return [encode(tokenizer, ex, max_len, system) for ex in examples]
+    rendered = [fast(ex) for ex in examples]
+    ps = tokenizer([r.prompt for r in rendered], add_special_tokens=False)["input_ids"]
+    cs = tokenizer([r.completion for r in rendered], add_special_tokens=False)["input_ids"]
+    return [{"input_ids": (p + c)[:max_len], "labels": ([IGNORE_INDEX] * len(p) + c)[:max_len]}
+            for p, c in zip(ps, cs)]

@@ -49,7 +49,7 @@ def train(out: str | Path, preset: str = "tiny", cfg: PretrainConfig | None = No
 
 
 def evaluate(model: str | Path, out: str | Path, n: int | None = None, shortgpt_ratio: float = 0.25,
-             batch_size: int = 64) -> dict:
+             batch_size: int | None = None) -> dict:
     """Greedy accuracy of a testbed model on its test split, and after ShortGPT removal."""
     from ..models.loading import resolve_model_path
     from .evaluate import evaluate_testbed
@@ -57,7 +57,7 @@ def evaluate(model: str | Path, out: str | Path, n: int | None = None, shortgpt_
     run = RunDir(out)
     run.write_config("testbed eval", model=str(model), n=n, shortgpt_ratio=shortgpt_ratio)
     ev = evaluate_testbed(resolve_model_path(model), int(n) if n else None, float(shortgpt_ratio),
-                          int(batch_size))
+                          int(batch_size) if batch_size else None)
     run.write_metrics(ev)
     return ev
 

@@ -27,7 +27,7 @@ def test_accuracy(model, tokenizer, examples: list[Example], batch_size: int = 6
 
 
 def evaluate_testbed(model_dir, n_test: int | None = None, shortgpt_ratio: float = 0.25,
-                     batch_size: int = 64, progress: bool = True) -> dict:
+                     batch_size: int | None = None, progress: bool = True) -> dict:
     """Dense test accuracy, and accuracy after ShortGPT deletes ``shortgpt_ratio`` of the layers.
 
     The test problems are regenerated from the recipe stored with the model (``testbed.json``),
@@ -52,6 +52,8 @@ def evaluate_testbed(model_dir, n_test: int | None = None, shortgpt_ratio: float
     test = make_split("test", n, problems, recipe["seed"])
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype="float32")
+    if batch_size is None:  # a GPU generates many sequences for the price of one
+        batch_size = 250 if next(model.parameters()).is_cuda else 64
     dense = test_accuracy(model, tok, test, batch_size, progress)
 
     # Calibration: 64 validation problems, prompt and answer, as ShortGPT would see task text.
