@@ -105,7 +105,7 @@ PRESETS: dict[str, PretrainConfig] = {
     "base": PretrainConfig(
         layers=24, hidden=256, heads=8, kv_heads=2, intermediate=768,
         problems=ProblemConfig(min_steps=3, max_steps=5, digits=2, max_value=999),
-        train_examples=200_000, steps=4_000, batch_size=128, lr=2e-3, min_lr=5e-5, warmup=200,
+        train_examples=150_000, steps=3_000, batch_size=128, lr=2e-3, min_lr=5e-5, warmup=200,
         eval_every=1_000, save_every=1_000,
     ),
 }
