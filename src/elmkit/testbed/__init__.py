@@ -37,6 +37,7 @@ def train(out: str | Path, preset: str = "tiny", cfg: PretrainConfig | None = No
     if preset not in PRESETS:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = cfg or PRESETS[preset]
+    run = RunDir(out)  # its clock times the whole command
     command = "elmkit testbed train " + " ".join(shlex.quote(a) for a in _argv_or(preset, out))
     metrics = pretrain(out, cfg, preset, progress)
     model_dir = Path(out) / "model"
@@ -44,7 +45,7 @@ def train(out: str | Path, preset: str = "tiny", cfg: PretrainConfig | None = No
     ev = evaluate_testbed(model_dir, progress=progress)
     write_card(model_dir, cfg, preset, command, metrics, ev)
     result = {**metrics, **ev, "command": command}
-    RunDir(out).write_metrics(result)
+    run.write_metrics(result)
     return result
 
 
