@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -124,10 +125,11 @@ def model_config(cfg: PretrainConfig, tokenizer):
 
 
 def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train a testbed model from scratch; resumes from ``out/checkpoints`` when present.
 
-    Returns the metrics written to ``out/metrics.json`` (test accuracy among them).
+    ``on_step(step, loss)`` is called after every optimizer step (and after its checkpoint).
+    Returns the metrics written to ``out/metrics.json``.
     """
     from transformers import Qwen2ForCausalLM
 
@@ -205,6 +207,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
                         **({"val": f"{rec['val_accuracy']:.3f}"} if "val_accuracy" in rec else {}))
         if step % cfg.save_every == 0 and step < cfg.steps:
             _save(ckpt_dir, step, model, opt)
+        if on_step is not None:
+            on_step(step, loss_v)
     bar.close()
     train_time = time.time() - t_start
 
