@@ -162,3 +162,25 @@ def test_bad_surgery_requests_fail_clearly(make_model):
         replace_span_(model, 3, 3, torch.nn.Identity())
     with pytest.raises(ValueError, match="outside"):
         run_layers(model, torch.zeros(1, 2, 32), None, 4, 9)
+
+
+def test_surgery_rejects_a_module_placed_twice(make_model):
+    model = make_model("qwen2")
+    with pytest.raises(ValueError, match="already a layer"):
+        insert_layer_(model, get_layers(model)[3], at=4)
+    with pytest.raises(ValueError, match="kept layers"):
+        replace_span_(model, 1, 3, get_layers(model)[4])
+    with pytest.raises(ValueError, match="sliding_attention"):
+        import copy
+
+        insert_layer_(model, copy.deepcopy(get_layers(model)[0]), 2, "sliding_attention")
+
+
+def test_a_span_covering_every_layer_can_be_replaced(make_model):
+    import copy
+
+    model = make_model("llama")
+    replace_span_(model, 0, 6, copy.deepcopy(get_layers(model)[0]))
+    _assert_consistent(model)
+    assert model.config.num_hidden_layers == 1
+    _cached_vs_full(model)

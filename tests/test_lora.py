@@ -73,7 +73,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_dir, tmp_path):
 
     with pytest.raises(Interrupt):
         finetune(tiny_dir, data, tmp_path / "b", CFG, on_step=stop_at_6, progress=False)
-    assert (tmp_path / "b/checkpoints/step_000004/adapter.safetensors").is_file()
+    assert (tmp_path / "b/checkpoints/step_000004/weights.safetensors").is_file()
     assert not (tmp_path / "b" / "model").exists()
     resumed = finetune(tiny_dir, data, tmp_path / "b", CFG, progress=False)
     assert resumed["loss_curve"] == full["loss_curve"]

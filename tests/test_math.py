@@ -97,3 +97,13 @@ def test_math_extraction():
     assert extract_math("no box. The answer is: $\\frac{1}{2}$.\n") == "\\frac{1}{2}"
     assert extract_math("nothing") is None
     assert not score_math("nothing", "1")[1]
+
+
+def test_review_cases():
+    assert math_equal("-1/2", "-\\frac{1}{2}") and math_equal("\\frac{-3}{4}", "-0.75")
+    assert not math_equal("\\frac{-3}{4}", "0.75")
+    assert math_equal("\\sqrt 2", "\\sqrt{2}")
+    assert extract_gsm8k("The answer is:\n- 15") == "15"  # a bullet, not a minus sign
+    assert extract_gsm8k("The answer is \u22125") == "-5"  # unicode minus
+    assert extract_gsm8k("it loops " + "1" * 400) is None  # too large to be a number: wrong, no crash
+    assert gsm8k_equal("18", "18 dollars")

@@ -108,7 +108,7 @@ def test_pretrain_resumes_to_identical_weights(tmp_path):
 
     with pytest.raises(Stop):
         pretrain(tmp_path / "b", SMALL, progress=False, on_step=stop)
-    assert (tmp_path / "b/checkpoints/step_000004/model.safetensors").is_file()
+    assert (tmp_path / "b/checkpoints/step_000004/weights.safetensors").is_file()
     pretrain(tmp_path / "b", SMALL, progress=False)
     wa = load_file(str(tmp_path / "a/model/model.safetensors"))
     wb = load_file(str(tmp_path / "b/model/model.safetensors"))
@@ -162,3 +162,40 @@ def test_testbed_data_command_writes_the_splits(tmp_path):
              for s in ("train", "validation", "test")}
     assert sizes == {"train": 50, "validation": PRESETS["tiny"].val_examples,
                      "test": PRESETS["tiny"].test_examples}
+
+
+@needs_tiny
+@pytest.mark.slow
+def test_demo_compresses_and_heals_the_shipped_model(tmp_path):
+    from elmkit import demo
+
+    m = demo(tmp_path / "demo")
+    dense, short, healed = (r["accuracy"] for r in m["rows"])
+    assert [r["layers"] for r in m["rows"]] == [12, 9, 9]
+    assert dense >= 0.85 and short < 0.6 * dense and healed > short
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "ShortGPT" in report and "| dense (testbed:tiny) | 12 |" in report
+    assert (tmp_path / "demo" / "shortgpt" / "plan.json").is_file()
+
+
+def test_resume_refuses_other_settings_and_keeps_one_log_row_per_step(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(tmp_path / "r", SMALL, progress=False, on_step=stop)
+    with pytest.raises(ValueError, match="different settings"):
+        pretrain(tmp_path / "r", dataclasses.replace(SMALL, lr=1e-4), progress=False)
+    pretrain(tmp_path / "r", SMALL, progress=False)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r/train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, SMALL.steps + 1))
+
+
+def test_a_split_that_runs_out_of_problems_says_so():
+    tiny_space = ProblemConfig(min_steps=1, max_steps=1, digits=1, start_digits=1, max_value=9)
+    with pytest.raises(ValueError, match="ran out of distinct problems"):
+        make_split("test", 1000, tiny_space)

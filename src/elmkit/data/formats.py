@@ -186,6 +186,9 @@ def detect_format(path: str | Path) -> str:
 def read_examples(path: str | Path, format: str = "auto") -> list[Example]:
     """Read any instruction format into :class:`Example` records (``format='auto'`` detects it)."""
     fmt = detect_format(path) if format == "auto" else format
+    if fmt == "text":
+        raise DataFormatError(f"{path} holds plain text records; this needs instruction data "
+                              "(alpaca, gsm8k, metamath or math)")
     if fmt not in _READERS:
         raise ValueError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(_READERS)}")
     examples = _READERS[fmt](path)

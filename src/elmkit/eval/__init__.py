@@ -90,6 +90,8 @@ def evaluate(
         raise ValueError("pass the tokenizer when the model is an object")
     examples = read_examples(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
     examples = examples[: cfg.limit] if cfg.limit else examples
+    if not examples:
+        raise ValueError("no examples to evaluate")
     missing = [i for i, ex in enumerate(examples) if ex.answer is None]
     if missing:
         raise ValueError(f"examples {missing[:5]} have no gold answer; math evaluation needs one")

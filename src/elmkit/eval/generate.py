@@ -37,6 +37,8 @@ def generate_greedy(
         raise ValueError("batch_size and max_new_tokens must be positive")
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
+    if not stops:
+        raise ValueError("neither the tokenizer nor the generation config names an eos token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]

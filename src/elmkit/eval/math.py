@@ -17,6 +17,7 @@ then compared as strings, and failing that as numbers when both parse as simple 
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -24,20 +25,22 @@ from fractions import Fraction
 # GSM8K
 # ---------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
+_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
 _ANSWER_IS = re.compile(r"the answer is\s*:?", re.I)
 
 
 def _to_number(s: str) -> float | None:
     s = s.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
     try:
-        return float(s)
+        value = float(s)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # a runaway "1111..." is just wrong
 
 
 def extract_gsm8k(text: str) -> str | None:
     """The final numeric answer of a GSM8K-style response, as a canonical string, or None."""
+    text = text.replace("\u2212", "-")  # unicode minus
     tail = None
     spans = list(_ANSWER_IS.finditer(text))
     if spans:
@@ -61,7 +64,11 @@ def gsm8k_equal(pred: str | None, gold: str) -> bool:
     """Numeric comparison of an extracted prediction with the gold answer."""
     if pred is None:
         return False
-    a, b = _to_number(pred), _to_number(gold)
+    a = _to_number(pred)
+    b = _to_number(gold)
+    if b is None:  # a gold answer with trailing words ("18 dollars")
+        g = extract_gsm8k(gold)
+        b = _to_number(g) if g is not None else None
     return a is not None and b is not None and abs(a - b) < 1e-6
 
 
@@ -149,8 +156,8 @@ def _fix_sqrt(s: str) -> str:
 
 
 def _fix_slash(s: str) -> str:
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
+    m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)
+    return f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}" if m else s
 
 
 def normalize_math(s: str) -> str:
@@ -172,8 +179,8 @@ def normalize_math(s: str) -> str:
     m = re.fullmatch(r"\s*[a-zA-Z](?:_\w)?\s*=\s*(.+)", s)
     if m:
         s = m.group(1)
-    s = _fix_sqrt(s)
     s = s.replace(" ", "")
+    s = _fix_sqrt(s)
     s = _fix_fracs(s)
     if s == "0.5":
         s = "\\frac{1}{2}"
@@ -186,11 +193,12 @@ def _as_number(s: str) -> Fraction | float | None:
     """Value of a normalised answer when it is a plain number or a simple fraction."""
     neg = s.startswith("-")
     body = s[1:] if neg else s
-    m = re.fullmatch(r"\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", body)
+    m = re.fullmatch(r"\\frac\{(-?)(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", body)
     try:
-        if m:
-            den = Fraction(m.group(2))
-            val = Fraction(m.group(1)) / den if den else None
+        if m:  # \frac{-3}{4} counts as negative too
+            den = Fraction(m.group(3))
+            val = Fraction(m.group(2)) / den if den else None
+            neg = neg != (m.group(1) == "-")
         elif re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", body):
             val = Fraction(body.replace(",", ""))
         elif re.fullmatch(r"\d+(\.\d+)?|\.\d+", body):

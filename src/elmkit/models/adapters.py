@@ -286,7 +286,13 @@ def insert_layer_(
     n = len(layers)
     if not 0 <= at <= n:
         raise ValueError(f"insert position {at} is outside 0..{n}")
+    _check_new(layers, module)
     config = model.config
+    types = getattr(config, "layer_types", None)
+    if types is not None and layer_type_ not in set(types):
+        # the backbone builds only the mask kinds it had at construction time
+        raise ValueError(f"cannot insert a {layer_type_!r} layer into a model whose layers are "
+                         f"{sorted(set(types))}")
     for key in family_of(model).per_layer_keys:
         values = getattr(config, key, None)
         if values is not None:
@@ -305,14 +311,21 @@ def replace_span_(model: PreTrainedModel, start: int, end: int, module: nn.Modul
     n = len(layers)
     if not 0 <= start < end <= n:
         raise ValueError(f"span [{start}, {end}) is not a non-empty range inside 0..{n}")
-    if end - start == n:
-        raise ValueError("replacing every layer leaves nothing to anchor the span on")
+    if any(module is layers[i] for i in range(n) if not start <= i < end):
+        raise ValueError("the replacement module is one of the kept layers; pass a copy")
     keep = [i for i in range(n) if not start < i < end]  # layer `start` stays as the slot
     _filter_per_layer_lists(model, keep, n)
     new = [layers[i] for i in keep]
     new[start] = module
     _set_layers(model, new)
     return renumber_(model)
+
+
+def _check_new(layers: nn.ModuleList, module: nn.Module) -> None:
+    # One object in two slots would share a layer_idx: the cache would fill one slot twice.
+    if any(module is layer for layer in layers):
+        raise ValueError("the module is already a layer of this model; insert a copy "
+                         "(copy.deepcopy) instead")
 
 
 def _set_layers(model: PreTrainedModel, modules: list[nn.Module]) -> None:

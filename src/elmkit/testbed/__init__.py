@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..io import RunDir, atomic_write_text
-from .problems import ProblemConfig, make_problem, make_split, split_of, stream, to_records
 from .pretrain import PRESETS, PretrainConfig
+from .problems import ProblemConfig, make_problem, make_split, split_of, stream, to_records
 
 TINY_PATH = Path(__file__).parent / "assets" / "tiny"
 

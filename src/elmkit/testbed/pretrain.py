@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,13 +26,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.chat import encode_many
 from ..data.collate import pad_batch
 from ..data.tokenizer import byte_tokenizer
-from ..io import RunDir, atomic_write_text, write_json
+from ..io import RunDir, atomic_write_text
+from ..train.common import (
+    check_fingerprint,
+    cosine_lr,
+    fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_curves,
+    save_checkpoint,
+)
 from .problems import ProblemConfig, make_split, to_records
 
 
@@ -137,6 +144,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     from .evaluate import test_accuracy
 
     run = RunDir(out)
+    # settings that change the weights; logging, devices and threads do not
+    fp = fingerprint(asdict(cfg), ignore=("eval_every", "save_every", "device", "threads"))
+    ckpt_dir = run / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:  # refuse other settings before touching the run's files
+        check_fingerprint(last, fp)
     run.write_config("testbed train", preset=preset, **asdict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -152,7 +165,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     }
     for name, exs in splits.items():
         # the training set is written only when small; any size regenerates from the seed
-        if len(exs) <= 100_000 and not (run / "data" / f"{name}.json").is_file():
+        if len(exs) <= 100_000:
             atomic_write_text(run / "data" / f"{name}.json", json.dumps(to_records(exs), indent=1))
     feats = encode_many(tok, splits["train"], 1024)
 
@@ -163,20 +176,21 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    ckpt_dir = run / "checkpoints"
-    step = 0
-    last = _latest(ckpt_dir)
+    step, t_train, tokens = 0, 0.0, 0
     if last is not None:
-        step = _load(last, model, opt, device)
+        weights, state = load_checkpoint(last, opt)
+        model.load_state_dict(weights)
+        step, t_train, tokens = state["step"], state["train_time_s"], state["tokens"]
         print(f"resuming from {last} (step {step}/{cfg.steps})")
-
     log_path = run / "train_log.jsonl"
+    _truncate_log(log_path, step)  # rows after the checkpoint are redone
+
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress)
-    t_start, tokens, t_train = time.time(), 0, 0.0
+    t_start = time.time()
     model.train()
     while step < cfg.steps:
         t0 = time.time()
-        lr = _lr_at(step, cfg)
+        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = pad_batch(_batch(feats, step, cfg), tok.pad_token_id)
@@ -206,7 +220,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
         bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tokens / max(t_train, 1e-9):.0f}",
                         **({"val": f"{rec['val_accuracy']:.3f}"} if "val_accuracy" in rec else {}))
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _save(ckpt_dir, step, model, opt)
+            save_checkpoint(ckpt_dir, step, model.state_dict(), opt,
+                            {"fingerprint": fp, "train_time_s": t_train, "tokens": tokens})
         if on_step is not None:
             on_step(step, loss_v)
     bar.close()
@@ -236,13 +251,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
 # ---------------------------------------------------------------------------------------------
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-
-
 _BUCKET = 8  # batches drawn together and sorted by length, so a batch pads little
 
 
@@ -258,42 +266,16 @@ def _batch(feats, step: int, cfg: PretrainConfig):
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     perm = torch.randperm(len(feats), generator=g)[g_idx * group:(g_idx + 1) * group].tolist()
     perm.sort(key=lambda i: len(feats[i]["input_ids"]))
-    order = torch.randperm(_BUCKET, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step // _BUCKET)).tolist()
+    g_order = torch.Generator().manual_seed(cfg.seed * 7919 + step // _BUCKET)
+    order = torch.randperm(_BUCKET, generator=g_order).tolist()
     pos = order[b_idx]
     return [feats[i] for i in perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
 
 
-def _save(ckpt_dir: Path, step: int, model, opt) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp, final = ckpt_dir / f".tmp_step_{step:06d}", ckpt_dir / f"step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    write_json(tmp / "state.json", {"step": step})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-2]:
-        shutil.rmtree(old)
-
-
-def _latest(ckpt_dir: Path) -> Path | None:
-    done = [p for p in sorted(ckpt_dir.glob("step_*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
-
-
-def _load(path: Path, model, opt, device) -> int:
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-    blob = torch.load(path / "optimizer.pt", weights_only=True, map_location=device)
-    opt.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["cpu"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return json.loads((path / "state.json").read_text())["step"]
+def _truncate_log(log_path: Path, step: int) -> None:
+    rows = log_path.read_text().splitlines() if log_path.is_file() else []
+    keep = [r for r in rows if json.loads(r)["step"] <= step]
+    atomic_write_text(log_path, "".join(r + "\n" for r in keep))
 
 
 def _tail_loss(log_path: Path, n: int = 20) -> float:
@@ -302,24 +284,14 @@ def _tail_loss(log_path: Path, n: int = 20) -> float:
 
 
 def _plot(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(l) for l in log_path.read_text().splitlines()]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
-    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
-    ax[0].set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log")
-    val = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
-    if val:
-        ax[1].plot(*zip(*val), marker="o")
-    ax[1].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1))
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    val = [r for r in rows if "val_accuracy" in r]
+    plot_curves(png, [
+        ("train loss (answer tokens)", [r["step"] for r in rows], [r["loss"] for r in rows],
+         {"yscale": "log"}),
+        ("validation accuracy", [r["step"] for r in val], [r["val_accuracy"] for r in val],
+         {"ylim": (0, 1)}),
+    ])
 
 
 def with_overrides(preset: str, **overrides) -> PretrainConfig:

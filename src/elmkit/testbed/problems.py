@@ -146,11 +146,19 @@ def stream(split: str, cfg: ProblemConfig, seed: int) -> Iterator[Example]:
     # amount of training data requested.
     rng = random.Random(f"{seed}:{split}")
     seen: set[str] = set()
+    misses = 0
     while True:
         ex = make_problem(rng, cfg)
         if split_of(ex.instruction) == split and ex.instruction not in seen:
             seen.add(ex.instruction)
+            misses = 0
             yield ex
+        else:
+            misses += 1
+            if misses > 50_000:  # the split has (almost) no unseen problems left
+                raise ValueError(
+                    f"the {split} split of {cfg} ran out of distinct problems after "
+                    f"{len(seen)}; ask for fewer or make the problems harder")
 
 
 def make_split(split: str, n: int, cfg: ProblemConfig = ProblemConfig(), seed: int = 0) -> list[Example]:

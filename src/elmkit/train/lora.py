@@ -21,11 +21,7 @@ Output folder::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,13 +29,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.chat import IGNORE_INDEX, encode
 from ..data.collate import pad_batch
 from ..data.formats import Example, read_examples
-from ..io import RunDir, write_json
+from ..io import RunDir
+from .common import (
+    check_fingerprint,
+    cosine_lr,
+    fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_curves,
+    save_checkpoint,
+)
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -140,7 +144,11 @@ def finetune(
     run = RunDir(out)
     data_desc = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} examples>"
     config = {"model": str(model), "data": data_desc, **asdict(cfg)}
-    fingerprint = _fingerprint(config)
+    fp = fingerprint(config, ignore=("save_every", "keep_checkpoints", "device"))
+    ckpt_dir = run / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:  # refuse a different config before touching the run's files
+        check_fingerprint(last, fp)
     run.write_config("finetune", **config)
 
     tokenizer = load_tokenizer(model)
@@ -166,18 +174,16 @@ def finetune(
 
     micro_per_epoch = math.ceil(len(feats) / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
-    ckpt_dir = run / "checkpoints"
     step, history = 0, []
-    last = _latest_checkpoint(ckpt_dir)
     if last is not None:
-        step, history = _load_checkpoint(last, peft_model, opt, fingerprint)
+        step, history = _resume(last, peft_model, opt)
         print(f"resuming from {last} (step {step}/{total})")
 
     peft_model.train()
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress)
     t0, tokens = time.time(), 0
     while step < total:
-        lr = _lr_at(step, total, cfg)
+        lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
@@ -201,7 +207,8 @@ def finetune(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
         if step % cfg.save_every == 0 or step == total:
-            _save_checkpoint(ckpt_dir, step, peft_model, opt, history, fingerprint, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, _trainable_state(peft_model), opt,
+                            {"fingerprint": fp, "history": history}, cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step, loss_sum)
     bar.close()
@@ -211,7 +218,8 @@ def finetune(
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(run / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(run / "model"))
-    _plot_loss(history, run / "loss.png")
+    plot_curves(run / "loss.png", [("train loss (answer tokens)", [h["step"] for h in history],
+                                    [h["loss"] for h in history], {})])
     metrics = {
         "steps": step, "examples": len(feats),
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
@@ -228,14 +236,6 @@ def finetune(
 # ---------------------------------------------------------------------------------------------
 
 
-def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
-    """Linear warm-up, then half-cosine from lr to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
 def _micro_batch(feats, k: int, cfg: FinetuneConfig, micro_per_epoch: int):
     """Micro-batch k of the whole run: a pure function of (seed, k), so resume is exact."""
     epoch, pos = divmod(k, micro_per_epoch)
@@ -244,76 +244,17 @@ def _micro_batch(feats, k: int, cfg: FinetuneConfig, micro_per_epoch: int):
     return [feats[i] for i in perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
 
 
-def _fingerprint(config: dict) -> str:
-    keep = {k: v for k, v in config.items() if k not in ("save_every", "keep_checkpoints", "device")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(ckpt_dir: Path, step, model, opt, history, fingerprint, keep: int) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step_{step:06d}"
-    tmp = ckpt_dir / f".tmp_step_{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "adapter.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "history": history})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = [p for p in sorted(ckpt_dir.glob("step_*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
-
-
-def _load_checkpoint(path: Path, model, opt, fingerprint: str) -> tuple[int, list]:
-    state = json.loads((path / "state.json").read_text())
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path} was written by a run with different settings; use a new --out "
-            "or delete its checkpoints/ to start over"
-        )
-    weights = load_file(str(path / "adapter.safetensors"))
-    missing = set(_trainable_state(model)) - set(weights)
+def _resume(path, model, opt) -> tuple[int, list]:
+    weights, state = load_checkpoint(path, opt)
+    named = _trainable_state(model)
+    missing = set(named) - set(weights)
     if missing:
         raise ValueError(f"{path} lacks adapter tensors {sorted(missing)[:3]}...")
-    named = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in weights.items():
             named[n].copy_(t)
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["cpu"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
     return state["step"], state["history"]
-
-
-def _plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (answer tokens)")
-    ax.set_title("LoRA fine-tuning")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
