@@ -96,18 +96,22 @@ SMALL = dataclasses.replace(
     eval_every=0, device="cpu", problems=ProblemConfig(1, 2))
 
 
-def test_pretrain_resumes_to_identical_weights(tmp_path):
-    pretrain(tmp_path / "a", SMALL, progress=False)
+class Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
 
-    def stop(step, loss):
-        if step == 5:
+def _stop_at(n):
+    def on_step(step, loss):
+        if step == n:
             raise Stop
 
+    return on_step
+
+
+def test_pretrain_resumes_to_identical_weights(tmp_path):
+    pretrain(tmp_path / "a", SMALL, progress=False)
     with pytest.raises(Stop):
-        pretrain(tmp_path / "b", SMALL, progress=False, on_step=stop)
+        pretrain(tmp_path / "b", SMALL, progress=False, on_step=_stop_at(5))
     assert (tmp_path / "b/checkpoints/step_000004/weights.safetensors").is_file()
     pretrain(tmp_path / "b", SMALL, progress=False)
     wa = load_file(str(tmp_path / "a/model/model.safetensors"))
@@ -179,15 +183,8 @@ def test_demo_compresses_and_heals_the_shipped_model(tmp_path):
 
 
 def test_resume_refuses_other_settings_and_keeps_one_log_row_per_step(tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop(step, loss):
-        if step == 3:
-            raise Stop
-
     with pytest.raises(Stop):
-        pretrain(tmp_path / "r", SMALL, progress=False, on_step=stop)
+        pretrain(tmp_path / "r", SMALL, progress=False, on_step=_stop_at(3))
     with pytest.raises(ValueError, match="different settings"):
         pretrain(tmp_path / "r", dataclasses.replace(SMALL, lr=1e-4), progress=False)
     pretrain(tmp_path / "r", SMALL, progress=False)
