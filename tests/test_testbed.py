@@ -124,11 +124,8 @@ def test_pretrain_resumes_to_identical_weights(tmp_path):
 
 # --- the shipped tiny model --------------------------------------------------------------------
 
-needs_tiny = pytest.mark.skipif(not (TINY_PATH / "model.safetensors").is_file(),
-                                reason="the tiny testbed model is not in this checkout")
 
 
-@needs_tiny
 def test_shipped_tiny_loads_offline_like_a_hub_model():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,7 +144,6 @@ def test_shipped_tiny_loads_offline_like_a_hub_model():
     assert (TINY_PATH / "README.md").is_file()
 
 
-@needs_tiny
 def test_shipped_tiny_solves_held_out_problems(tmp_path):
     from elmkit.testbed import evaluate
 
@@ -168,7 +164,6 @@ def test_testbed_data_command_writes_the_splits(tmp_path):
                      "test": PRESETS["tiny"].test_examples}
 
 
-@needs_tiny
 @pytest.mark.slow
 def test_demo_compresses_and_heals_the_shipped_model(tmp_path):
     from elmkit import demo
@@ -196,3 +191,10 @@ def test_a_split_that_runs_out_of_problems_says_so():
     tiny_space = ProblemConfig(min_steps=1, max_steps=1, digits=1, start_digits=1, max_value=9)
     with pytest.raises(ValueError, match="ran out of distinct problems"):
         make_split("test", 1000, tiny_space)
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    import elmkit.testbed as tb
+    from elmkit.testbed import accuracy, pretrain  # noqa: F401  (import every submodule)
+
+    assert callable(tb.evaluate) and callable(tb.train) and callable(tb.data)

@@ -30,8 +30,8 @@ def train(out: str | Path, preset: str = "tiny", cfg: PretrainConfig | None = No
     ``cfg`` overrides the preset's settings (the CLI builds it from --preset plus options).
     The model lands in ``out/model`` with README.md (card), card.json and testbed.json.
     """
+    from .accuracy import evaluate_testbed
     from .card import write_card, write_recipe
-    from .evaluate import evaluate_testbed
     from .pretrain import pretrain
 
     if preset not in PRESETS:
@@ -53,7 +53,7 @@ def evaluate(model: str | Path, out: str | Path, n: int | None = None, shortgpt_
              batch_size: int | None = None) -> dict:
     """Greedy accuracy of a testbed model on its test split, and after ShortGPT removal."""
     from ..models.loading import resolve_model_path
-    from .evaluate import evaluate_testbed
+    from .accuracy import evaluate_testbed
 
     run = RunDir(out)
     run.write_config("testbed eval", model=str(model), n=n, shortgpt_ratio=shortgpt_ratio)

@@ -141,7 +141,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     from transformers import Qwen2ForCausalLM
 
     from ..models.loading import resolve_device
-    from .evaluate import test_accuracy
+    from .accuracy import test_accuracy
 
     run = RunDir(out)
     # settings that change the weights; logging, devices and threads do not
