@@ -21,9 +21,26 @@ from .adapters import (
     replace_span_,
     run_layers,
 )
+from .configuration_elm import ElmConfig
 from .loading import load_model, load_tokenizer
+from .modeling_elm import ElmForCausalLM
+
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("elm", ElmConfig)
+        AutoModelForCausalLM.register(ElmConfig, ElmForCausalLM)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+_register()
 
 __all__ = [
+    "ElmConfig",
+    "ElmForCausalLM",
     "FAMILIES",
     "Family",
     "LayerContext",

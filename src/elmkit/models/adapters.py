@@ -63,6 +63,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
     "mistral": Family("mistral"),
+    # elmkit's ELM keeps its base family's layout (see models/modeling_elm.py)
+    "elm": Family("elm"),
 }
 
 
@@ -73,7 +75,8 @@ def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; elmkit supports "
-            f"{', '.join(sorted(FAMILIES))} (Llama, Qwen2/2.5, Qwen3, Mistral families)"
+            f"{', '.join(sorted(set(FAMILIES) - {'elm'}))} (Llama, Qwen2/2.5, Qwen3, Mistral "
+            "families) and their ELM form"
         )
     return FAMILIES[model_type]
 
@@ -115,7 +118,8 @@ def layer_type(config: PretrainedConfig, i: int) -> str:
     if types is not None:
         return types[i]
     # Mistral has no layer_types; a set sliding_window applies to every layer.
-    if getattr(config, "sliding_window", None) is not None and config.model_type == "mistral":
+    family = getattr(config, "base_model_type", config.model_type)
+    if getattr(config, "sliding_window", None) is not None and family == "mistral":
         return "sliding_attention"
     return "full_attention"
 
