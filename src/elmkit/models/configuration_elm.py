@@ -84,6 +84,8 @@ class ElmConfig(PretrainedConfig):
     def from_base(cls, base: PretrainedConfig, start: int, span: int, **elm) -> "ElmConfig":
         """ElmConfig for replacing dense layers [start, start + span) of a ``base`` model."""
         n = base.num_hidden_layers
+        cls(base_model_type=base.model_type, start=start, span=span, dense_num_hidden_layers=n,
+            **elm).validate_elm()  # clear errors before the family's own validators run
         d = base.to_dict()
         for key in ("model_type", "auto_map", "architectures", "transformers_version"):
             d.pop(key, None)
