@@ -135,7 +135,8 @@ assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
 ids = torch.load({str(tmp_path / 'ids.pt')!r})
 with torch.no_grad():
     got = m(ids).logits
-assert torch.equal(got, torch.load({str(tmp_path / 'want.pt')!r})), (got - torch.load({str(tmp_path / 'want.pt')!r})).abs().max()
+want = torch.load({str(tmp_path / 'want.pt')!r})
+assert torch.equal(got, want), (got - want).abs().max()
 print("ok")
 """
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

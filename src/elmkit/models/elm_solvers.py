@@ -15,10 +15,11 @@ Every solver has the signature ``solve(f, z0, *, max_iter, tol, tol_mode, ...) -
 
 A non-finite value in f's output stops the solve with the token and iteration named.
 
-Solvers: ``naive`` (Picard iteration), ``anderson`` (Anderson acceleration, memory m, mixing beta,
-Tikhonov lam relative to the residuals' scale; Walker & Ni 2011), ``broyden`` (good Broyden on g(z) = f(z) - z with a low-rank
-inverse-Jacobian, as in Bai et al. 2019 DEQ). This file sits beside the ELM modeling file so that
-a saved ELM folder carries it for ``trust_remote_code`` loading; ``elmkit.solvers`` re-exports it.
+Solvers: ``naive`` (Picard iteration), ``anderson`` (Anderson acceleration, memory m, mixing
+beta, Tikhonov lam relative to the residuals' scale; Walker & Ni 2011), ``broyden`` (good Broyden
+on g(z) = f(z) - z with a low-rank inverse Jacobian, as in Bai et al. 2019 DEQ). This file
+sits beside the ELM modeling file so that a saved ELM folder carries it for ``trust_remote_code``
+loading; ``elmkit.solvers`` re-exports it.
 
 Scalar example (f(z) = 0.5 z + 1, fixed point 2): naive halves the error each evaluation; Anderson
 with m >= 1 solves this linear map exactly on its third evaluation.
