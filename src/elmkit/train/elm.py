@@ -1,0 +1,247 @@
+"""Train an ELM's fixed-point block with stochastic Jacobian-free backprop (SJFB).
+
+Per step, with x the hidden state entering the block and M the replaced span::
+
+    m ~ U{wo_grad_min .. wo_grad_max}      (default 0 .. floor(M/2))   iterations without gradient
+    n ~ U{with_grad_min .. with_grad_max}  (default 1 .. max(1, floor(M/2))) iterations with gradient
+    z = 0;  repeat m: z = phi(z, x);  z = z.detach();  repeat n: z = phi(z, x)
+    loss = lambda_ce(t) * CE(logits(z)) + lambda_distill * MSE(z, h_teacher)
+
+h_teacher is the task-tuned dense model's own hidden state after layer start + M - 1 on the same
+input (padding excluded); CE is on answer tokens. ``ce_schedule="official"`` keeps lambda_ce = 0 for
+the first half of training, then ramps it to lambda_ce with sin(pi/2 * progress) (the reference
+code's schedule); ``"constant"`` uses lambda_ce throughout. Only the block (f* and W = [W_z|W_h])
+trains. The no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped
+that graph). The (m, n) draws are a pure function of (seed, step), so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.chat import encode_many
+from ..data.collate import pad_batch
+from ..data.formats import Example
+from ..io import RunDir
+from ..models.adapters import head_logits, layer_inputs, layer_type, run_layers
+from .common import (
+    check_fingerprint,
+    cosine_lr,
+    fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_curves,
+    save_checkpoint,
+)
+
+
+@dataclass(frozen=True)
+class ElmTrainConfig:
+    """SJFB training of the fixed-point block."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Examples per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the block's matrices."""
+    clip: float = 1.0
+    """Gradient-norm clip."""
+    wo_grad_min: int = 0
+    """Fewest iterations without gradient."""
+    wo_grad_max: int | None = None
+    """Most iterations without gradient (default floor(M/2))."""
+    with_grad_min: int = 1
+    """Fewest iterations with gradient."""
+    with_grad_max: int | None = None
+    """Most iterations with gradient (default max(1, floor(M/2)))."""
+    lambda_ce: float = 1.0
+    """Weight of the task cross-entropy."""
+    lambda_distill: float = 1.0
+    """Weight of the MSE to the teacher's hidden state after the span."""
+    ce_schedule: Literal["official", "constant"] = "official"
+    """official: lambda_ce is 0 for the first half, then a sine ramp; constant: always lambda_ce."""
+    max_len: int = 512
+    """Tokens per example."""
+    seed: int = 0
+    """Seed of data order and of the (m, n) draws."""
+    save_every: int = 100
+    """Checkpoint every N steps."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on a GPU that has it, else fp32."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError("--steps, --batch-size and --save-every must be >= 1")
+        if self.wo_grad_min < 0 or self.with_grad_min < 1:
+            raise ValueError("--wo-grad-min must be >= 0 and --with-grad-min >= 1")
+        if self.wo_grad_max is not None and self.wo_grad_max < self.wo_grad_min:
+            raise ValueError("--wo-grad-max must be >= --wo-grad-min")
+        if self.with_grad_max is not None and self.with_grad_max < self.with_grad_min:
+            raise ValueError("--with-grad-max must be >= --with-grad-min")
+        if self.lambda_ce < 0 or self.lambda_distill < 0 or self.lambda_ce + self.lambda_distill == 0:
+            raise ValueError("the loss weights must be >= 0 and not both 0")
+
+
+def ce_weight(step: int, cfg: ElmTrainConfig) -> float:
+    if cfg.ce_schedule == "constant":
+        return cfg.lambda_ce
+    half = cfg.steps / 2
+    if step < half:
+        return 0.0
+    return cfg.lambda_ce * math.sin(math.pi / 2 * min(1.0, (step - half) / half))
+
+
+def iteration_draws(step: int, span: int, cfg: ElmTrainConfig) -> tuple[int, int]:
+    """(m, n) for a step: a pure function of (seed, step)."""
+    half = span // 2
+    wo_max = cfg.wo_grad_max if cfg.wo_grad_max is not None else half
+    with_max = cfg.with_grad_max if cfg.with_grad_max is not None else max(1, half)
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    return rng.randint(cfg.wo_grad_min, max(cfg.wo_grad_min, wo_max)), \
+        rng.randint(cfg.with_grad_min, max(cfg.with_grad_min, with_max))
+
+
+def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
+              cfg: ElmTrainConfig = ElmTrainConfig(), progress: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train ``elm``'s block in place against ``teacher`` (the dense model it came from).
+
+    Writes checkpoints, loss.png and metrics.json into ``out``; the trained model is saved to
+    ``out/model`` with the tokenizer. Resumes from ``out/checkpoints`` when present.
+    """
+    run = RunDir(out)
+    c = elm.config
+    start, span = c.start, c.span
+    settings = {"start": start, "span": span, "examples": len(data), **asdict(cfg)}
+    fp = fingerprint(settings, ignore=("save_every",))
+    ckpt_dir = run / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        check_fingerprint(last, fp)
+    run.write_config("elm train", **settings)
+
+    device = next(elm.parameters()).device
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    feats = encode_many(tokenizer, data, cfg.max_len)
+    for p in elm.parameters():
+        p.requires_grad_(False)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    block = elm.block
+    params = [p for p in block.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step, history = 0, []
+    if last is not None:
+        weights, state = load_checkpoint(last, opt)
+        block.load_state_dict(weights)
+        step, history = state["step"], state["history"]
+
+    teacher.eval()
+    elm.train()
+    mask_kind = layer_type(c, start)
+    bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not progress)
+    t0, tokens = time.time(), 0
+    while step < cfg.steps:
+        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = pad_batch(_batch(feats, step, cfg), tokenizer.pad_token_id)
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        m, n = iteration_draws(step, span, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad():
+                tctx = layer_inputs(teacher, ids, mask)
+                x = run_layers(teacher, tctx.hidden, tctx, 0, start)  # (B, T, d) block input
+                target = run_layers(teacher, x, tctx, start, start + span)  # (B, T, d)
+                ctx = layer_inputs(elm, ids, mask)
+            kw = dict(attention_mask=ctx.masks[mask_kind], position_ids=ctx.position_ids,
+                      position_embeddings=ctx.position_embeddings)
+            z = torch.zeros_like(x)
+            with torch.no_grad():
+                for _ in range(m):
+                    z = block.phi(z, x, **kw)
+            prev = z
+            for _ in range(n):
+                prev, z = z, block.phi(z, x, **kw)
+            valid = mask.bool()
+            distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
+            lam_ce = ce_weight(step, cfg)
+            if lam_ce > 0:
+                h = run_layers(elm, z, ctx, start + 1, c.num_hidden_layers)
+                logits = head_logits(elm, h).float()  # (B, T, V)
+                ce = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100)
+            else:
+                ce = torch.zeros((), device=device)
+            loss = lam_ce * ce + cfg.lambda_distill * distill
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"ELM loss became {loss.item()} at step {step}; lower --lr")
+        residual = float((z.detach() - prev.detach()).float().norm(dim=-1)[valid].mean())
+        tokens += int(valid.sum())
+        rec = {"step": step, "loss": round(loss.item(), 6), "ce": round(ce.item(), 6),
+               "distill": round(distill.item(), 6), "lambda_ce": round(lam_ce, 4),
+               "residual": round(residual, 6), "m": m, "n": n, "lr": lr}
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(ce=f"{rec['ce']:.3f}", mse=f"{rec['distill']:.4f}", res=f"{residual:.3f}",
+                        tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(ckpt_dir, step, block.state_dict(), opt,
+                            {"fingerprint": fp, "history": history})
+        if on_step is not None:
+            on_step(step, loss.item())
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    elm.eval()
+    elm.save_pretrained(str(run / "model"))
+    tokenizer.save_pretrained(str(run / "model"))
+    steps_ = [h["step"] for h in history]
+    plot_curves(run / "loss.png", [
+        ("distillation MSE", steps_, [h["distill"] for h in history], {"yscale": "log"}),
+        ("task CE (when weighted)", steps_, [h["ce"] for h in history], {}),
+        ("residual ||z_n - z_n-1||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
+    ])
+    tail = history[-min(20, len(history)):]
+    metrics = {"steps": step, "final_distill": sum(h["distill"] for h in tail) / len(tail),
+               "final_ce": sum(h["ce"] for h in tail) / len(tail),
+               "final_residual": sum(h["residual"] for h in tail) / len(tail),
+               "train_time_s": round(time.time() - t0, 1)}
+    run.write_metrics(metrics)
+    return metrics
+
+
+def _batch(feats, step: int, cfg: ElmTrainConfig):
+    per_epoch = max(1, len(feats) // cfg.batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(len(feats), generator=g)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+    return [feats[i] for i in perm.tolist()]
