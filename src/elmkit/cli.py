@@ -134,7 +134,8 @@ def _commands() -> dict[str, Command]:
     model = ("model", "model folder or hub id", True)
     out = ("out", "run folder to write into", True)
     return {
-        "demo": Command(demo, (("out", "run folder", False),)),
+        "demo": Command(demo, (("out", "run folder (default: runs/demo)", False),
+                               ("model", "model folder or hub id (default: testbed:tiny)", False))),
         "info": Command(info, (("model", "model folder or hub id", True),)),
         "finetune": Command(finetune, (model, ("data", "training data file", True), out),
                             FinetuneConfig),

@@ -182,9 +182,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
             with torch.no_grad():
                 for _ in range(m):
                     z = block.phi(z, x, **kw)
-            prev = z
             for _ in range(n):
-                prev, z = z, block.phi(z, x, **kw)
+                z = block.phi(z, x, **kw)
             valid = mask.bool()
             distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
             lam_ce = ce_weight(step, cfg)
@@ -204,7 +203,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         step += 1
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"ELM loss became {loss.item()} at step {step}; lower --lr")
-        residual = float((z.detach() - prev.detach()).float().norm(dim=-1)[valid].mean())
+        with torch.no_grad():  # how far the trained output is from a fixed point: ||phi(z) - z||
+            residual = float((block.phi(z.detach(), x, **kw) - z).float().norm(dim=-1)[valid].mean())
         tokens += int(valid.sum())
         rec = {"step": step, "loss": round(loss.item(), 6), "ce": round(ce.item(), 6),
                "distill": round(distill.item(), 6), "lambda_ce": round(lam_ce, 4),
@@ -228,7 +228,7 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     plot_curves(run / "loss.png", [
         ("distillation MSE", steps_, [h["distill"] for h in history], {"yscale": "log"}),
         ("task CE (when weighted)", steps_, [h["ce"] for h in history], {}),
-        ("residual ||z_n - z_n-1||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
+        ("residual ||phi(z) - z||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
     ])
     tail = history[-min(20, len(history)):]
     metrics = {"steps": step, "final_distill": sum(h["distill"] for h in tail) / len(tail),
