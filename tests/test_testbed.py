@@ -164,35 +164,6 @@ def test_testbed_data_command_writes_the_splits(tmp_path):
                      "test": PRESETS["tiny"].test_examples}
 
 
-@pytest.mark.slow
-def test_demo_compresses_and_heals_the_shipped_model(tmp_path):
-    from elmkit import demo
-
-    m = demo(tmp_path / "demo")
-    dense, short, healed = (r["accuracy"] for r in m["rows"])
-    assert [r["layers"] for r in m["rows"]] == [12, 9, 9]
-    assert dense >= 0.85 and short < 0.6 * dense and healed > short
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "ShortGPT" in report and "| dense (testbed:tiny) | 12 |" in report
-    assert (tmp_path / "demo" / "shortgpt" / "plan.json").is_file()
-
-
-def test_resume_refuses_other_settings_and_keeps_one_log_row_per_step(tmp_path):
-    with pytest.raises(Stop):
-        pretrain(tmp_path / "r", SMALL, progress=False, on_step=_stop_at(3))
-    with pytest.raises(ValueError, match="different settings"):
-        pretrain(tmp_path / "r", dataclasses.replace(SMALL, lr=1e-4), progress=False)
-    pretrain(tmp_path / "r", SMALL, progress=False)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "r/train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, SMALL.steps + 1))
-
-
-def test_a_split_that_runs_out_of_problems_says_so():
-    tiny_space = ProblemConfig(min_steps=1, max_steps=1, digits=1, start_digits=1, max_value=9)
-    with pytest.raises(ValueError, match="ran out of distinct problems"):
-        make_split("test", 1000, tiny_space)
-
-
 def test_public_names_are_not_shadowed_by_submodules():
     import elmkit.testbed as tb
     from elmkit.testbed import accuracy, pretrain  # noqa: F401  (import every submodule)

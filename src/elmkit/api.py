@@ -68,8 +68,6 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     import copy
     import json
 
-    import torch
-
     from .data.calibration import Calibration
     from .data.chat import encode_prompt, render
     from .eval import EvalConfig, evaluate
@@ -151,8 +149,8 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
         "",
         f"Model: `{model}` ({n} layers). Accuracy: greedy exact match on 200 held-out arithmetic word",
         f"problems. The ELM block replaces {elm_plan.span} of {n} layers and was trained with SJFB for",
-        f"{fit['steps']} steps ({fit['train_time_s']:.0f} s); ShortGPT deletes {elm_plan.span} layers by block",
-        "influence without healing.",
+        f"{fit['steps']} steps ({fit['train_time_s']:.0f} s); ShortGPT deletes {elm_plan.span} layers",
+        "by block influence without healing.",
         "",
         *table,
         "",

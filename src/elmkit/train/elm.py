@@ -231,7 +231,9 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         ("residual ||phi(z) - z||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
     ])
     tail = history[-min(20, len(history)):]
-    metrics = {"steps": step, "final_distill": sum(h["distill"] for h in tail) / len(tail),
+    head = history[:min(3, len(history))]
+    metrics = {"steps": step, "first_distill": sum(h["distill"] for h in head) / len(head),
+               "final_distill": sum(h["distill"] for h in tail) / len(tail),
                "final_ce": sum(h["ce"] for h in tail) / len(tail),
                "final_residual": sum(h["residual"] for h in tail) / len(tail),
                "train_time_s": round(time.time() - t0, 1)}

@@ -1,0 +1,95 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elmkit.data.synthetic import arithmetic_examples
+from elmkit.methods import elm as E
+from elmkit.train.elm import ElmTrainConfig, ce_weight, iteration_draws, train_elm
+
+CFG = ElmTrainConfig(steps=6, batch_size=4, lr=5e-3, warmup=1, save_every=2, max_len=64)
+
+
+def _setup(make_model, tokenizer, span=4):
+    dense = make_model("qwen2", num_layers=6)
+    teacher = copy.deepcopy(dense)
+    elm = E.apply_(dense, E.plan(dense, start=1, span=span, max_iter=2))
+    return elm, teacher
+
+
+def test_draws_and_schedule():
+    cfg = ElmTrainConfig(steps=100)
+    draws = [iteration_draws(s, 8, cfg) for s in range(200)]
+    assert draws == [iteration_draws(s, 8, cfg) for s in range(200)]  # pure function of the step
+    assert {m for m, _ in draws} == set(range(0, 5)) and {n for _, n in draws} == set(range(1, 5))
+    assert all(iteration_draws(s, 1, cfg) == (0, 1) for s in range(20))  # M = 1: one step
+    assert ce_weight(10, cfg) == 0 and ce_weight(49, cfg) == 0
+    assert 0 < ce_weight(60, cfg) < ce_weight(90, cfg) <= 1
+    assert ce_weight(10, ElmTrainConfig(steps=100, ce_schedule="constant")) == 1.0
+    with pytest.raises(ValueError, match="--with-grad-min"):
+        ElmTrainConfig(with_grad_min=0)
+
+
+def test_training_moves_only_the_block_and_lowers_distillation(make_model, tokenizer, tmp_path):
+    elm, teacher = _setup(make_model, tokenizer)
+    before = {n: p.clone() for n, p in elm.named_parameters()}
+    cfg = ElmTrainConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, max_len=64, save_every=100,
+                         lambda_ce=0.0)  # distillation alone must fall
+    m = train_elm(elm, teacher, tokenizer, arithmetic_examples(64, seed=3), tmp_path / "t", cfg,
+                  progress=False)
+    changed = {n for n, p in elm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    assert "model.layers.1.proj.weight" in changed
+    assert m["final_distill"] < 0.5 * m["first_distill"], m
+    assert (tmp_path / "t" / "model" / "modeling_elm.py").is_file()
+    assert (tmp_path / "t" / "loss.png").is_file()
+
+
+def test_interrupted_training_resumes_to_identical_block(make_model, tokenizer, tmp_path):
+    data = arithmetic_examples(32, seed=4)
+    elm_a, teacher = _setup(make_model, tokenizer)
+    train_elm(elm_a, teacher, tokenizer, data, tmp_path / "a", CFG, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss):
+        if step == 5:
+            raise Stop
+
+    elm_b, teacher_b = _setup(make_model, tokenizer)
+    with pytest.raises(Stop):
+        train_elm(elm_b, teacher_b, tokenizer, data, tmp_path / "b", CFG, progress=False,
+                  on_step=stop)
+    elm_c, teacher_c = _setup(make_model, tokenizer)  # a fresh process would rebuild it like this
+    train_elm(elm_c, teacher_c, tokenizer, data, tmp_path / "b", CFG, progress=False)
+    wa = load_file(str(tmp_path / "a/model/model.safetensors"))
+    wc = load_file(str(tmp_path / "b/model/model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
+
+
+def test_sampling_generation_works_through_generation_mixin(make_model, tokenizer):
+    elm, _ = _setup(make_model, tokenizer)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out = elm.generate(ids, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8)
+    assert out.shape[0] == 2 and out.shape[1] <= 11
+
+
+@pytest.mark.slow
+def test_demo_main_job_end_to_end(tmp_path):
+    from elmkit import demo
+
+    m = demo(tmp_path / "demo")
+    dense, elm, adaptive, short = m["rows"]
+    assert dense["layers"] == 12 and elm["layers"] == 10 and short["layers"] == 9
+    assert dense["accuracy"] >= 0.9
+    assert elm["retained"] >= 0.9 and adaptive["retained"] >= 0.9  # the bar is 95%
+    assert short["retained"] < 0.5
+    assert elm["kv_ratio"] == pytest.approx(10 / 12) and short["kv_ratio"] == pytest.approx(9 / 12)
+    assert adaptive["iterations_per_token"] < elm["iterations_per_token"] == 4
+    for f in ("report.md", "accuracy.png", "residuals.png", "elm/model/modeling_elm.py",
+              "elm/plan.json"):
+        assert (tmp_path / "demo" / f).is_file(), f
