@@ -93,3 +93,50 @@ def test_demo_main_job_end_to_end(tmp_path):
     for f in ("report.md", "accuracy.png", "residuals.png", "elm/model/modeling_elm.py",
               "elm/plan.json"):
         assert (tmp_path / "demo" / f).is_file(), f
+
+
+def test_kept_layer_lora_trains_merges_and_resumes(make_model, tokenizer, tmp_path):
+    data = arithmetic_examples(32, seed=5)
+    cfg = ElmTrainConfig(steps=6, batch_size=4, lr=5e-3, warmup=1, save_every=2, max_len=64,
+                         kept_lora_r=4, kept_lora_alpha=8, ce_schedule="constant")
+    elm_a, teacher = _setup(make_model, tokenizer)
+    before = {n: p.clone() for n, p in elm_a.named_parameters()}
+    train_elm(elm_a, teacher, tokenizer, data, tmp_path / "a", cfg, progress=False)
+    assert not any("lora" in n for n, _ in elm_a.named_parameters())  # merged away
+    changed = {n.split(".")[2] for n, p in elm_a.named_parameters() if not torch.equal(p, before[n])}
+    assert "1" in changed and len(changed) > 1  # the block and kept layers moved
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop
+
+    elm_b, teacher_b = _setup(make_model, tokenizer)
+    with pytest.raises(Stop):
+        train_elm(elm_b, teacher_b, tokenizer, data, tmp_path / "b", cfg, progress=False,
+                  on_step=stop)
+    elm_c, teacher_c = _setup(make_model, tokenizer)
+    train_elm(elm_c, teacher_c, tokenizer, data, tmp_path / "b", cfg, progress=False)
+    wa = load_file(str(tmp_path / "a/model/model.safetensors"))
+    wc = load_file(str(tmp_path / "b/model/model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
+
+
+def test_kept_lora_merge_preserves_logits_and_skips_the_block(make_model, tokenizer):
+    from elmkit.train.elm import _add_kept_lora, _merge_kept_lora
+
+    elm, _ = _setup(make_model, tokenizer)
+    params = _add_kept_lora(elm, ElmTrainConfig(kept_lora_r=4, kept_lora_alpha=8))
+    assert params and not any(k.startswith("model.layers.1.") for k in params)  # block untouched
+    with torch.no_grad():
+        for k, p in params.items():
+            if "lora_B" in k:
+                p.normal_(0, 0.05)
+        ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+        want = elm(ids).logits
+        _merge_kept_lora(elm)
+        assert not any("lora" in n for n, _ in elm.named_modules())
+        torch.testing.assert_close(elm(ids).logits, want, atol=1e-5, rtol=0)

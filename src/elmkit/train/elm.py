@@ -8,10 +8,11 @@ Per step, with x the hidden state entering the block and M the replaced span::
     loss = lambda_ce(t) * CE(logits(z)) + lambda_distill * MSE(z, h_teacher)
 
 h_teacher is the task-tuned dense model's own hidden state after layer start + M - 1 on the same
-input (padding excluded); CE is on answer tokens. ``ce_schedule="official"`` keeps lambda_ce = 0 for
+input (padding excluded); CE is on answer tokens. Optionally (``kept_lora_r > 0``) LoRA on the
+kept layers' projections trains too (scale alpha / r) and is merged into them at the end. ``ce_schedule="official"`` keeps lambda_ce = 0 for
 the first half of training, then ramps it to lambda_ce with sin(pi/2 * progress) (the reference
 code's schedule); ``"constant"`` uses lambda_ce throughout. Only the block (f* and W = [W_z|W_h])
-trains. The no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped
+trains by default. The no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped
 that graph). The (m, n) draws are a pure function of (seed, step), so resume is exact.
 """
 
@@ -84,6 +85,10 @@ class ElmTrainConfig:
     """Checkpoint every N steps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on a GPU that has it, else fp32."""
+    kept_lora_r: int = 0
+    """Also train LoRA (this rank) on the kept layers' seven projections; 0 = block only."""
+    kept_lora_alpha: float = 16.0
+    """LoRA alpha for the kept layers (scale alpha / r); merged into them at the end."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -96,6 +101,8 @@ class ElmTrainConfig:
             raise ValueError("--with-grad-max must be >= --with-grad-min")
         if self.lambda_ce < 0 or self.lambda_distill < 0 or self.lambda_ce + self.lambda_distill == 0:
             raise ValueError("the loss weights must be >= 0 and not both 0")
+        if self.kept_lora_r < 0 or self.kept_lora_alpha <= 0:
+            raise ValueError("--kept-lora-r must be >= 0 and --kept-lora-alpha > 0")
 
 
 def ce_weight(step: int, cfg: ElmTrainConfig) -> float:
@@ -145,7 +152,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     for p in teacher.parameters():
         p.requires_grad_(False)
     block = elm.block
-    params = [p for p in block.parameters()]
+    lora = _add_kept_lora(elm, cfg) if cfg.kept_lora_r else {}
+    params = [p for p in block.parameters()] + list(lora.values())
     for p in params:
         p.requires_grad_(True)
     decay = [p for p in params if p.dim() >= 2]
@@ -153,9 +161,12 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step, history = 0, []
+    trained = {**{f"block.{k}": v for k, v in block.named_parameters()}, **lora}
     if last is not None:
         weights, state = load_checkpoint(last, opt)
-        block.load_state_dict(weights)
+        with torch.no_grad():
+            for k, v in trained.items():
+                v.copy_(weights[k])
         step, history = state["step"], state["history"]
 
     teacher.eval()
@@ -173,9 +184,13 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             with torch.no_grad():
                 tctx = layer_inputs(teacher, ids, mask)
-                x = run_layers(teacher, tctx.hidden, tctx, 0, start)  # (B, T, d) block input
-                target = run_layers(teacher, x, tctx, start, start + span)  # (B, T, d)
+                tx = run_layers(teacher, tctx.hidden, tctx, 0, start)  # (B, T, d)
+                target = run_layers(teacher, tx, tctx, start, start + span)  # (B, T, d)
                 ctx = layer_inputs(elm, ids, mask)
+            if lora:  # the kept layers before the block are being tuned too
+                x = run_layers(elm, ctx.hidden, ctx, 0, start)
+            else:  # same frozen weights as the teacher's: reuse its activations
+                x = tx
             kw = dict(attention_mask=ctx.masks[mask_kind], position_ids=ctx.position_ids,
                       position_embeddings=ctx.position_embeddings)
             z = torch.zeros_like(x)
@@ -214,13 +229,14 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         bar.set_postfix(ce=f"{rec['ce']:.3f}", mse=f"{rec['distill']:.4f}", res=f"{residual:.3f}",
                         tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_dir, step, block.state_dict(), opt,
-                            {"fingerprint": fp, "history": history})
+            save_checkpoint(ckpt_dir, step, trained, opt, {"fingerprint": fp, "history": history})
         if on_step is not None:
             on_step(step, loss.item())
     bar.close()
     for p in params:
         p.requires_grad_(False)
+    if lora:
+        _merge_kept_lora(elm)
     elm.eval()
     elm.save_pretrained(str(run / "model"))
     tokenizer.save_pretrained(str(run / "model"))
@@ -239,6 +255,32 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
                "train_time_s": round(time.time() - t0, 1)}
     run.write_metrics(metrics)
     return metrics
+
+
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _add_kept_lora(elm, cfg: ElmTrainConfig) -> dict[str, torch.Tensor]:
+    """peft LoRA on the kept layers' projections (not the block's); returns its parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kept = [i for i in range(len(elm.model.layers)) if i != elm.config.start]
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    inject_adapter_in_model(LoraConfig(
+        r=cfg.kept_lora_r, lora_alpha=cfg.kept_lora_alpha, lora_dropout=0.0,
+        target_modules=list(_LORA_TARGETS), layers_to_transform=kept, layers_pattern="layers"), elm)
+    return {n: p for n, p in elm.named_parameters() if "lora_" in n}
+
+
+def _merge_kept_lora(elm) -> None:
+    """Fold every LoRA update into its base weight and put the plain Linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in list(elm.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(elm.get_submodule(parent_name), child, mod.get_base_layer())
 
 
 def _batch(feats, step: int, cfg: ElmTrainConfig):
