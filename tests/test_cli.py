@@ -15,7 +15,7 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("demo", "info", "finetune", "eval", "remove-layers"):
+    for name in ("demo", "info", "finetune", "eval", "remove-layers", "elm", "testbed"):
         assert name in out
 
 
@@ -101,3 +101,21 @@ def test_remove_layers_rejects_bad_indices(tiny_dir, tmp_path, capsys):
                      "--out", str(tmp_path / "r")]) == 2
     assert "layers 0..3" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_elm_command_compresses_trains_and_saves(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--n-train", "40"]) == 0
+    rc = cli.main(["elm", "--model", "testbed:tiny", "--data", str(tmp_path / "d" / "train.json"),
+                   "--out", str(tmp_path / "elm"), "--span", "3", "--start", "4",
+                   "--train.steps", "3", "--train.batch-size", "4", "--solver", "anderson"])
+    assert rc == 0
+    m = json.loads((tmp_path / "elm" / "metrics.json").read_text())
+    assert m["dense_layers"] == 12 and m["elm_layers"] == 10 and m["steps"] == 3
+    assert json.loads((tmp_path / "elm" / "config.json").read_text())["command"] == "elm"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "elm" / "model")
+    assert model.config.model_type == "elm" and model.config.solver == "anderson"
+    assert cli.main(["elm", "--model", "testbed:tiny", "--data", str(tmp_path / "d" / "train.json"),
+                     "--out", str(tmp_path / "bad"), "--span", "12"]) == 2
+    assert "must be smaller than the 12" in capsys.readouterr().err

@@ -7,15 +7,17 @@ The public API (everything else lives in sub-packages)::
 
 __version__ = "0.1.0"
 
-from .api import demo, info, remove_layers  # noqa: E402
+from .api import ElmCompressConfig, compress_elm, demo, info, remove_layers  # noqa: E402
 from .eval import EvalConfig, evaluate  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .train import FinetuneConfig, finetune  # noqa: E402
 
 __all__ = [
+    "ElmCompressConfig",
     "EvalConfig",
     "FinetuneConfig",
     "__version__",
+    "compress_elm",
     "demo",
     "evaluate",
     "finetune",

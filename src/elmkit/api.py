@@ -1,10 +1,13 @@
-"""Small top-level commands: ``info``, ``remove_layers`` and the ``demo`` main job."""
+"""Top-level commands: ``info``, ``remove_layers``, ``compress_elm`` and the ``demo`` main job."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .io import RunDir, atomic_write_text
+from .train.elm import ElmTrainConfig
 
 
 def info(model: str | Path) -> dict:
@@ -52,6 +55,73 @@ def remove_layers(model: str | Path, layers: str | list[int], out: str | Path) -
         "removed": sorted(set(drop)), "layers_before": n0, "layers_after": m.config.num_hidden_layers,
         "params_before": p0, "params_after": count_parameters(m),
     }
+    run.write_metrics(metrics)
+    return metrics
+
+
+@dataclass(frozen=True)
+class ElmCompressConfig:
+    """Where the ELM block goes, how it is solved, and how it is trained."""
+
+    start: int | None = None
+    """First replaced layer (default: the middle of the network, until GPPO picks it)."""
+    span: int | None = None
+    """M, the number of layers the block replaces (default: ratio x N)."""
+    ratio: float = 0.25
+    """Fraction of layers the block replaces when span is unset."""
+    max_iter: int = 4
+    """Block evaluations per forward at inference."""
+    tol: float = 0.0
+    """Per-token stopping threshold on ||phi(z) - z|| (0: always max_iter)."""
+    tol_mode: Literal["abs", "rel"] = "abs"
+    """Residual absolute, or relative to ||phi(z)||."""
+    solver: Literal["naive", "anderson", "broyden"] = "naive"
+    """Fixed-point solver at inference."""
+    kv_mode: Literal["one_step", "per_iter"] = "one_step"
+    """One K/V slot per position for the block, or one per iteration (needs tol 0)."""
+    format: str = "auto"
+    """Format of --data (auto, alpaca, gsm8k, metamath)."""
+    limit: int | None = None
+    """Train on the first N examples only."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    train: ElmTrainConfig = field(default_factory=ElmTrainConfig)
+    """SJFB training settings (--train.steps, --train.lr, ...)."""
+
+
+def compress_elm(model: str | Path, data: str | Path, out: str | Path,
+                 cfg: ElmCompressConfig = ElmCompressConfig()) -> dict:
+    """Turn a (task-tuned) dense model into an ELM and train its block with SJFB.
+
+    Writes the ELM to ``out/model`` (loadable with trust_remote_code where elmkit is absent),
+    plus plan.json, the training log plot and metrics.json.
+    """
+    import copy
+
+    from .data.formats import read_examples
+    from .io import write_json
+    from .methods import elm as elm_method
+    from .models import count_parameters, load_model, load_tokenizer
+    from .train.elm import train_elm
+
+    run = RunDir(out)
+    run.write_config("elm", model=str(model), data=str(data), **asdict(cfg))
+    tok = load_tokenizer(model)
+    examples = read_examples(data, cfg.format)
+    examples = examples[: cfg.limit] if cfg.limit else examples
+    dense = load_model(model, dtype="float32", device=cfg.device)
+    n, p0 = dense.config.num_hidden_layers, count_parameters(dense)
+    teacher = copy.deepcopy(dense)
+    plan = elm_method.plan(dense, start=cfg.start, span=cfg.span, ratio=cfg.ratio,
+                           max_iter=cfg.max_iter, tol=cfg.tol, tol_mode=cfg.tol_mode,
+                           solver=cfg.solver, kv_mode=cfg.kv_mode)
+    write_json(run / "plan.json", plan)
+    elm = elm_method.apply_(dense, plan)
+    fit = train_elm(elm, teacher, tok, examples, out, cfg.train)
+    run.write_config("elm", model=str(model), data=str(data), **asdict(cfg))  # the whole command
+    metrics = {**fit, "plan": plan, "dense_layers": n, "elm_layers": elm.config.num_hidden_layers,
+               "params_dense": p0, "params_elm": count_parameters(elm),
+               "kv_ratio": elm.config.num_hidden_layers / n}
     run.write_metrics(metrics)
     return metrics
 

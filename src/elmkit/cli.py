@@ -128,6 +128,7 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, remove_layers, testbed
+    from .api import ElmCompressConfig, compress_elm
     from .eval import EvalConfig, evaluate
     from .train import FinetuneConfig, finetune
 
@@ -140,6 +141,8 @@ def _commands() -> dict[str, Command]:
         "finetune": Command(finetune, (model, ("data", "training data file", True), out),
                             FinetuneConfig),
         "eval": Command(evaluate, (model, ("data", "evaluation data file", True), out), EvalConfig),
+        "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
+                       ElmCompressConfig),
         "remove-layers": Command(
             remove_layers,
             (model, ("layers", "comma-separated layer indices to delete, e.g. 10,11", True), out),

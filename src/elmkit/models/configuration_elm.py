@@ -56,11 +56,11 @@ class ElmConfig(PretrainedConfig):
         n = self.dense_num_hidden_layers
         if self.span < 1:
             raise ValueError(f"span M must be >= 1, got {self.span}")
+        if n is not None and self.span >= n:
+            raise ValueError(f"M = {self.span} must be smaller than the {n} dense layers")
         if n is not None and not (0 <= self.start and self.start + self.span <= n):
             raise ValueError(f"start + M = {self.start} + {self.span} exceeds the {n} layers of the "
                              "dense model")
-        if n is not None and self.span >= n:
-            raise ValueError(f"M = {self.span} must be smaller than the {n} dense layers")
         if self.max_iter < 1:
             raise ValueError("max_iter must be >= 1")
         if self.solver not in SOLVER_NAMES:

@@ -8,12 +8,14 @@ Per step, with x the hidden state entering the block and M the replaced span::
     loss = lambda_ce(t) * CE(logits(z)) + lambda_distill * MSE(z, h_teacher)
 
 h_teacher is the task-tuned dense model's own hidden state after layer start + M - 1 on the same
-input (padding excluded); CE is on answer tokens. Optionally (``kept_lora_r > 0``) LoRA on the
-kept layers' projections trains too (scale alpha / r) and is merged into them at the end. ``ce_schedule="official"`` keeps lambda_ce = 0 for
-the first half of training, then ramps it to lambda_ce with sin(pi/2 * progress) (the reference
-code's schedule); ``"constant"`` uses lambda_ce throughout. Only the block (f* and W = [W_z|W_h])
-trains by default. The no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped
-that graph). The (m, n) draws are a pure function of (seed, step), so resume is exact.
+input (padding excluded); CE is on answer tokens. ``ce_schedule="official"`` keeps lambda_ce = 0
+for the first half of training, then ramps it to lambda_ce with sin(pi/2 * progress) (the
+reference code's schedule); ``"constant"`` uses lambda_ce throughout.
+
+By default only the block (f* and W = [W_z|W_h]) trains; with ``kept_lora_r > 0``, peft LoRA on
+the kept layers' projections trains too (scale alpha / r) and is merged into them at the end. The
+no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped that graph).
+The (m, n) draws are a pure function of (seed, step), so resume is exact.
 """
 
 from __future__ import annotations
