@@ -18,6 +18,29 @@ def _setup(make_model, tokenizer, span=4):
     return elm, teacher
 
 
+class Stop(Exception):
+    pass
+
+
+def _uninterrupted_and_resumed(make_model, tokenizer, data, cfg, tmp_path, stop_at):
+    """Final weights of one straight run, and of a run stopped at ``stop_at`` then resumed."""
+    elm_a, teacher = _setup(make_model, tokenizer)
+    train_elm(elm_a, teacher, tokenizer, data, tmp_path / "a", cfg, progress=False)
+
+    def stop(step, loss):
+        if step == stop_at:
+            raise Stop
+
+    elm_b, teacher_b = _setup(make_model, tokenizer)
+    with pytest.raises(Stop):
+        train_elm(elm_b, teacher_b, tokenizer, data, tmp_path / "b", cfg, progress=False,
+                  on_step=stop)
+    elm_c, teacher_c = _setup(make_model, tokenizer)  # a fresh process would rebuild it like this
+    train_elm(elm_c, teacher_c, tokenizer, data, tmp_path / "b", cfg, progress=False)
+    return (load_file(str(tmp_path / "a/model/model.safetensors")),
+            load_file(str(tmp_path / "b/model/model.safetensors")))
+
+
 def test_draws_and_schedule():
     cfg = ElmTrainConfig(steps=100)
     draws = [iteration_draws(s, 8, cfg) for s in range(200)]
@@ -47,25 +70,8 @@ def test_training_moves_only_the_block_and_lowers_distillation(make_model, token
 
 
 def test_interrupted_training_resumes_to_identical_block(make_model, tokenizer, tmp_path):
-    data = arithmetic_examples(32, seed=4)
-    elm_a, teacher = _setup(make_model, tokenizer)
-    train_elm(elm_a, teacher, tokenizer, data, tmp_path / "a", CFG, progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop(step, loss):
-        if step == 5:
-            raise Stop
-
-    elm_b, teacher_b = _setup(make_model, tokenizer)
-    with pytest.raises(Stop):
-        train_elm(elm_b, teacher_b, tokenizer, data, tmp_path / "b", CFG, progress=False,
-                  on_step=stop)
-    elm_c, teacher_c = _setup(make_model, tokenizer)  # a fresh process would rebuild it like this
-    train_elm(elm_c, teacher_c, tokenizer, data, tmp_path / "b", CFG, progress=False)
-    wa = load_file(str(tmp_path / "a/model/model.safetensors"))
-    wc = load_file(str(tmp_path / "b/model/model.safetensors"))
+    wa, wc = _uninterrupted_and_resumed(make_model, tokenizer, arithmetic_examples(32, seed=4),
+                                        CFG, tmp_path, stop_at=5)
     for k in wa:
         torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
 
@@ -99,28 +105,13 @@ def test_kept_layer_lora_trains_merges_and_resumes(make_model, tokenizer, tmp_pa
     data = arithmetic_examples(32, seed=5)
     cfg = ElmTrainConfig(steps=6, batch_size=4, lr=5e-3, warmup=1, save_every=2, max_len=64,
                          kept_lora_r=4, kept_lora_alpha=8, ce_schedule="constant")
-    elm_a, teacher = _setup(make_model, tokenizer)
-    before = {n: p.clone() for n, p in elm_a.named_parameters()}
-    train_elm(elm_a, teacher, tokenizer, data, tmp_path / "a", cfg, progress=False)
-    assert not any("lora" in n for n, _ in elm_a.named_parameters())  # merged away
-    changed = {n.split(".")[2] for n, p in elm_a.named_parameters() if not torch.equal(p, before[n])}
+    elm, teacher = _setup(make_model, tokenizer)
+    before = {n: p.clone() for n, p in elm.named_parameters()}
+    train_elm(elm, teacher, tokenizer, data, tmp_path / "one", cfg, progress=False)
+    assert not any("lora" in n for n, _ in elm.named_parameters())  # merged away
+    changed = {n.split(".")[2] for n, p in elm.named_parameters() if not torch.equal(p, before[n])}
     assert "1" in changed and len(changed) > 1  # the block and kept layers moved
-
-    class Stop(Exception):
-        pass
-
-    def stop(step, loss):
-        if step == 3:
-            raise Stop
-
-    elm_b, teacher_b = _setup(make_model, tokenizer)
-    with pytest.raises(Stop):
-        train_elm(elm_b, teacher_b, tokenizer, data, tmp_path / "b", cfg, progress=False,
-                  on_step=stop)
-    elm_c, teacher_c = _setup(make_model, tokenizer)
-    train_elm(elm_c, teacher_c, tokenizer, data, tmp_path / "b", cfg, progress=False)
-    wa = load_file(str(tmp_path / "a/model/model.safetensors"))
-    wc = load_file(str(tmp_path / "b/model/model.safetensors"))
+    wa, wc = _uninterrupted_and_resumed(make_model, tokenizer, data, cfg, tmp_path, stop_at=3)
     for k in wa:
         torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
 
