@@ -15,7 +15,7 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("demo", "info", "finetune", "eval", "remove-layers", "elm", "testbed"):
+    for name in ("demo", "info", "finetune", "eval", "remove-layers", "elm", "search", "testbed"):
         assert name in out
 
 
@@ -119,3 +119,18 @@ def test_elm_command_compresses_trains_and_saves(tmp_path, capsys):
     assert cli.main(["elm", "--model", "testbed:tiny", "--data", str(tmp_path / "d" / "train.json"),
                      "--out", str(tmp_path / "bad"), "--span", "12"]) == 2
     assert "must be smaller than the 12" in capsys.readouterr().err
+
+
+def test_search_command_writes_policy_history_and_report(tmp_path):
+    assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--n-train", "40"]) == 0
+    rc = cli.main(["search", "--model", "testbed:tiny", "--data", str(tmp_path / "d" / "train.json"),
+                   "--out", str(tmp_path / "s"), "--steps", "8", "--group-size", "4",
+                   "--batch-size", "2"])
+    assert rc == 0
+    g = json.loads((tmp_path / "s" / "gppo.json").read_text())
+    assert len(g["theta"]) == 12 - 3 + 1 and len(g["theta_history"]) == 2
+    assert g["start"] == max(range(10), key=lambda i: g["theta"][i])
+    assert sum(c["samples"] for c in g["candidates"].values()) == 8
+    assert abs(sum(g["pi"]) - 1) < 1e-5
+    assert (tmp_path / "s" / "pi.png").is_file() and "Chosen start layer" in (
+        tmp_path / "s" / "report.md").read_text()

@@ -126,6 +126,72 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     return metrics
 
 
+def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> dict:
+    """GPPO: learn which start layer the ELM block should replace (policy over candidates).
+
+    Writes gppo.json (chosen start, theta and pi after every policy update, reward statistics per
+    candidate, the step log), plan.json and report.md with a heatmap of pi over training.
+    """
+    import torch
+
+    from .data.formats import read_examples
+    from .io import write_json
+    from .methods import gppo
+    from .models import load_model, load_tokenizer
+
+    cfg = cfg or gppo.GppoConfig()
+    run = RunDir(out)
+    run.write_config("search", model=str(model), data=str(data), **asdict(cfg))
+    tok = load_tokenizer(model)
+    examples = read_examples(data)
+    dense = load_model(model, dtype="float32")
+    history, thetas = [], []
+    plan = gppo.plan(dense, tok, examples, cfg, history=history, thetas=thetas)
+    stats = {}
+    for a in range(len(plan.theta)):
+        rs = [h["reward"] for h in history if h["action"] == a]
+        stats[a] = {"samples": len(rs), "mean_reward": sum(rs) / len(rs) if rs else None,
+                    "last_reward": rs[-1] if rs else None}
+    pis = [torch.softmax(torch.tensor(t), -1).tolist() for t in thetas]
+    result = {"start": plan.start, "span": plan.span, "theta": list(plan.theta),
+              "pi": pis[-1] if pis else None, "theta_history": thetas, "pi_history": pis,
+              "candidates": stats, "steps": history}
+    write_json(run / "gppo.json", result)
+    write_json(run / "plan.json", plan)
+    _plot_pi(run / "pi.png", pis, plan.start)
+    lines = ["# GPPO search", "", f"Chosen start layer: **{plan.start}** (M = {plan.span}).", "",
+             "| start | samples | mean reward (-CE) | final theta | final pi |", "|---|---|---|---|---|"]
+    for a, st in stats.items():
+        mr = f"{st['mean_reward']:.4f}" if st["mean_reward"] is not None else "-"
+        pi = f"{pis[-1][a]:.3f}" if pis else "-"
+        lines.append(f"| {a} | {st['samples']} | {mr} | {plan.theta[a]:.3f} | {pi} |")
+    lines += ["", "![pi over training](pi.png)", ""]
+    atomic_write_text(run / "report.md", "\n".join(lines))
+    metrics = {"start": plan.start, "span": plan.span, "theta": list(plan.theta)}
+    run.write_metrics(metrics)
+    return metrics
+
+
+def _plot_pi(png: Path, pis: list[list[float]], chosen: int) -> None:
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    if pis:
+        im = ax.imshow(list(zip(*pis)), aspect="auto", origin="lower", cmap="viridis")
+        fig.colorbar(im, ax=ax, label="pi(start)")
+    ax.set(xlabel="policy update", ylabel="start layer", title=f"GPPO policy (chosen: {chosen})")
+    fig.tight_layout()
+    tmp = png.with_name(".tmp_" + png.name)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
 def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     """The main job: compress a model into an ELM, train the block, and compare.
 

@@ -128,8 +128,9 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, remove_layers, testbed
-    from .api import ElmCompressConfig, compress_elm
+    from .api import ElmCompressConfig, compress_elm, search
     from .eval import EvalConfig, evaluate
+    from .methods.gppo import GppoConfig
     from .train import FinetuneConfig, finetune
 
     model = ("model", "model folder or hub id", True)
@@ -143,6 +144,7 @@ def _commands() -> dict[str, Command]:
         "eval": Command(evaluate, (model, ("data", "evaluation data file", True), out), EvalConfig),
         "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                        ElmCompressConfig),
+        "search": Command(search, (model, ("data", "training data file", True), out), GppoConfig),
         "remove-layers": Command(
             remove_layers,
             (model, ("layers", "comma-separated layer indices to delete, e.g. 10,11", True), out),

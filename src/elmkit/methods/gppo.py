@@ -1,0 +1,269 @@
+"""GPPO: learn where the ELM block goes (Group Pruning Policy Optimisation, ELM paper).
+
+A policy over candidate start layers a in {0 .. N - M}::
+
+    pi_theta = softmax(theta),  theta in R^{N-M+1},  theta_0 = 0 (uniform)
+
+Each step samples a ~ pi_theta and scores it with a *reward model*: a candidate ELM whose block is
+dense layer a itself plus its own LoRA and projection W_a = [W_z | W_h] (W_h = I, W_z small),
+iterated M times from z = 0, trained online on lambda_ce * CE + lambda_distill * MSE(z, dense
+h_{a+M}). Reward R = -CE on the batch. Candidates share one frozen copy of the dense weights: only
+their LoRA (a peft adapter living on layer a alone) and their projection are per candidate.
+
+Every p steps the group of (a, R, log pi_old(a)) is turned into advantages
+A = (R - mean R) / (std R + eps) and theta takes q PPO-clip steps on
+-mean(min(r A, clip(r, 1 - eps_clip, 1 + eps_clip) A)), r = pi_theta(a) / pi_old(a).
+The chosen start is argmax theta. (The reference code saved the policy under a key its loader did
+not read; here the plan carries theta and the choice directly.)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..models.adapters import get_layers, head_logits, layer_inputs, layer_type, run_layers
+
+
+@dataclass(frozen=True)
+class GppoConfig:
+    """Policy search over the ELM block's start layer."""
+
+    span: int | None = None
+    """M, the number of layers the block replaces (default: ratio x N)."""
+    ratio: float = 0.25
+    """Fraction of layers the block replaces when span is unset."""
+    steps: int = 200
+    """Reward-model steps (one sampled candidate each)."""
+    group_size: int = 10
+    """p: samples per policy update."""
+    ppo_iters: int = 2
+    """q: PPO-clip iterations per group."""
+    clip: float = 0.2
+    """PPO clip range epsilon."""
+    policy_lr: float = 0.05
+    """Adam learning rate of theta."""
+    lr: float = 1e-3
+    """AdamW learning rate of the candidates' LoRA and projections."""
+    lora_r: int = 8
+    """LoRA rank of each candidate block."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale alpha / r)."""
+    lambda_ce: float = 1.0
+    """Weight of CE in the reward model's loss."""
+    lambda_distill: float = 1.0
+    """Weight of the MSE to the dense hidden state after the span."""
+    batch_size: int = 8
+    """Examples per reward-model step."""
+    max_len: int = 512
+    """Tokens per example."""
+    seed: int = 0
+    """Seed of sampling, data order and initialisation."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.group_size < 2 or self.ppo_iters < 1:
+            raise ValueError("--steps >= 1, --group-size >= 2 and --ppo-iters >= 1 are required")
+        if not 0 < self.clip < 1:
+            raise ValueError("--clip must be in (0, 1)")
+        if self.lora_r < 1 or self.batch_size < 1:
+            raise ValueError("--lora-r and --batch-size must be >= 1")
+
+
+@dataclass(frozen=True)
+class GppoPlan:
+    span: int
+    """M."""
+    start: int
+    """argmax theta: the chosen first replaced layer."""
+    theta: tuple[float, ...]
+    """Final logits, one per candidate start 0 .. N - M."""
+
+
+# ---------------------------------------------------------------------------------------------
+# policy (pure functions, unit-tested on bandits)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(R - mean R) / (std R + eps), std unbiased; all-equal rewards give zero advantage."""
+    if rewards.numel() < 2:
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=True) + eps)
+
+
+def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
+                  clip: float) -> torch.Tensor:
+    """-mean(min(r A, clip(r, 1 - clip, 1 + clip) A)) with r = exp(logp - logp_old)."""
+    ratio = torch.exp(logp - logp_old)
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+
+
+class Policy:
+    """theta, its optimizer and the sampling generator."""
+
+    def __init__(self, n_actions: int, lr: float, seed: int):
+        self.theta = torch.zeros(n_actions, requires_grad=True)
+        self.opt = torch.optim.Adam([self.theta], lr=lr)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.theta.detach(), -1)
+
+    def sample(self) -> tuple[int, float]:
+        p = self.probs()
+        a = int(torch.multinomial(p, 1, generator=self.gen))
+        return a, float(torch.log(p[a]))
+
+    def update(self, actions: list[int], rewards: list[float], logp_old: list[float],
+               iters: int, clip: float) -> None:
+        a = torch.tensor(actions)
+        adv = group_advantages(torch.tensor(rewards, dtype=torch.float32))
+        old = torch.tensor(logp_old, dtype=torch.float32)
+        for _ in range(iters):
+            logp = torch.log_softmax(self.theta, -1)[a]
+            loss = ppo_clip_loss(logp, old, adv, clip)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+
+
+def run_bandit(reward_fn: Callable[[int], float], n_actions: int, cfg: GppoConfig,
+               on_update: Callable[[Policy], None] | None = None) -> Policy:
+    """GPPO's policy loop on any reward function (used by the search and by the tests)."""
+    pol = Policy(n_actions, cfg.policy_lr, cfg.seed)
+    group: list[tuple[int, float, float]] = []
+    for _ in range(cfg.steps):
+        a, lp = pol.sample()
+        group.append((a, reward_fn(a), lp))
+        if len(group) == cfg.group_size:
+            acts, rews, lps = zip(*group)
+            pol.update(list(acts), list(rews), list(lps), cfg.ppo_iters, cfg.clip)
+            group = []
+            if on_update is not None:
+                on_update(pol)
+    return pol
+
+
+# ---------------------------------------------------------------------------------------------
+# reward model: candidates sharing one frozen dense model
+# ---------------------------------------------------------------------------------------------
+
+
+class RewardModel(nn.Module):
+    """Per-candidate LoRA (peft adapter on layer a only) and projection over one frozen model."""
+
+    def __init__(self, dense, span: int, cfg: GppoConfig):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.dense, self.span = dense, span
+        n = len(get_layers(dense))
+        self.candidates = list(range(n - span + 1))
+        d = dense.config.hidden_size
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        with warnings.catch_warnings():  # one adapter per candidate is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for a in self.candidates:
+                inject_adapter_in_model(LoraConfig(
+                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                    target_modules=targets, layers_to_transform=[a], layers_pattern="layers"),
+                    dense, adapter_name=f"cand{a}")
+        self.proj = nn.ModuleList(nn.Linear(2 * d, d) for _ in self.candidates)
+        with torch.no_grad():
+            for lin in self.proj:
+                lin.weight[:, :d].mul_(0.1)  # W_z small, as the ELM block's init
+                lin.weight[:, d:].copy_(torch.eye(d))  # W_h = I
+                lin.bias.zero_()
+        self.proj.to(next(dense.parameters()).device)
+
+    def _activate(self, a: int | None) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for mod in self.dense.modules():
+            if isinstance(mod, LoraLayer):
+                mod.set_adapter(f"cand{a}" if a is not None else [])
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if "lora_" in n or n.startswith("proj.")]
+
+    def loss(self, a: int, ids, mask, labels, cfg: GppoConfig) -> tuple[torch.Tensor, float]:
+        """Train loss of candidate a on a batch, and its reward -CE."""
+        model, M = self.dense, self.span
+        self._activate(None)
+        with torch.no_grad():
+            ctx = layer_inputs(model, ids, mask)
+            x = run_layers(model, ctx.hidden, ctx, 0, a)  # (B, T, d) no adapters before a
+            target = run_layers(model, x, ctx, a, a + M)
+        self._activate(a)
+        layer = get_layers(model)[a]
+        kw = dict(attention_mask=ctx.masks[layer_type(model.config, a)],
+                  position_ids=ctx.position_ids, position_embeddings=ctx.position_embeddings)
+        z = torch.zeros_like(x)
+        for _ in range(M):  # full backprop through M iterations, as the reference reward model
+            z = layer(self.proj[a](torch.cat([z, x], -1)), **kw)
+        # adapter a lives on layer a only, so the layers after the span run as the dense model
+        h = run_layers(model, z, ctx, a + M, len(get_layers(model)))
+        logits = head_logits(model, h).float()
+        ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                         labels[:, 1:].reshape(-1), ignore_index=-100)
+        valid = mask.bool()
+        mse = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
+        return cfg.lambda_ce * ce + cfg.lambda_distill * mse, -float(ce.detach())
+
+
+def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool = True,
+         history: list | None = None, thetas: list | None = None) -> GppoPlan:
+    """Search the start layer with GPPO on ``data`` (instruction examples).
+
+    ``history`` collects {step, action, reward} per reward-model step; ``thetas`` collects theta
+    after every policy update.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.chat import encode_many
+    from ..data.collate import pad_batch
+
+    n = len(get_layers(dense))
+    span = cfg.span if cfg.span is not None else max(1, round(cfg.ratio * n))
+    if not 1 <= span < n:
+        raise ValueError(f"span M = {span} must be in 1..{n - 1}")
+    rm = RewardModel(dense, span, cfg)
+    opt = torch.optim.AdamW(rm.trainable(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    feats = encode_many(tokenizer, data, cfg.max_len)
+    device = next(dense.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step = [0]
+
+    def reward(a: int) -> float:
+        idx = torch.randint(len(feats), (cfg.batch_size,), generator=gen).tolist()
+        b = pad_batch([feats[i] for i in idx], tokenizer.pad_token_id)
+        loss, r = rm.loss(a, b["input_ids"].to(device), b["attention_mask"].to(device),
+                          b["labels"].to(device), cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.trainable(), 1.0)
+        opt.step()
+        step[0] += 1
+        if history is not None:
+            history.append({"step": step[0], "action": a, "reward": r})
+        bar.update(1)
+        return r if math.isfinite(r) else -1e4
+
+    bar = tqdm(total=cfg.steps, desc="gppo", disable=not progress)
+    snap = (lambda pol: thetas.append(pol.theta.detach().tolist())) if thetas is not None else None
+    pol = run_bandit(reward, n - span + 1, cfg, on_update=snap)
+    bar.close()
+    theta = pol.theta.detach()
+    return GppoPlan(span=span, start=int(theta.argmax()), theta=tuple(theta.tolist()))
+
+
+def config_dict(cfg: GppoConfig) -> dict:
+    return asdict(cfg)
