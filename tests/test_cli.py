@@ -134,3 +134,21 @@ def test_search_command_writes_policy_history_and_report(tmp_path):
     assert abs(sum(g["pi"]) - 1) < 1e-5
     assert (tmp_path / "s" / "pi.png").is_file() and "Chosen start layer" in (
         tmp_path / "s" / "report.md").read_text()
+
+
+def test_compress_elm_with_start_auto_runs_gppo_first(tmp_path, capsys):
+    assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--n-train", "40"]) == 0
+    rc = cli.main(["compress", "--method", "elm", "--model", "testbed:tiny",
+                   "--data", str(tmp_path / "d" / "train.json"), "--out", str(tmp_path / "c"),
+                   "--start", "auto", "--search-steps", "8", "--train.steps", "2",
+                   "--train.batch-size", "4"])
+    assert rc == 0
+    g = json.loads((tmp_path / "c" / "gppo.json").read_text())
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    assert plan["start"] == g["start"] == max(range(10), key=lambda i: g["theta"][i])
+    assert cli.main(["compress", "--method", "prune", "--model", "testbed:tiny", "--data", "x",
+                     "--out", str(tmp_path / "e")]) == 2
+    assert "unknown --method 'prune'" in capsys.readouterr().err
+    assert cli.main(["elm", "--model", "testbed:tiny", "--data", "x", "--out", str(tmp_path / "f"),
+                     "--start", "middle"]) == 2
+    assert "--start must be a layer index or 'auto'" in capsys.readouterr().err

@@ -78,3 +78,32 @@ def test_bad_search_settings_fail_clearly(make_model, tokenizer):
     with pytest.raises(ValueError, match="span M = 6 must be in 1..5"):
         gppo.plan(make_model("qwen2", num_layers=6), tokenizer, arithmetic_examples(4),
                   gppo.GppoConfig(span=6), progress=False)
+
+
+def test_interrupted_search_resumes_to_the_same_result(make_model, tokenizer, tmp_path):
+    data = arithmetic_examples(32, seed=1)
+    cfg = gppo.GppoConfig(span=2, steps=12, group_size=4, batch_size=4, max_len=64, seed=2)
+    ha, ta = [], []
+    a = gppo.plan(make_model("qwen2", num_layers=6), tokenizer, data, cfg, progress=False,
+                  history=ha, thetas=ta, ckpt_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    class StopAt6(list):
+        def append(self, x):
+            if len(self) == 6:
+                raise Stop
+            super().append(x)
+
+    with pytest.raises(Stop):
+        gppo.plan(make_model("qwen2", num_layers=6), tokenizer, data, cfg, progress=False,
+                  history=StopAt6(), ckpt_dir=tmp_path / "b")
+    hb, tb = [], []
+    b = gppo.plan(make_model("qwen2", num_layers=6), tokenizer, data, cfg, progress=False,
+                  history=hb, thetas=tb, ckpt_dir=tmp_path / "b")
+    assert a == b and ha == hb and ta == tb
+    with pytest.raises(ValueError, match="different settings"):
+        gppo.plan(make_model("qwen2", num_layers=6), tokenizer, data,
+                  gppo.GppoConfig(span=2, steps=12, group_size=4, batch_size=4, max_len=64, seed=9),
+                  progress=False, ckpt_dir=tmp_path / "b")

@@ -63,8 +63,8 @@ def remove_layers(model: str | Path, layers: str | list[int], out: str | Path) -
 class ElmCompressConfig:
     """Where the ELM block goes, how it is solved, and how it is trained."""
 
-    start: int | None = None
-    """First replaced layer (default: the middle of the network, until GPPO picks it)."""
+    start: int | str | None = None
+    """First replaced layer; "auto" searches it with GPPO; default: the middle of the network."""
     span: int | None = None
     """M, the number of layers the block replaces (default: ratio x N)."""
     ratio: float = 0.25
@@ -85,8 +85,14 @@ class ElmCompressConfig:
     """Train on the first N examples only."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
+    search_steps: int = 200
+    """GPPO reward-model steps when --start auto."""
     train: ElmTrainConfig = field(default_factory=ElmTrainConfig)
     """SJFB training settings (--train.steps, --train.lr, ...)."""
+
+    def __post_init__(self):
+        if isinstance(self.start, str) and self.start != "auto":
+            raise ValueError(f"--start must be a layer index or 'auto', got {self.start!r}")
 
 
 def compress_elm(model: str | Path, data: str | Path, out: str | Path,
@@ -112,7 +118,18 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     dense = load_model(model, dtype="float32", device=cfg.device)
     n, p0 = dense.config.num_hidden_layers, count_parameters(dense)
     teacher = copy.deepcopy(dense)
-    plan = elm_method.plan(dense, start=cfg.start, span=cfg.span, ratio=cfg.ratio,
+    start = cfg.start
+    if start == "auto":  # GPPO on a copy: it injects the candidates' adapters into the model
+        from .methods import gppo
+
+        thetas: list = []
+        found = gppo.plan(copy.deepcopy(dense), tok, examples, gppo.GppoConfig(
+            span=cfg.span, ratio=cfg.ratio, steps=cfg.search_steps, seed=cfg.train.seed),
+            thetas=thetas, ckpt_dir=run / "gppo_checkpoints")
+        write_json(run / "gppo.json", {"start": found.start, "theta": list(found.theta),
+                                       "theta_history": thetas})
+        start = found.start
+    plan = elm_method.plan(dense, start=start, span=cfg.span, ratio=cfg.ratio,
                            max_iter=cfg.max_iter, tol=cfg.tol, tol_mode=cfg.tol_mode,
                            solver=cfg.solver, kv_mode=cfg.kv_mode)
     write_json(run / "plan.json", plan)
@@ -124,6 +141,15 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
                "kv_ratio": elm.config.num_hidden_layers / n}
     run.write_metrics(metrics)
     return metrics
+
+
+def compress(model: str | Path, data: str | Path, out: str | Path, method: str = "elm",
+             cfg: ElmCompressConfig = ElmCompressConfig()) -> dict:
+    """Compress ``model`` with ``method`` (``elm`` today; the registry grows with the baselines)."""
+    methods = {"elm": compress_elm}
+    if method not in methods:
+        raise ValueError(f"unknown --method {method!r}; known: {', '.join(methods)}")
+    return methods[method](model, data, out, cfg)
 
 
 def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> dict:
@@ -146,7 +172,8 @@ def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> di
     examples = read_examples(data)
     dense = load_model(model, dtype="float32")
     history, thetas = [], []
-    plan = gppo.plan(dense, tok, examples, cfg, history=history, thetas=thetas)
+    plan = gppo.plan(dense, tok, examples, cfg, history=history, thetas=thetas,
+                     ckpt_dir=run / "checkpoints")
     stats = {}
     for a in range(len(plan.theta)):
         rs = [h["reward"] for h in history if h["action"] == a]

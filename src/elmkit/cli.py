@@ -65,6 +65,9 @@ def _converter(tp) -> tuple[Callable[[str], object], bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if int in inner and str in inner:  # e.g. --start 4 or --start auto
+            return (lambda s: None if s.lower() == "none" else int(s) if s.lstrip("-").isdigit()
+                    else s), False
         conv, seq = _converter(inner[0])
         return (lambda s: None if s.lower() == "none" else conv(s)), seq
     if origin is typing.Literal:
@@ -128,7 +131,7 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, remove_layers, testbed
-    from .api import ElmCompressConfig, compress_elm, search
+    from .api import ElmCompressConfig, compress, compress_elm, search
     from .eval import EvalConfig, evaluate
     from .methods.gppo import GppoConfig
     from .train import FinetuneConfig, finetune
@@ -144,6 +147,9 @@ def _commands() -> dict[str, Command]:
         "eval": Command(evaluate, (model, ("data", "evaluation data file", True), out), EvalConfig),
         "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                        ElmCompressConfig),
+        "compress": Command(compress, (
+            model, ("data", "training data file", True), out,
+            ("method", "compression method (elm; more to come)", False)), ElmCompressConfig),
         "search": Command(search, (model, ("data", "training data file", True), out), GppoConfig),
         "remove-layers": Command(
             remove_layers,

@@ -23,11 +23,19 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..models.adapters import get_layers, head_logits, layer_inputs, layer_type, run_layers
+from ..train.common import (
+    check_fingerprint,
+    fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -133,11 +141,16 @@ class Policy:
 
 
 def run_bandit(reward_fn: Callable[[int], float], n_actions: int, cfg: GppoConfig,
-               on_update: Callable[[Policy], None] | None = None) -> Policy:
-    """GPPO's policy loop on any reward function (used by the search and by the tests)."""
-    pol = Policy(n_actions, cfg.policy_lr, cfg.seed)
+               on_update: Callable[[Policy, int], None] | None = None,
+               policy: Policy | None = None, start_step: int = 0) -> Policy:
+    """GPPO's policy loop on any reward function (used by the search and by the tests).
+
+    ``on_update(policy, step)`` runs after every policy update; a run resumed from such a point
+    passes its restored ``policy`` and ``start_step``.
+    """
+    pol = policy or Policy(n_actions, cfg.policy_lr, cfg.seed)
     group: list[tuple[int, float, float]] = []
-    for _ in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
         a, lp = pol.sample()
         group.append((a, reward_fn(a), lp))
         if len(group) == cfg.group_size:
@@ -145,7 +158,7 @@ def run_bandit(reward_fn: Callable[[int], float], n_actions: int, cfg: GppoConfi
             pol.update(list(acts), list(rews), list(lps), cfg.ppo_iters, cfg.clip)
             group = []
             if on_update is not None:
-                on_update(pol)
+                on_update(pol, step + 1)
     return pol
 
 
@@ -220,11 +233,14 @@ class RewardModel(nn.Module):
 
 
 def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool = True,
-         history: list | None = None, thetas: list | None = None) -> GppoPlan:
+         history: list | None = None, thetas: list | None = None,
+         ckpt_dir: Path | None = None) -> GppoPlan:
     """Search the start layer with GPPO on ``data`` (instruction examples).
 
     ``history`` collects {step, action, reward} per reward-model step; ``thetas`` collects theta
-    after every policy update.
+    after every policy update. With ``ckpt_dir`` the search checkpoints after every policy update
+    and resumes from the last one (the result equals an uninterrupted run's).
+    Note: the candidates' LoRA adapters are injected into ``dense``; pass a copy to keep it.
     """
     from tqdm.auto import tqdm
 
@@ -257,13 +273,53 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
         bar.update(1)
         return r if math.isfinite(r) else -1e4
 
-    bar = tqdm(total=cfg.steps, desc="gppo", disable=not progress)
-    snap = (lambda pol: thetas.append(pol.theta.detach().tolist())) if thetas is not None else None
-    pol = run_bandit(reward, n - span + 1, cfg, on_update=snap)
+    history = history if history is not None else []
+    thetas = thetas if thetas is not None else []
+    pol = Policy(n - span + 1, cfg.policy_lr, cfg.seed)
+    ids = {id(p) for p in rm.trainable()}
+    trained = {n_: p for n_, p in rm.named_parameters() if id(p) in ids}
+    fp = fingerprint(asdict(cfg) | {"examples": len(data)})
+    start_step = 0
+    last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if last is not None:
+        check_fingerprint(last, fp)
+        weights, state = load_checkpoint(last, opt)
+        with torch.no_grad():
+            for k, v in trained.items():
+                v.copy_(weights[k])
+            pol.theta.copy_(weights["policy.theta"])
+        pol.opt.load_state_dict(_unpack(state["policy_opt"]))
+        pol.gen.set_state(torch.tensor(state["policy_gen"], dtype=torch.uint8))
+        gen.set_state(torch.tensor(state["data_gen"], dtype=torch.uint8))
+        start_step = step[0] = state["step"]
+        history[:] = state["history"]
+        thetas[:] = state["thetas"]
+
+    def on_update(p: Policy, at: int) -> None:
+        thetas.append(p.theta.detach().tolist())
+        if ckpt_dir is not None:
+            save_checkpoint(ckpt_dir, at, {**trained, "policy.theta": p.theta.detach()}, opt, {
+                "fingerprint": fp, "step": at, "history": history, "thetas": thetas,
+                "policy_opt": _pack(p.opt.state_dict()),
+                "policy_gen": p.gen.get_state().tolist(), "data_gen": gen.get_state().tolist()})
+
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="gppo", disable=not progress)
+    pol = run_bandit(reward, n - span + 1, cfg, on_update=on_update, policy=pol,
+                     start_step=start_step)
     bar.close()
     theta = pol.theta.detach()
     return GppoPlan(span=span, start=int(theta.argmax()), theta=tuple(theta.tolist()))
 
 
-def config_dict(cfg: GppoConfig) -> dict:
-    return asdict(cfg)
+def _pack(state: dict) -> dict:
+    """A small Adam state as JSON (theta is one vector)."""
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for k, v in state["state"].items():
+        out["state"][str(k)] = {n: (t.tolist() if torch.is_tensor(t) else t) for n, t in v.items()}
+    return out
+
+
+def _unpack(state: dict) -> dict:
+    return {"param_groups": state["param_groups"],
+            "state": {int(k): {n: torch.tensor(t) for n, t in v.items()}
+                      for k, v in state["state"].items()}}
