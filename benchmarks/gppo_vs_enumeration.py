@@ -46,7 +46,7 @@ def phase_enumerate(out: Path) -> dict:
     n = dense.config.num_hidden_layers
     for a in range(n - SPAN + 1):
         model = elm.apply_(copy.deepcopy(dense), elm.plan(dense, start=a, span=SPAN, max_iter=4))
-        train_elm(model, dense, tok, train, out / "enum_runs" / f"start{a}",
+        train_elm(model, dense, tok, train, Path("runs") / "gppo_vs_enumeration" / f"start{a}",
                   ElmTrainConfig(steps=ELM_STEPS, lr=2e-3), progress=False)
         rows[a] = test_accuracy(model, tok, test, 100)
         print(f"start {a}: accuracy {rows[a]:.3f}", flush=True)
