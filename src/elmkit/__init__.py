@@ -7,7 +7,15 @@ The public API (everything else lives in sub-packages)::
 
 __version__ = "0.1.0"
 
-from .api import ElmCompressConfig, compress_elm, demo, info, remove_layers  # noqa: E402
+from .api import (  # noqa: E402
+    ElmCompressConfig,
+    compress,
+    compress_elm,
+    demo,
+    info,
+    remove_layers,
+    search,
+)
 from .eval import EvalConfig, evaluate  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .train import FinetuneConfig, finetune  # noqa: E402
@@ -17,6 +25,7 @@ __all__ = [
     "EvalConfig",
     "FinetuneConfig",
     "__version__",
+    "compress",
     "compress_elm",
     "demo",
     "evaluate",
@@ -25,4 +34,5 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "remove_layers",
+    "search",
 ]
