@@ -24,14 +24,15 @@ ELM_STEPS, GPPO_STEPS, SPAN, N_TEST, N_TRAIN = 200, 300, 3, 200, 4000
 
 def _setup():
     from elmkit.models import load_model, load_tokenizer
-    from elmkit.testbed.problems import ProblemConfig, make_split
+    from elmkit.testbed import TINY_PATH
+    from elmkit.testbed.card import read_recipe
+    from elmkit.testbed.problems import make_split
 
     path = "testbed:tiny"
     tok = load_tokenizer(path)
     dense = load_model(path, dtype="float32")
-    recipe = json.loads((Path(__file__).resolve().parents[1] / "src/elmkit/testbed/assets/tiny"
-                         / "testbed.json").read_text())
-    problems, seed = ProblemConfig(**recipe["problems"]), recipe["seed"]
+    recipe = read_recipe(TINY_PATH)
+    problems, seed = recipe["problems"], recipe["seed"]
     return (dense, tok, make_split("train", N_TRAIN, problems, seed),
             make_split("test", N_TEST, problems, seed), make_split("validation", 32, problems, seed))
 
@@ -67,12 +68,10 @@ def phase_cosine(out: Path) -> dict:
     import torch
 
     from elmkit.data.calibration import Calibration
-    from elmkit.data.chat import render
     from elmkit.models import capture_hidden_states
 
     dense, tok, _, _, calib_ex = _setup()
-    calib = Calibration.from_texts(tok, [(lambda r: r.prompt + r.completion)(render(tok, e))
-                                         for e in calib_ex])
+    calib = Calibration.from_examples(tok, calib_ex)
     hs = capture_hidden_states(dense, calib.input_ids, calib.attention_mask)
     valid = calib.attention_mask.bool()
     n = dense.config.num_hidden_layers

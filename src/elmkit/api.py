@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .io import RunDir, atomic_write_text
+from .io import RunDir, atomic_write_text, save_figure
 from .train.elm import ElmTrainConfig
 
 
@@ -200,8 +200,6 @@ def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> di
 
 
 def _plot_pi(png: Path, pis: list[list[float]], chosen: int) -> None:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,10 +211,7 @@ def _plot_pi(png: Path, pis: list[list[float]], chosen: int) -> None:
         fig.colorbar(im, ax=ax, label="pi(start)")
     ax.set(xlabel="policy update", ylabel="start layer", title=f"GPPO policy (chosen: {chosen})")
     fig.tight_layout()
-    tmp = png.with_name(".tmp_" + png.name)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
@@ -229,27 +224,26 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     About 3 minutes on a 2-core CPU for the tiny model.
     """
     import copy
-    import json
 
     from .data.calibration import Calibration
-    from .data.chat import encode_prompt, render
+    from .data.chat import encode_prompt
     from .eval import EvalConfig, evaluate
     from .io import write_json
     from .methods import elm as elm_method
     from .methods import shortgpt
     from .models import count_parameters, load_model, load_tokenizer
     from .models.loading import resolve_model_path
+    from .testbed.card import read_recipe
     from .testbed.pretrain import PRESETS
-    from .testbed.problems import ProblemConfig, make_split
+    from .testbed.problems import make_split
     from .train.elm import ElmTrainConfig, train_elm
 
     run = RunDir(out)
     run.write_config("demo", model=model)
     path = resolve_model_path(model)
-    recipe_file = Path(path) / "testbed.json"
-    if recipe_file.is_file():
-        recipe = json.loads(recipe_file.read_text())
-        problems, seed = ProblemConfig(**recipe["problems"]), recipe["seed"]
+    if (Path(path) / "testbed.json").is_file():
+        recipe = read_recipe(Path(path))
+        problems, seed = recipe["problems"], recipe["seed"]
     else:  # any other model is measured on the tiny preset's problems
         problems, seed = PRESETS["tiny"].problems, PRESETS["tiny"].seed
     test = make_split("test", 200, problems, seed)
@@ -277,7 +271,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     teacher = copy.deepcopy(dense)
     elm_plan = elm_method.plan(dense, ratio=0.25, max_iter=4)
     write_json(run / "elm" / "plan.json", elm_plan)
-    elm = elm_method.apply_(copy.deepcopy(dense), elm_plan)
+    elm = elm_method.apply_(dense, elm_plan)  # dense is not needed again: teacher is its copy
     fit = train_elm(elm, teacher, tok, train, run / "elm", ElmTrainConfig(steps=800, lr=2e-3))
     measure(f"ELM: layers {elm_plan.start}-{elm_plan.start + elm_plan.span - 1} -> 1 block "
             f"(x{elm_plan.max_iter})", elm, "elm")
@@ -287,8 +281,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     elm.config.max_iter, elm.config.tol = elm_plan.max_iter, elm_plan.tol
 
     # ShortGPT: delete as many layers as the ELM replaced, no healing
-    calib = Calibration.from_texts(tok, [(lambda r: r.prompt + r.completion)(render(tok, ex))
-                                         for ex in calib_ex])
+    calib = Calibration.from_examples(tok, calib_ex)
     sg_plan = shortgpt.plan(teacher, calib, shortgpt.ShortGPTConfig(n_remove=elm_plan.span))
     short = shortgpt.apply_(copy.deepcopy(teacher), sg_plan)
     measure(f"ShortGPT: layers {list(sg_plan.drop)} deleted, no healing", short, "shortgpt")
@@ -391,8 +384,6 @@ def _residual_traces(elm, tok, examples, iterations: int = 20) -> dict:
 
 
 def _plot_demo(acc_png: Path, res_png: Path, rows: list[dict], traces: dict) -> None:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,15 +397,11 @@ def _plot_demo(acc_png: Path, res_png: Path, rows: list[dict], traces: dict) -> 
         ax.text(i, r["accuracy"] + 0.02, f"{r['accuracy']:.2f}", ha="center")
     ax.set(ylabel="test accuracy", ylim=(0, 1.1))
     fig.tight_layout()
-    fig.savefig(acc_png.with_name(".tmp_" + acc_png.name), dpi=120)
-    plt.close(fig)
-    os.replace(acc_png.with_name(".tmp_" + acc_png.name), acc_png)
+    save_figure(fig, acc_png)
     fig, ax = plt.subplots(figsize=(6, 3))
     for name, trace in traces.items():
         ax.plot(range(1, len(trace) + 1), trace, marker="o", ms=3, label=name)
     ax.set(xlabel="block evaluation", ylabel="max residual ||phi(z) - z||", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(res_png.with_name(".tmp_" + res_png.name), dpi=120)
-    plt.close(fig)
-    os.replace(res_png.with_name(".tmp_" + res_png.name), res_png)
+    save_figure(fig, res_png)

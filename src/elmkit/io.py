@@ -80,6 +80,18 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> Path:
     return final_dir
 
 
+def save_figure(fig, png: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
 def environment() -> dict[str, Any]:
     """Versions that a metric depends on; stored with every metrics.json."""
     import torch

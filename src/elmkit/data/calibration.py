@@ -27,6 +27,14 @@ class Calibration:
         b = pad_batch(feats, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         return cls(b["input_ids"], b["attention_mask"])
 
+    @classmethod
+    def from_examples(cls, tokenizer, examples, max_len: int = 256) -> Calibration:
+        """Task text as a model sees it: each example's rendered prompt followed by its answer."""
+        from .chat import render
+
+        return cls.from_texts(tokenizer, [(lambda r: r.prompt + r.completion)(render(tokenizer, e))
+                                          for e in examples], max_len)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

@@ -33,21 +33,17 @@ def evaluate_testbed(model_dir, n_test: int | None = None, shortgpt_ratio: float
     The test problems are regenerated from the recipe stored with the model (``testbed.json``),
     so the same 1,000 problems are used wherever this runs.
     """
-    import json
     from pathlib import Path
 
     from ..data.calibration import Calibration
-    from ..data.chat import render
     from ..methods import shortgpt
     from ..models.loading import load_model, load_tokenizer
-    from .problems import ProblemConfig, make_split
+    from .card import read_recipe
+    from .problems import make_split
 
     model_dir = Path(model_dir)
-    recipe_path = model_dir / "testbed.json"
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no testbed.json: it is not a testbed model")
-    recipe = json.loads(recipe_path.read_text())
-    problems = ProblemConfig(**recipe["problems"])
+    recipe = read_recipe(model_dir)
+    problems = recipe["problems"]
     n = n_test or recipe["test_examples"]
     test = make_split("test", n, problems, recipe["seed"])
     tok = load_tokenizer(model_dir)
@@ -58,8 +54,7 @@ def evaluate_testbed(model_dir, n_test: int | None = None, shortgpt_ratio: float
 
     # Calibration: 64 validation problems, prompt and answer, as ShortGPT would see task text.
     calib_ex = make_split("validation", 64, problems, recipe["seed"])
-    calib = Calibration.from_texts(
-        tok, [(lambda r: r.prompt + r.completion)(render(tok, ex)) for ex in calib_ex], 512)
+    calib = Calibration.from_examples(tok, calib_ex, 512)
     p = shortgpt.plan(model, calib, shortgpt.ShortGPTConfig(ratio=shortgpt_ratio))
     shortgpt.apply_(model, p)
     pruned = test_accuracy(model, tok, test, batch_size, progress)

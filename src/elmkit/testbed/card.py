@@ -18,6 +18,17 @@ def write_recipe(model_dir: Path, cfg, preset: str | None) -> None:
     })
 
 
+def read_recipe(model_dir: Path) -> dict:
+    """testbed.json of a model folder, with ``problems`` as a ProblemConfig."""
+    from .problems import ProblemConfig
+
+    path = Path(model_dir) / "testbed.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no testbed.json: it is not a testbed model")
+    recipe = json.loads(path.read_text())
+    return {**recipe, "problems": ProblemConfig(**recipe["problems"])}
+
+
 def write_card(model_dir: Path, cfg, preset: str | None, command: str, train: dict, ev: dict) -> None:
     """README.md (the human card) and card.json (the same numbers, for scripts)."""
     card = {"command": command, "preset": preset, "config": asdict(cfg), "training": train,

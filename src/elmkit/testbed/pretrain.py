@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -292,9 +292,3 @@ def _plot(log_path: Path, png: Path) -> None:
         ("validation accuracy", [r["step"] for r in val], [r["val_accuracy"] for r in val],
          {"ylim": (0, 1)}),
     ])
-
-
-def with_overrides(preset: str, **overrides) -> PretrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **overrides)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import write_json
+from ..io import save_figure, write_json
 
 
 def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
@@ -28,6 +28,14 @@ def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int) -> 
         return peak * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
+
+
+def batch_indices(n: int, batch_size: int, k: int, per_epoch: int, seed: int) -> list[int]:
+    """Indices of batch k of a run: slot k % per_epoch of epoch k // per_epoch's seeded
+    permutation of range(n). A pure function of (seed, k), which is what makes resume exact."""
+    epoch, pos = divmod(k, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)[pos * batch_size:(pos + 1) * batch_size].tolist()
 
 
 def fingerprint(settings: dict, ignore: tuple[str, ...] = ()) -> str:
@@ -96,7 +104,4 @@ def plot_curves(png: Path, panels: list[tuple[str, list[float], list[float], dic
         ax.plot(xs, ys, lw=0.9, marker="o" if len(xs) < 30 else None)
         ax.set(xlabel="step", ylabel=label, **opts)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)

@@ -37,6 +37,7 @@ from ..data.formats import Example
 from ..io import RunDir
 from ..models.adapters import head_logits, layer_inputs, layer_type, run_layers
 from .common import (
+    batch_indices,
     check_fingerprint,
     cosine_lr,
     fingerprint,
@@ -286,8 +287,6 @@ def _merge_kept_lora(elm) -> None:
 
 
 def _batch(feats, step: int, cfg: ElmTrainConfig):
+    """Batch ``step``; full batches only (the remainder of each epoch is skipped)."""
     per_epoch = max(1, len(feats) // cfg.batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(len(feats), generator=g)[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-    return [feats[i] for i in perm.tolist()]
+    return [feats[i] for i in batch_indices(len(feats), cfg.batch_size, step, per_epoch, cfg.seed)]

@@ -36,6 +36,7 @@ from ..data.collate import pad_batch
 from ..data.formats import Example, read_examples
 from ..io import RunDir
 from .common import (
+    batch_indices,
     check_fingerprint,
     cosine_lr,
     fingerprint,
@@ -237,11 +238,8 @@ def finetune(
 
 
 def _micro_batch(feats, k: int, cfg: FinetuneConfig, micro_per_epoch: int):
-    """Micro-batch k of the whole run: a pure function of (seed, k), so resume is exact."""
-    epoch, pos = divmod(k, micro_per_epoch)
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(len(feats), generator=g).tolist()
-    return [feats[i] for i in perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
+    """Micro-batch k of the whole run (the last one of an epoch may be short)."""
+    return [feats[i] for i in batch_indices(len(feats), cfg.batch_size, k, micro_per_epoch, cfg.seed)]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
