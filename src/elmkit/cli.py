@@ -38,12 +38,15 @@ class Command:
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal under each field)."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):  # inherited fields keep their base's docs
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = ast.parse(src).body[0].body
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)

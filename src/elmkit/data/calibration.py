@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,72 @@ class Calibration:
             ids, mask = self.input_ids[i:i + batch_size], self.attention_mask[i:i + batch_size]
             keep = int(mask.sum(1).max())  # drop all-pad columns (right padding)
             yield ids[:, :keep].to(device), mask[:, :keep].to(device)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """One calibration spec for every method: where the sequences come from, how many, how long."""
+
+    source: str | None = None
+    """Text (.txt/.raw), text JSONL or instruction-data file; default: the command's --data."""
+    samples: int = 32
+    """Number of calibration sequences."""
+    seq_len: int = 128
+    """Tokens per sequence (shorter documents are used whole, right-padded)."""
+    seed: int = 0
+    """Seed for which documents and which windows are drawn."""
+
+    def __post_init__(self):
+        if self.samples < 1 or self.seq_len < 2:
+            raise ValueError("--calib.samples must be >= 1 and --calib.seq-len >= 2")
+
+    def build(self, tokenizer, default: str | Path | Sequence | None = None) -> Calibration:
+        """Draw the sequences from ``source`` (or ``default``: a file or a list of examples).
+
+        A plain-text file is one token stream cut into random ``seq_len`` windows (SLEB style);
+        JSONL documents or examples give one random window each from ``samples`` random documents
+        (SLM / Shortened-LLaMA style); instruction examples are rendered with the chat template.
+        """
+        src = self.source if self.source is not None else default
+        if src is None:
+            raise ValueError("no calibration data: pass --data or --calib.source")
+        g = random.Random(self.seed)
+        if isinstance(src, (str, Path)):
+            path = Path(src)
+            if not path.is_file():
+                raise FileNotFoundError(f"calibration source {path} does not exist")
+            if path.suffix in (".txt", ".raw"):
+                ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+                n_win = len(ids) // self.seq_len
+                if n_win == 0:
+                    raise ValueError(f"{path} has {len(ids)} tokens, fewer than --calib.seq-len "
+                                     f"{self.seq_len}")
+                starts = sorted(g.sample(range(n_win), min(self.samples, n_win)))
+                return _from_ids(tokenizer, [ids[s * self.seq_len:(s + 1) * self.seq_len] for s in starts])
+            from .formats import detect_format, read_examples, read_text
+
+            docs = read_text(path) if detect_format(path) == "text" else read_examples(path)
+        else:
+            docs = list(src)
+        if not docs:
+            raise ValueError("the calibration source holds no documents")
+        from .chat import render
+
+        picked = g.sample(range(len(docs)), min(self.samples, len(docs)))
+        seqs = []
+        for i in picked:
+            doc = docs[i]
+            text = doc if isinstance(doc, str) else (lambda r: r.prompt + r.completion)(render(tokenizer, doc))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            start = g.randrange(len(ids) - self.seq_len + 1) if len(ids) > self.seq_len else 0
+            seqs.append(ids[start:start + self.seq_len])
+        return _from_ids(tokenizer, seqs)
+
+
+def _from_ids(tokenizer, seqs: list[list[int]]) -> Calibration:
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise ValueError("every calibration sequence is shorter than 2 tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    b = pad_batch([{"input_ids": s} for s in seqs], pad)
+    return Calibration(b["input_ids"], b["attention_mask"])

@@ -18,26 +18,12 @@ import torch
 
 from ..data.calibration import Calibration
 from ..models.adapters import layer_inputs, num_layers, remove_layers_, run_layers
+from .common import DepthTarget
 
 
 @dataclass(frozen=True)
-class ShortGPTConfig:
-    """How many layers ShortGPT removes."""
-
-    n_remove: int | None = None
-    """Layers to delete; or set ratio."""
-    ratio: float | None = None
-    """Fraction of layers to delete (rounded to the nearest count), when n_remove is unset."""
-    batch_size: int = 8
-    """Calibration sequences per forward pass."""
-
-    def __post_init__(self):
-        if (self.n_remove is None) == (self.ratio is None):
-            raise ValueError("set exactly one of --n-remove or --ratio")
-        if self.n_remove is not None and self.n_remove < 0:
-            raise ValueError("--n-remove must be >= 0")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise ValueError("--ratio must be in [0, 1)")
+class ShortGPTConfig(DepthTarget):
+    """How many layers ShortGPT removes (n_remove or ratio)."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +55,7 @@ def block_influence(model, calib: Calibration, batch_size: int = 8) -> list[floa
 
 def plan(model, calib: Calibration, cfg: ShortGPTConfig) -> ShortGPTPlan:
     n = num_layers(model)
-    k = cfg.n_remove if cfg.n_remove is not None else round(cfg.ratio * n)
-    if k >= n:
-        raise ValueError(f"cannot remove {k} of {n} layers")
+    k = cfg.count(n)
     scores = block_influence(model, calib, cfg.batch_size)
     drop = sorted(sorted(range(n), key=lambda i: scores[i])[:k])
     return ShortGPTPlan(tuple(drop), tuple(scores))

@@ -1,0 +1,156 @@
+"""What the depth methods share: the removal target, running an edited layer list, calibration
+NLL and similarity, the layer-merge operator, and the threshold bisection of SLM and LaCo.
+
+Every depth method ends with N - k decoder layers, where k comes from ``DepthTarget``: methods that
+delete layers delete k; methods that replace a span (LLM-Streamline, ReplaceMe, ELM) replace k + 1
+layers with one; merging methods (SLM, LaCo) merge until k layers are gone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.adapters import LayerContext, get_head, get_norm, layer_type
+
+MergeRule = Literal["paper", "keep_top", "keep_bottom", "mean"]
+MERGED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class DepthTarget:
+    """How many decoder layers go."""
+
+    n_remove: int | None = None
+    """Layers the compressed model has fewer than the dense one; or set ratio."""
+    ratio: float | None = None
+    """Fraction of layers to remove (rounded to the nearest count), when n_remove is unset."""
+    batch_size: int = 8
+    """Calibration sequences per forward pass."""
+
+    def __post_init__(self):
+        if (self.n_remove is None) == (self.ratio is None):
+            raise ValueError("set exactly one of --n-remove or --ratio")
+        self._check_target()
+
+    def _check_target(self):
+        if self.n_remove is not None and self.n_remove < 0:
+            raise ValueError("--n-remove must be >= 0")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ValueError("--ratio must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+
+    def count(self, n_layers: int, at_most: int | None = None) -> int:
+        """k for a model of ``n_layers``; ``at_most`` is the method's own limit."""
+        k = self.n_remove if self.n_remove is not None else round(self.ratio * n_layers)
+        limit = n_layers - 1 if at_most is None else at_most
+        if k > limit:
+            raise ValueError(f"cannot remove {k} of {n_layers} layers with this method "
+                             f"(at most {limit}); lower --n-remove / --ratio")
+        return k
+
+
+# ---------------------------------------------------------------------------------------------
+# running and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def run_modules(modules: Sequence[tuple[nn.Module, str]], h: torch.Tensor, ctx: LayerContext
+                ) -> torch.Tensor:
+    """Run (layer, layer type) pairs in order on h (B, T, d), without a cache."""
+    for layer, kind in modules:
+        h = layer(h, attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
+                  past_key_values=None, use_cache=False, position_embeddings=ctx.position_embeddings)
+    return h
+
+
+def typed_layers(model) -> list[tuple[nn.Module, str]]:
+    """The model's decoder layers paired with their mask types."""
+    from ..models.adapters import get_layers
+
+    return [(l, layer_type(model.config, i)) for i, l in enumerate(get_layers(model))]
+
+
+def token_nll(model, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of the last layer's output h (B, T, d), and the tokens counted."""
+    logits = get_head(model)(get_norm(model)(h))[:, :-1].float()  # (B, T-1, V)
+    valid = (mask[:, :-1] * mask[:, 1:]).bool()  # predicting a real token from a real token
+    nll = F.cross_entropy(logits[valid], ids[:, 1:][valid], reduction="sum")
+    return float(nll), int(valid.sum())
+
+
+def sequence_cosine(model, h: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence: cosine of the flattened (tokens x d) final-norm states of h and ref. -> (B,)
+
+    Used by SLM and LaCo; the final norm is applied to both, as in their code (which compares
+    transformers' last hidden state, taken after the norm). Padding positions are excluded.
+    """
+    norm = get_norm(model)
+    a, b = norm(h).float() * mask[..., None], norm(ref).float() * mask[..., None]  # (B, T, d)
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# merging
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def merge_layers(layers: Sequence[nn.Module], rule: MergeRule = "paper") -> nn.Module:
+    """One layer from a window of layers (bottom first); norms are the bottom layer's.
+
+    paper:       theta_l + sum_k (theta_k - theta_l)    (LaCo's RDSC, SLM's paper formula)
+    keep_top:    theta_h                              (what SLM's and LaCo's released code computes)
+    keep_bottom: theta_l                              (plain deletion of the layers above l)
+    mean:        mean_k theta_k
+    Applied to the seven projections and their biases (Qwen2 q/k/v).
+    """
+    if not layers:
+        raise ValueError("nothing to merge")
+    base = copy.deepcopy(layers[0])
+    for name, p in base.named_parameters():
+        if name.split(".")[-2] not in MERGED:  # norms (incl. Qwen3 q_norm/k_norm) stay
+            continue
+        ws = [dict(l.named_parameters())[name] for l in layers]
+        if rule == "paper":
+            p.copy_(ws[0] + sum(w - ws[0] for w in ws[1:]))
+        elif rule == "keep_top":
+            p.copy_(ws[-1])
+        elif rule == "keep_bottom":
+            p.copy_(ws[0])
+        elif rule == "mean":
+            p.copy_(torch.stack(list(ws)).mean(0))
+        else:
+            raise ValueError(f"unknown merge rule {rule!r}; choose paper, keep_top, keep_bottom, mean")
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# threshold search
+# ---------------------------------------------------------------------------------------------
+
+
+def bisect_threshold(removed_at: Callable[[float], int], k: int, lo: float = -1.0, hi: float = 1.0,
+                     steps: int = 20) -> float:
+    """The highest threshold in [lo, hi] at which a capped sweep removes k layers.
+
+    ``removed_at(T)`` is non-increasing in T in practice (a stricter threshold accepts fewer
+    merges) and capped at k, so the set {T : removed_at(T) == k} is an interval starting at lo.
+    """
+    got = removed_at(lo)
+    if got < k:
+        raise ValueError(f"even accepting every merge removes only {got} layers, fewer than {k}")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if removed_at(mid) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return lo
