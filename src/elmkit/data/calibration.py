@@ -100,7 +100,10 @@ class CalibConfig:
         seqs = []
         for i in picked:
             doc = docs[i]
-            text = doc if isinstance(doc, str) else (lambda r: r.prompt + r.completion)(render(tokenizer, doc))
+            if not isinstance(doc, str):
+                r = render(tokenizer, doc)
+                doc = r.prompt + r.completion
+            text = doc
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             start = g.randrange(len(ids) - self.seq_len + 1) if len(ids) > self.seq_len else 0
             seqs.append(ids[start:start + self.seq_len])
