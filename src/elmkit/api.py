@@ -143,13 +143,18 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     return metrics
 
 
-def compress(model: str | Path, data: str | Path, out: str | Path, method: str = "elm",
-             cfg: ElmCompressConfig = ElmCompressConfig()) -> dict:
-    """Compress ``model`` with ``method`` (``elm`` today; the registry grows with the baselines)."""
-    methods = {"elm": compress_elm}
-    if method not in methods:
-        raise ValueError(f"unknown --method {method!r}; known: {', '.join(methods)}")
-    return methods[method](model, data, out, cfg)
+def compress(model: str | Path, data: str | Path, out: str | Path, method: str = "elm", cfg=None,
+             calib=None) -> dict:
+    """Compress ``model`` with ``method``: ``elm`` (cfg: ElmCompressConfig) or a depth method of
+    ``elmkit.methods.DEPTH`` (cfg: its config; calib: a CalibConfig)."""
+    from .compare import METHODS, compress_depth
+    from .data.calibration import CalibConfig
+
+    if method == "elm":
+        return compress_elm(model, data, out, cfg if cfg is not None else ElmCompressConfig())
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}; known: {', '.join(METHODS)}")
+    return compress_depth(model, data, out, method, cfg, calib if calib is not None else CalibConfig())
 
 
 def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> dict:
@@ -228,6 +233,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     from .data.calibration import Calibration
     from .data.chat import encode_prompt
     from .eval import EvalConfig, evaluate
+    from .eval.footprint import kv_cache_bytes
     from .io import write_json
     from .methods import elm as elm_method
     from .methods import shortgpt
@@ -261,7 +267,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
         metrics = evaluate(m, test, run / f"eval_{tag}", ecfg, tok, progress=False)
         rows.append({"model": name, "layers": m.config.num_hidden_layers,
                      "params": count_parameters(m), "accuracy": metrics["accuracy"],
-                     "kv_bytes": _kv_bytes(m, tok, prompts), "iterations_per_token": iters.mean()})
+                     "kv_bytes": kv_cache_bytes(m, tok, prompts), "iterations_per_token": iters.mean()})
         iters.close()
 
     measure("dense", dense, "dense")
@@ -345,18 +351,6 @@ class _IterationMeter:
     def close(self):
         if self.handle is not None:
             self.handle.remove()
-
-
-def _kv_bytes(model, tok, prompts) -> int:
-    """Bytes of K and V the cache holds after prefilling ``prompts`` (left-padded batch)."""
-    import torch
-
-    from .data.collate import pad_batch
-
-    b = pad_batch([{"input_ids": p} for p in prompts], tok.pad_token_id, side="left")
-    with torch.no_grad():
-        cache = model(**b, use_cache=True).past_key_values
-    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None)
 
 
 def _residual_traces(elm, tok, examples, iterations: int = 20) -> dict:

@@ -33,6 +33,8 @@ class Command:
     """Config dataclass whose fields become options; passed as ``cfg``."""
     presets: dict | None = None
     """Named base configs; --preset picks one and the options override its fields."""
+    extras: tuple[tuple[str, type], ...] = ()
+    """Further config dataclasses passed by keyword, their options prefixed (--calib.samples)."""
 
 
 @cache
@@ -84,7 +86,8 @@ def _converter(tp) -> tuple[Callable[[str], object], bool]:
     return str, False
 
 
-def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: bool = False) -> None:
+def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: bool = False,
+                       dest: str = "cfg") -> None:
     """One option per field; a nested dataclass field ``problems`` gives ``--problems.<field>``."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -92,7 +95,7 @@ def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: 
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_config_options(parser, tp, f"{prefix}{f.name}.", group, preset)
+            add_config_options(parser, tp, f"{prefix}{f.name}.", group, preset, dest)
             continue
         conv, seq = _converter(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -100,16 +103,17 @@ def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: 
         shown = "from --preset" if preset else default
         flag = "--" + prefix + f.name.replace("_", "-")
         group.add_argument(
-            flag, dest="cfg__" + (prefix + f.name).replace(".", "__"), type=conv,
+            flag, dest=f"{dest}__" + (prefix + f.name).replace(".", "__"), type=conv,
             nargs="+" if seq else None, default=argparse.SUPPRESS, choices=choices,
             help=f"{docs.get(f.name, '')} (default: {shown})",
             metavar=None if choices else f.name.upper(),
         )
 
 
-def config_from_args(cls: type, ns: argparse.Namespace, base=None):
+def config_from_args(cls: type, ns: argparse.Namespace, base=None, dest: str = "cfg"):
     """The config the options describe, on top of ``base`` (a preset) when given."""
-    kw = {k[5:]: v for k, v in vars(ns).items() if k.startswith("cfg__")}
+    head = f"{dest}__"
+    kw = {k[len(head):]: v for k, v in vars(ns).items() if k.startswith(head)}
     return _build(cls, kw, base)
 
 
@@ -122,8 +126,11 @@ def _build(cls: type, kw: dict, base):
             nested.setdefault(head, {})[rest] = v
         else:
             top[k] = tuple(v) if isinstance(v, list) and typing.get_origin(hints[k]) is tuple else v
-    for head, sub in nested.items():
-        top[head] = _build(hints[head], sub, getattr(base, head) if base is not None else None)
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
+    for head, sub in nested.items():  # a nested option edits the field's default, not a blank config
+        inner = getattr(base, head) if base is not None else defaults[head]()
+        top[head] = _build(hints[head], sub, inner)
     return dataclasses.replace(base, **top) if base is not None else cls(**top)
 
 
@@ -134,8 +141,11 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, remove_layers, testbed
-    from .api import ElmCompressConfig, compress, compress_elm, search
+    from .api import ElmCompressConfig, compress_elm, search
+    from .compare import CompareConfig, compare
+    from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
+    from .methods import DEPTH
     from .methods.gppo import GppoConfig
     from .train import FinetuneConfig, finetune
 
@@ -150,9 +160,18 @@ def _commands() -> dict[str, Command]:
         "eval": Command(evaluate, (model, ("data", "evaluation data file", True), out), EvalConfig),
         "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                        ElmCompressConfig),
-        "compress": Command(compress, (
-            model, ("data", "training data file", True), out,
-            ("method", "compression method (elm; more to come)", False)), ElmCompressConfig),
+        "compress elm": Command(compress_elm, (model, ("data", "training data file", True), out),
+                                ElmCompressConfig),
+        **{f"compress {name}": Command(
+            _depth_command(name), (model, ("data", "calibration data file (and training data for "
+                                                   "methods that train)", True), out),
+            type(spec.base), extras=(("calib", CalibConfig),))
+           for name, spec in DEPTH.items() if spec.command},
+        "compare": Command(compare, (
+            model, out,
+            ("data", "training/calibration data with answers (default for testbed models: their "
+                     "splits)", False),
+            ("test", "test data with answers (needed with --data)", False)), CompareConfig),
         "search": Command(search, (model, ("data", "training data file", True), out), GppoConfig),
         "remove-layers": Command(
             remove_layers,
@@ -173,6 +192,19 @@ def _commands() -> dict[str, Command]:
             out, ("preset", "recipe whose splits to write (default: tiny)", False),
             ("n_train", "training problems (default: the preset's)", False))),
     }
+
+
+def _depth_command(name: str) -> Callable:
+    """``elmkit compress <name>``: compress_depth with the method bound, documented by its file."""
+    from .compare import compress_depth
+    from .methods import DEPTH
+
+    def run(model, data, out, cfg=None, calib=None):
+        return compress_depth(model, data, out, name, cfg, calib)
+
+    head = (DEPTH[name].module.__doc__ or "").strip()
+    run.__doc__ = head + "\n\n" + (compress_depth.__doc__ or "").split("\n\n", 1)[-1].strip()
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--" + arg.replace("_", "-"), dest=arg, required=required, help=help_)
         if cmd.config is not None:
             add_config_options(p, cmd.config, preset=cmd.presets is not None)
+        for name_, cls in cmd.extras:
+            add_config_options(p, cls, f"{name_}.", dest=name_)
     return parser
 
 
@@ -218,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             kw["cfg"] = config_from_args(cmd.config, ns, cmd.presets[preset])
         elif cmd.config is not None:
             kw["cfg"] = config_from_args(cmd.config, ns)
+        for name_, cls in cmd.extras:
+            kw[name_] = config_from_args(cls, ns, dest=name_)
         result = cmd.func(**kw)
     except (ValueError, FileNotFoundError) as e:
         print(f"elmkit {name}: error: {e}", file=sys.stderr)

@@ -9,42 +9,55 @@ from pathlib import Path
 
 import torch
 
-from .collate import pad_batch
-
 
 @dataclass
 class Calibration:
-    """Right-padded token sequences, (n, T) each."""
+    """Right-padded token sequences, (n, T) each.
+
+    ``target_mask`` marks the tokens that count in a calibration loss (NLL, perplexity): the answer
+    tokens of instruction examples, every real token of plain text (None).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    target_mask: torch.Tensor | None = None
 
     @classmethod
     def from_texts(cls, tokenizer, texts: Sequence[str], max_len: int = 256) -> Calibration:
         if not texts:
             raise ValueError("calibration needs at least one text")
-        feats = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"][:max_len]}
-                 for t in texts]
-        feats = [f for f in feats if f["input_ids"]]
-        b = pad_batch(feats, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        return cls(b["input_ids"], b["attention_mask"])
+        return _from_ids(tokenizer, [tokenizer(t, add_special_tokens=False)["input_ids"][:max_len]
+                                     for t in texts])
 
     @classmethod
     def from_examples(cls, tokenizer, examples, max_len: int = 256) -> Calibration:
-        """Task text as a model sees it: each example's rendered prompt followed by its answer."""
-        from .chat import render
+        """Task text as a model sees it: each example's rendered prompt followed by its answer;
+        the answer tokens are the loss targets."""
+        from .chat import IGNORE_INDEX, encode
 
-        return cls.from_texts(tokenizer, [(lambda r: r.prompt + r.completion)(render(tokenizer, e))
-                                          for e in examples], max_len)
+        if not examples:
+            raise ValueError("calibration needs at least one example")
+        feats = [encode(tokenizer, e, max_len) for e in examples]
+        return _from_ids(tokenizer, [f["input_ids"] for f in feats],
+                         [[int(t != IGNORE_INDEX) for t in f["labels"]] for f in feats])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def batches(self, batch_size: int, device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask) per batch, all-pad columns dropped."""
+        for ids, mask, _ in self.target_batches(batch_size, device):
+            yield ids, mask
+
+    def target_batches(self, batch_size: int, device=None
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask, target_mask) per batch, all-pad columns dropped."""
+        target = self.target_mask if self.target_mask is not None else self.attention_mask
         for i in range(0, len(self), batch_size):
             ids, mask = self.input_ids[i:i + batch_size], self.attention_mask[i:i + batch_size]
             keep = int(mask.sum(1).max())  # drop all-pad columns (right padding)
-            yield ids[:, :keep].to(device), mask[:, :keep].to(device)
+            yield (ids[:, :keep].to(device), mask[:, :keep].to(device),
+                   (target[i:i + batch_size, :keep] * mask[:, :keep]).to(device))
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,8 @@ class CalibConfig:
 
         A plain-text file is one token stream cut into random ``seq_len`` windows (SLEB style);
         JSONL documents or examples give one random window each from ``samples`` random documents
-        (SLM / Shortened-LLaMA style); instruction examples are rendered with the chat template.
+        (SLM / Shortened-LLaMA style); instruction examples are rendered with the chat template, their first
+        ``seq_len`` tokens taken, and their answer tokens are the loss targets.
         """
         src = self.source if self.source is not None else default
         if src is None:
@@ -94,26 +108,29 @@ class CalibConfig:
             docs = list(src)
         if not docs:
             raise ValueError("the calibration source holds no documents")
-        from .chat import render
-
         picked = g.sample(range(len(docs)), min(self.samples, len(docs)))
+        if not isinstance(docs[0], str):  # instruction examples: prompt + answer, answer is the target
+            return Calibration.from_examples(tokenizer, [docs[i] for i in picked], self.seq_len)
         seqs = []
         for i in picked:
-            doc = docs[i]
-            if not isinstance(doc, str):
-                r = render(tokenizer, doc)
-                doc = r.prompt + r.completion
-            text = doc
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"]
             start = g.randrange(len(ids) - self.seq_len + 1) if len(ids) > self.seq_len else 0
             seqs.append(ids[start:start + self.seq_len])
         return _from_ids(tokenizer, seqs)
 
 
-def _from_ids(tokenizer, seqs: list[list[int]]) -> Calibration:
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
+def _from_ids(tokenizer, seqs: list[list[int]], targets: list[list[int]] | None = None) -> Calibration:
+    keep = [i for i, q in enumerate(seqs) if len(q) >= 2]
+    if not keep:
         raise ValueError("every calibration sequence is shorter than 2 tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    b = pad_batch([{"input_ids": s} for s in seqs], pad)
-    return Calibration(b["input_ids"], b["attention_mask"])
+    width = max(len(seqs[i]) for i in keep)
+    ids = torch.full((len(keep), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(keep), width, dtype=torch.long)
+    target = torch.zeros(len(keep), width, dtype=torch.long) if targets is not None else None
+    for row, i in enumerate(keep):
+        ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+        mask[row, :len(seqs[i])] = 1
+        if target is not None:
+            target[row, :len(targets[i])] = torch.tensor(targets[i])
+    return Calibration(ids, mask, target)

@@ -1,5 +1,48 @@
-"""Compression methods, one file each: a config, ``plan`` (decide) and ``apply_`` (do)."""
+"""Compression methods, one file each: a config, ``plan`` (decide) and ``apply_`` (do).
 
-from . import shortgpt
+``DEPTH`` is the registry of depth methods that ``elmkit compress <method>`` and ``elmkit compare``
+run through one interface: ``module.compress_(model, calib, cfg, train, progress)`` edits the model
+in place and returns (plan, stats). ELM (``methods.elm``) has its own command because it trains a
+block against the dense model.
+"""
 
-__all__ = ["shortgpt"]
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from . import laco, replaceme, shortened, shortgpt, sleb, slm, streamline
+from .common import DepthTarget
+
+
+@dataclass(frozen=True)
+class DepthMethod:
+    """One entry of the registry."""
+
+    title: str
+    """Name in tables and plots."""
+    module: ModuleType
+    """The method's file: config, plan, apply_, compress_."""
+    base: DepthTarget
+    """Its default config (the target is replaced by the caller's)."""
+    trains: bool = False
+    """Whether it trains a replacement on the training data."""
+    command: bool = True
+    """Whether it has its own ``elmkit compress`` command (a variant is an option of another)."""
+
+
+DEPTH: dict[str, DepthMethod] = {
+    "slm": DepthMethod("SLM", slm, slm.SLMConfig(n_remove=0)),
+    "laco": DepthMethod("LaCo", laco, laco.LaCoConfig(n_remove=0)),
+    "shortgpt": DepthMethod("ShortGPT", shortgpt, shortgpt.ShortGPTConfig(n_remove=0)),
+    "shortened": DepthMethod("Shortened-LLaMA (PPL)", shortened, shortened.ShortenedConfig(n_remove=0)),
+    "shortened-taylor": DepthMethod("Shortened-LLaMA (Taylor+)", shortened,
+                                    shortened.ShortenedConfig(n_remove=0, criterion="taylor"), command=False),
+    "sleb": DepthMethod("SLEB", sleb, sleb.SLEBConfig(n_remove=0)),
+    "streamline": DepthMethod("LLM-Streamline", streamline, streamline.StreamlineConfig(n_remove=0),
+                              trains=True),
+    "replaceme": DepthMethod("ReplaceMe", replaceme, replaceme.ReplaceMeConfig(n_remove=0)),
+}
+
+__all__ = ["DEPTH", "DepthMethod", "DepthTarget", "laco", "replaceme", "shortened", "shortgpt", "sleb",
+           "slm", "streamline"]

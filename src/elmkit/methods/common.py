@@ -78,10 +78,15 @@ def typed_layers(model) -> list[tuple[nn.Module, str]]:
     return [(l, layer_type(model.config, i)) for i, l in enumerate(get_layers(model))]
 
 
-def token_nll(model, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of the last layer's output h (B, T, d), and the tokens counted."""
+def token_nll(model, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+              target: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed next-token NLL of the last layer's output h (B, T, d), and the tokens counted.
+
+    ``target`` (B, T) marks the tokens to predict (default: every real token).
+    """
+    target = mask if target is None else target
     logits = get_head(model)(get_norm(model)(h))[:, :-1].float()  # (B, T-1, V)
-    valid = (mask[:, :-1] * mask[:, 1:]).bool()  # predicting a real token from a real token
+    valid = (mask[:, :-1] * target[:, 1:]).bool()  # predicting a target token from a real token
     nll = F.cross_entropy(logits[valid], ids[:, 1:][valid], reduction="sum")
     return float(nll), int(valid.sum())
 

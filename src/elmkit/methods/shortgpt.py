@@ -53,7 +53,8 @@ def block_influence(model, calib: Calibration, batch_size: int = 8) -> list[floa
     return (total / max(count, 1)).tolist()
 
 
-def plan(model, calib: Calibration, cfg: ShortGPTConfig) -> ShortGPTPlan:
+def plan(model, calib: Calibration, cfg: ShortGPTConfig, progress: bool = False) -> ShortGPTPlan:
+    """The k lowest-BI layers (one forward pass: ``progress`` is accepted for a uniform interface)."""
     n = num_layers(model)
     k = cfg.count(n)
     scores = block_influence(model, calib, cfg.batch_size)
@@ -63,3 +64,10 @@ def plan(model, calib: Calibration, cfg: ShortGPTConfig) -> ShortGPTPlan:
 
 def apply_(model, p: ShortGPTPlan):
     return remove_layers_(model, p.drop)
+
+
+def compress_(model, calib: Calibration, cfg: ShortGPTConfig, train=None, progress: bool = True):
+    """plan + apply_ in place; training-free (``train`` is ignored)."""
+    p = plan(model, calib, cfg)
+    apply_(model, p)
+    return p, {}

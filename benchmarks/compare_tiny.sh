@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `elmkit compare` on the shipped tiny testbed model: every depth method removes 25% of the layers,
+# once without healing and once with the same LoRA healing for all; keeps reports, tables, plots
+# and every method's plan.
+#   benchmarks/compare_tiny.sh [RUN_DIR] [RESULTS_DIR] [extra compare options...]
+set -euo pipefail
+RUN=${1:-runs/compare_tiny}
+RES=${2:-benchmarks/results/compare_tiny}
+shift $(( $# < 2 ? $# : 2 ))
+cd "$(dirname "$0")/.."
+for heal in none lora; do
+  start=$(date +%s)
+  python3 -m elmkit.cli compare --model testbed:tiny --out "$RUN/$heal" --remove 0.25 --heal "$heal" "$@"
+  echo "compare --heal $heal wall time: $(( $(date +%s) - start )) s" | tee "$RUN/$heal/wall_time.txt"
+  mkdir -p "$RES/$heal/plans"
+  cp "$RUN/$heal/report.md" "$RUN/$heal/results.json" "$RUN/$heal/accuracy.png" "$RUN/$heal/config.json" \
+     "$RUN/$heal/wall_time.txt" "$RES/$heal/"
+  for d in "$RUN/$heal"/*/; do
+    m=$(basename "$d")
+    [ -f "$d/plan.json" ] && cp "$d/plan.json" "$RES/$heal/plans/$m.json"
+  done
+done

@@ -1,0 +1,334 @@
+"""Depth compression on equal footing: ``compress_depth`` runs one method, ``compare`` runs them all
+on one model, one calibration set, one target and one test set, with optional equal LoRA healing.
+
+Every method ends with N - k decoder layers, k = round(remove x N): deleting methods delete k,
+merging methods merge until k are gone, ELM and LLM-Streamline replace a span of k + 1 layers by
+one. Output of ``compare``::
+
+    out/report.md  out/results.json  out/accuracy.png
+    out/<method>/plan.json  out/<method>/model/  (out/<method>/heal/model/ with --heal lora)
+    out/<method>/row.json   (a finished method; a re-run with the same settings skips it)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .data.calibration import CalibConfig, Calibration
+from .io import RunDir, atomic_write_text, read_json, save_figure, write_json
+from .methods import DEPTH
+from .train.lora import FinetuneConfig
+
+METHODS = ("elm", *DEPTH)
+
+
+def compress_depth(model: str | Path, data: str | Path, out: str | Path, method: str, cfg=None,
+                   calib: CalibConfig = CalibConfig()) -> dict:
+    """Compress ``model`` with one depth method of the registry and save a stock HF folder.
+
+    ``data`` supplies the calibration sequences (unless ``calib.source`` is set) and, for methods
+    that train a replacement, the training sequences. Writes plan.json, model/ and metrics.json.
+    """
+    from .data.formats import detect_format, read_examples
+    from .models import count_parameters, load_model, load_tokenizer
+
+    if method not in DEPTH:
+        raise ValueError(f"unknown depth method {method!r}; known: {', '.join(DEPTH)}")
+    spec = DEPTH[method]
+    cfg = cfg if cfg is not None else spec.base
+    if not isinstance(cfg, type(spec.base)):
+        raise ValueError(f"{method} takes a {type(spec.base).__name__}, got {type(cfg).__name__}")
+    run = RunDir(out)
+    run.write_config(f"compress {method}", model=str(model), data=str(data), cfg=asdict(cfg),
+                     calib=asdict(calib))
+    tok = load_tokenizer(model)
+    cal = calib.build(tok, default=data)
+    train = None
+    if spec.trains:
+        fmt = detect_format(data)
+        if fmt == "text":
+            train = CalibConfig(source=str(data), samples=cfg.steps * cfg.train_batch_size, seq_len=512,
+                                seed=calib.seed).build(tok)
+        else:
+            train = Calibration.from_examples(tok, read_examples(data, fmt), 512)
+    m = load_model(model, dtype="float32")
+    n0, p0 = m.config.num_hidden_layers, count_parameters(m)
+    t0 = time.time()
+    plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True)
+    wall = time.time() - t0
+    write_json(run / "plan.json", plan)
+    _save(m, tok, run / "model")
+    metrics = {"method": method, "plan": plan, "stats": _short(stats), "layers_before": n0,
+               "layers_after": m.config.num_hidden_layers, "params_before": p0,
+               "params_after": count_parameters(m), "wall_time_s": wall}
+    run.write_metrics(metrics)
+    return metrics
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What is compared, how much is removed, and the equal budgets every method gets."""
+
+    methods: tuple[str, ...] = METHODS
+    """Methods to run (comma- or space-separated): elm and the depth registry's names."""
+    remove: float = 0.25
+    """Fraction of decoder layers every method removes (k = round(remove x N))."""
+    heal: Literal["none", "lora"] = "none"
+    """none, or LoRA healing of every compressed model with the same budget (--lora.*)."""
+    train_steps: int = 400
+    """Steps of the methods that train a replacement (ELM's block, LLM-Streamline's layer)."""
+    train_batch_size: int = 16
+    """Sequences per step for those methods."""
+    elm_start: int | str | None = None
+    """First layer the ELM block replaces ("auto": GPPO search; default: the middle)."""
+    elm_max_iter: int = 4
+    """Block evaluations per forward of the ELM."""
+    elm_lr: float = 1e-3
+    """Peak learning rate of the ELM block."""
+    n_train: int = 4000
+    """Training examples: the testbed's train split, or the first n of --data."""
+    n_test: int = 200
+    """Test examples: the testbed's test split, or the first n of --test."""
+    max_new_tokens: int = 256
+    """Generation budget per test answer."""
+    eval_batch_size: int = 64
+    """Generation batch size."""
+    seed: int = 0
+    """Seed for training, healing and calibration draws."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    """The calibration spec every method uses (--calib.samples, --calib.seq-len, ...)."""
+    lora: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(max_steps=200, lr=1e-3))
+    """The healing budget, the same for every method (--lora.max-steps, --lora.r, ...)."""
+
+    def __post_init__(self):
+        names = tuple(m for part in self.methods for m in str(part).split(",") if m)
+        object.__setattr__(self, "methods", names)
+        unknown = [m for m in names if m not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("--methods lists a method twice")
+        if not 0 < self.remove < 1:
+            raise ValueError("--remove must be in (0, 1)")
+        if self.heal not in ("none", "lora"):
+            raise ValueError("--heal must be none or lora")
+        if min(self.train_steps, self.train_batch_size, self.n_train, self.n_test, self.max_new_tokens,
+               self.eval_batch_size, self.elm_max_iter) < 1:
+            raise ValueError("--train-steps, --train-batch-size, --n-train, --n-test, --max-new-tokens, "
+                             "--eval-batch-size and --elm-max-iter must be >= 1")
+        if isinstance(self.elm_start, str) and self.elm_start != "auto":
+            raise ValueError(f"--elm-start must be a layer index or 'auto', got {self.elm_start!r}")
+
+
+def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
+            test: str | Path | None = None, cfg: CompareConfig = CompareConfig()) -> dict:
+    """Run every method on one model at one removal ratio and tabulate accuracy, size and cost.
+
+    For a testbed model (``testbed:tiny`` or a folder with testbed.json) the data default to its
+    own splits: train for training and healing, validation for calibration, test for accuracy.
+    Otherwise pass ``data`` (instruction data with answers) and ``test``.
+    Writes report.md, results.json and accuracy.png; finished methods are skipped on a re-run.
+    """
+    from .data.chat import encode_prompt
+    from .eval import EvalConfig, evaluate
+    from .eval.footprint import kv_cache_bytes
+    from .models import count_parameters, load_model, load_tokenizer
+    from .models.loading import resolve_model_path
+    from .train.common import fingerprint
+
+    path = resolve_model_path(model)
+    train_ex, calib_default, test_ex = _data(path, data, test, cfg)
+    run = RunDir(out)
+    settings = {"model": str(model), "data": str(data), "test": str(test), **asdict(cfg)}
+    fp = fingerprint({k: v for k, v in settings.items() if k != "methods"}, ignore=("device",))
+    run.write_config("compare", **settings)
+    tok = load_tokenizer(path)
+    dense = load_model(path, dtype="float32", device=cfg.device)
+    n = dense.config.num_hidden_layers
+    k = round(cfg.remove * n)
+    if not 1 <= k <= n - 2:
+        raise ValueError(f"--remove {cfg.remove} of {n} layers is {k}; it must leave 2..{n - 1} layers")
+    calib = cfg.calib.build(tok, default=calib_default)
+    ecfg = EvalConfig(task="gsm8k", batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                      device=cfg.device)
+    prompts = [encode_prompt(tok, ex) for ex in test_ex[:16]]
+
+    def measure(m, tag: str) -> dict:
+        acc = evaluate(m, test_ex, run / tag / "eval", ecfg, tok, progress=False)["accuracy"]
+        return {"layers": m.config.num_hidden_layers, "params": count_parameters(m), "accuracy": acc,
+                "kv_bytes": kv_cache_bytes(m, tok, prompts)}
+
+    rows = [_cached(run / "dense" / "row.json", fp) or _finish(
+        run / "dense" / "row.json", fp, {"method": "dense", "title": "dense", **measure(dense, "dense"),
+                                         "compress_s": 0.0, "heal_s": 0.0})]
+    for name in cfg.methods:
+        row = _cached(run / name / "row.json", fp)
+        if row is None:
+            print(f"== {name}: removing {k} of {n} layers")
+            t0 = time.time()
+            m, plan, stats = _compress(name, dense, tok, calib, train_ex, k, run / name, cfg)
+            compress_s = time.time() - t0
+            write_json(run / name / "plan.json", plan)
+            heal_s = 0.0
+            if cfg.heal == "lora":
+                _save(m, tok, run / name / "model")
+                del m
+                t0 = time.time()
+                from .train.lora import finetune
+
+                finetune(run / name / "model", train_ex, run / name / "heal",
+                         dataclasses.replace(cfg.lora, device=cfg.device, seed=cfg.seed), progress=True)
+                heal_s = time.time() - t0
+                m = load_model(run / name / "heal" / "model", dtype="float32", device=cfg.device)
+            elif name != "elm":  # the ELM trainer has saved its model already
+                _save(m, tok, run / name / "model")
+            title = "ELM" if name == "elm" else DEPTH[name].title
+            row = _finish(run / name / "row.json", fp, {
+                "method": name, "title": title, **measure(m, name), "compress_s": compress_s,
+                "heal_s": heal_s, "stats": _short(stats)})
+            del m
+        rows.append(row)
+
+    dense_acc = rows[0]["accuracy"]
+    for r in rows:
+        r["retained"] = r["accuracy"] / dense_acc if dense_acc else None
+        r["kv_ratio"] = r["kv_bytes"] / rows[0]["kv_bytes"]
+    result = {"model": str(model), "layers": n, "removed": k, "heal": cfg.heal, "rows": rows}
+    write_json(run / "results.json", result)
+    _plot(run / "accuracy.png", rows, f"{model}: {k} of {n} layers removed, heal: {cfg.heal}")
+    report = _report(result, cfg, len(test_ex), len(calib))
+    atomic_write_text(run / "report.md", report)
+    run.write_metrics(result)
+    print(report)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _data(path: str, data, test, cfg: CompareConfig):
+    """(training examples, default calibration source, test examples)."""
+    from .data.formats import read_examples
+
+    if data is None:
+        if not (Path(path) / "testbed.json").is_file():
+            raise ValueError("--data (and --test) are required unless the model is a testbed model")
+        from .testbed.card import read_recipe
+        from .testbed.problems import make_split
+
+        r = read_recipe(Path(path))
+        train = make_split("train", cfg.n_train, r["problems"], r["seed"])
+        calib = make_split("validation", cfg.calib.samples, r["problems"], r["seed"])
+        tests = make_split("test", cfg.n_test, r["problems"], r["seed"])
+        return train, calib, tests
+    if test is None:
+        raise ValueError("--test is required with --data")
+    return read_examples(data)[:cfg.n_train], str(data), read_examples(test)[:cfg.n_test]
+
+
+def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: Path, cfg: CompareConfig):
+    """A compressed copy of ``dense`` -> (model, plan, stats)."""
+    if name == "elm":
+        from .methods import elm as elm_method
+        from .train.elm import ElmTrainConfig, train_elm
+
+        start = cfg.elm_start
+        if start == "auto":
+            from .methods import gppo
+
+            start = gppo.plan(copy.deepcopy(dense), tok, train_ex, gppo.GppoConfig(span=k + 1, seed=cfg.seed),
+                              ckpt_dir=out / "gppo_checkpoints").start
+        plan = elm_method.plan(dense, start=start, span=k + 1, max_iter=cfg.elm_max_iter)
+        elm = elm_method.apply_(copy.deepcopy(dense), plan)
+        stats = train_elm(elm, dense, tok, train_ex, out, ElmTrainConfig(
+            steps=cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.elm_lr, seed=cfg.seed))
+        return elm, plan, stats
+    spec = DEPTH[name]
+    mcfg = dataclasses.replace(spec.base, n_remove=k)
+    train = None
+    if spec.trains:
+        mcfg = dataclasses.replace(mcfg, steps=cfg.train_steps, train_batch_size=cfg.train_batch_size,
+                                   seed=cfg.seed)
+        train = Calibration.from_examples(tok, train_ex, 512)
+    m = copy.deepcopy(dense)
+    plan, stats = spec.module.compress_(m, calib, mcfg, train, progress=True)
+    return m, plan, stats
+
+
+def _save(model, tok, folder: Path) -> None:
+    from .io import atomic_replace_dir
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    atomic_replace_dir(tmp, folder)
+
+
+def _short(stats: dict) -> dict:
+    """Stats without per-step curves (they are in each method's own files)."""
+    return {k: v for k, v in (stats or {}).items() if not k.endswith("_curve") and k != "history"}
+
+
+def _cached(path: Path, fp: str) -> dict | None:
+    if not path.is_file():
+        return None
+    row = read_json(path)
+    if row.get("fingerprint") != fp:
+        raise ValueError(f"{path.parent.parent} holds results of other settings; use another --out")
+    return row
+
+
+def _finish(path: Path, fp: str, row: dict) -> dict:
+    write_json(path, {**row, "fingerprint": fp})
+    return {**row, "fingerprint": fp}
+
+
+def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
+    lines = [
+        "# Depth compression compared",
+        "",
+        f"Model `{result['model']}`: {result['removed']} of {result['layers']} decoder layers removed by "
+        f"every method (ELM and LLM-Streamline replace {result['removed'] + 1} layers by one). Accuracy: "
+        f"greedy exact match on {n_test} test problems. Calibration: {n_calib} sequences of at most "
+        f"{cfg.calib.seq_len} tokens (seed {cfg.calib.seed}), the same for every method. Training methods: "
+        f"{cfg.train_steps} steps x {cfg.train_batch_size} sequences. Healing: "
+        + ("none." if cfg.heal == "none" else
+           f"LoRA r={cfg.lora.r}, {cfg.lora.max_steps} steps, lr {cfg.lora.lr:g}, the same for every "
+           "method."),
+        "",
+        "| method | layers | params | accuracy | retained | KV bytes (16 prompts) | compress s | heal s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        kept = f"{r['retained']:.1%}" if r["retained"] is not None else "n/a"
+        lines.append(f"| {r['title']} | {r['layers']} | {r['params']:,} | {r['accuracy']:.3f} | {kept} | "
+                     f"{r['kv_bytes']:,} ({r['kv_ratio']:.2f}) | {r['compress_s']:.1f} | {r['heal_s']:.1f} |")
+    lines += ["", "![accuracy](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(png: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 3.4))
+    colors = ["#4c72b0" if r["method"] == "dense" else "#55a868" if r["method"] == "elm" else "#c44e52"
+              for r in rows]
+    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.text(i, r["accuracy"] + 0.02, f"{r['accuracy']:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["title"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="test accuracy", ylim=(0, 1.1), title=title)
+    fig.tight_layout()
+    save_figure(fig, png)

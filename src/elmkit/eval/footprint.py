@@ -1,0 +1,16 @@
+"""What a model costs to hold: parameters and the KV cache it fills."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.collate import pad_batch
+
+
+@torch.no_grad()
+def kv_cache_bytes(model, tokenizer, prompts: list[list[int]]) -> int:
+    """Bytes of K and V the cache holds after prefilling ``prompts`` (one left-padded batch)."""
+    b = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
+    device = next(model.parameters()).device
+    cache = model(**{k: v.to(device) for k, v in b.items()}, use_cache=True).past_key_values
+    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None)
