@@ -138,7 +138,7 @@ def test_search_command_writes_policy_history_and_report(tmp_path):
 
 def test_compress_elm_with_start_auto_runs_gppo_first(tmp_path, capsys):
     assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--n-train", "40"]) == 0
-    rc = cli.main(["compress", "--method", "elm", "--model", "testbed:tiny",
+    rc = cli.main(["compress", "elm", "--model", "testbed:tiny",
                    "--data", str(tmp_path / "d" / "train.json"), "--out", str(tmp_path / "c"),
                    "--start", "auto", "--search-steps", "8", "--train.steps", "2",
                    "--train.batch-size", "4"])
@@ -146,9 +146,14 @@ def test_compress_elm_with_start_auto_runs_gppo_first(tmp_path, capsys):
     g = json.loads((tmp_path / "c" / "gppo.json").read_text())
     plan = json.loads((tmp_path / "c" / "plan.json").read_text())
     assert plan["start"] == g["start"] == max(range(10), key=lambda i: g["theta"][i])
-    assert cli.main(["compress", "--method", "prune", "--model", "testbed:tiny", "--data", "x",
-                     "--out", str(tmp_path / "e")]) == 2
-    assert "unknown --method 'prune'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a compress sub-command
+        cli.main(["compress", "prune", "--model", "testbed:tiny", "--data", "x",
+                  "--out", str(tmp_path / "e")])
+    assert "invalid choice: 'prune'" in capsys.readouterr().err
+    from elmkit import compress
+
+    with pytest.raises(ValueError, match="unknown --method 'prune'"):
+        compress("testbed:tiny", "x", tmp_path / "e", method="prune")
     assert cli.main(["elm", "--model", "testbed:tiny", "--data", "x", "--out", str(tmp_path / "f"),
                      "--start", "middle"]) == 2
     assert "--start must be a layer index or 'auto'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 The public API (everything else lives in sub-packages)::
 
     from elmkit import finetune, FinetuneConfig, evaluate, EvalConfig, load_model
+    from elmkit import compress, compare, CompareConfig, CalibConfig
 """
 
 __version__ = "0.1.0"
@@ -16,16 +17,22 @@ from .api import (  # noqa: E402
     remove_layers,
     search,
 )
+from .compare import CompareConfig, compare, compress_depth  # noqa: E402
+from .data.calibration import CalibConfig  # noqa: E402
 from .eval import EvalConfig, evaluate  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .train import FinetuneConfig, finetune  # noqa: E402
 
 __all__ = [
+    "CalibConfig",
+    "CompareConfig",
     "ElmCompressConfig",
     "EvalConfig",
     "FinetuneConfig",
     "__version__",
+    "compare",
     "compress",
+    "compress_depth",
     "compress_elm",
     "demo",
     "evaluate",

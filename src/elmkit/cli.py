@@ -87,7 +87,7 @@ def _converter(tp) -> tuple[Callable[[str], object], bool]:
 
 
 def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: bool = False,
-                       dest: str = "cfg") -> None:
+                       dest: str = "cfg", root: str = "") -> None:
     """One option per field; a nested dataclass field ``problems`` gives ``--problems.<field>``."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -95,13 +95,13 @@ def add_config_options(parser, cls: type, prefix: str = "", group=None, preset: 
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_config_options(parser, tp, f"{prefix}{f.name}.", group, preset, dest)
+            add_config_options(parser, tp, f"{prefix}{f.name}.", group, preset, dest, root)
             continue
         conv, seq = _converter(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
         shown = "from --preset" if preset else default
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = "--" + root + prefix + f.name.replace("_", "-")
         group.add_argument(
             flag, dest=f"{dest}__" + (prefix + f.name).replace(".", "__"), type=conv,
             nargs="+" if seq else None, default=argparse.SUPPRESS, choices=choices,
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd.config is not None:
             add_config_options(p, cmd.config, preset=cmd.presets is not None)
         for name_, cls in cmd.extras:
-            add_config_options(p, cls, f"{name_}.", dest=name_)
+            add_config_options(p, cls, dest=name_, root=f"{name_}.")
     return parser
 
 

@@ -89,7 +89,7 @@ class _Tracker:
         self.res = torch.where(act, r, self.res)
         self.iters = torch.where(act, torch.full_like(self.iters, k), self.iters)
         self.out = fx if self.out is None else torch.where(act[..., None], fx, self.out)
-        self.trace.append(float(r[act].max()) if act.any() else 0.0)
+        self.trace.append(float(r[act].max().detach()) if act.any() else 0.0)
         if self.tol > 0:
             self.active = act & ~(r < self.tol)
 

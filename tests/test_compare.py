@@ -1,0 +1,105 @@
+"""`elmkit compress <method>` for every depth method, and `elmkit compare` end to end."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elmkit import cli
+from elmkit.compare import CompareConfig, compare
+from elmkit.data.calibration import CalibConfig
+from elmkit.methods import DEPTH
+from elmkit.models import count_parameters, get_layers, load_model
+from elmkit.testbed import TINY_PATH
+from elmkit.train import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    assert cli.main(["testbed", "data", "--out", str(d), "--n-train", "32"]) == 0
+    return d
+
+
+@pytest.mark.parametrize("name", [n for n, s in DEPTH.items() if s.command])
+def test_compress_command_per_method(name, data, tmp_path):
+    out = tmp_path / name
+    extra = ["--steps", "2", "--train-batch-size", "4"] if name == "streamline" else []
+    rc = cli.main(["compress", name, "--model", "testbed:tiny", "--data", str(data / "train.json"),
+                   "--out", str(out), "--n-remove", "2", "--calib.samples", "6", *extra])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    dense = load_model(TINY_PATH, dtype="float32", device="cpu")
+    per_layer = count_parameters(get_layers(dense)[0])
+    assert m["layers_before"] == 12 and m["layers_after"] == 10
+    assert m["params_after"] == m["params_before"] - 2 * per_layer
+    assert (out / "plan.json").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"] == f"compress {name}" and cfg["calib"]["samples"] == 6
+    model = AutoModelForCausalLM.from_pretrained(out / "model")  # a stock HF folder
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 10
+    assert count_parameters(model) == m["params_after"]
+
+
+def test_compress_command_reports_bad_input(data, tmp_path, capsys):
+    assert cli.main(["compress", "sleb", "--model", "testbed:tiny", "--data", str(data / "train.json"),
+                     "--out", str(tmp_path / "a"), "--n-remove", "11"]) == 2
+    assert "cannot remove 11 of 12 layers" in capsys.readouterr().err
+    assert cli.main(["compress", "slm", "--model", "testbed:tiny", "--data", str(data / "train.json"),
+                     "--out", str(tmp_path / "b"), "--calib.source", str(tmp_path / "missing.txt"),
+                     "--n-remove", "1"]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+def test_compare_runs_all_resumes_and_refuses_other_settings(tmp_path, capsys):
+    cfg = CompareConfig(methods=("elm", "slm", "shortgpt", "streamline"), remove=0.25, heal="lora",
+                        train_steps=2, train_batch_size=4, n_train=16, n_test=4, max_new_tokens=96,
+                        eval_batch_size=4, calib=CalibConfig(samples=4),
+                        lora=FinetuneConfig(max_steps=2, batch_size=4))
+    res = compare("testbed:tiny", tmp_path / "c", cfg=cfg)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["dense", "elm", "slm", "shortgpt", "streamline"]
+    assert res["removed"] == 3 and all(r["layers"] == 9 for m, r in rows.items() if m != "dense")
+    dense_p = rows["dense"]["params"]
+    per_layer = count_parameters(get_layers(load_model(TINY_PATH, dtype="float32", device="cpu"))[0])
+    for m in ("slm", "shortgpt", "streamline"):
+        assert rows[m]["params"] == dense_p - 3 * per_layer
+    assert rows["elm"]["params"] > rows["slm"]["params"]  # the block's input projection (2d -> d)
+    for r in rows.values():
+        assert 0 <= r["accuracy"] <= 1 and r["kv_ratio"] == pytest.approx(r["layers"] / 12)
+    assert rows["slm"]["heal_s"] > 0 and (tmp_path / "c" / "slm" / "heal" / "model").is_dir()
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "| SLM | 9 |" in report and (tmp_path / "c" / "accuracy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "c" / "elm" / "plan.json").read_text())["span"] == 4
+
+    # a re-run finds every method done and reproduces the table without recomputing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*/row.json")}
+    again = compare("testbed:tiny", tmp_path / "c", cfg=cfg)
+    assert again["rows"] == res["rows"]
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*/row.json")}
+    with pytest.raises(ValueError, match="results of other settings"):
+        compare("testbed:tiny", tmp_path / "c", cfg=dataclasses.replace(cfg, remove=0.5))
+
+
+def test_compare_config_and_data_errors(tmp_path, tiny_dir):
+    with pytest.raises(ValueError, match="unknown --methods"):
+        CompareConfig(methods=("elm,prune",))
+    assert CompareConfig(methods=("elm,slm", "sleb")).methods == ("elm", "slm", "sleb")
+    with pytest.raises(ValueError, match="--remove"):
+        CompareConfig(remove=1.0)
+    with pytest.raises(ValueError, match="--data .* are required"):
+        compare(tiny_dir, tmp_path / "x", cfg=CompareConfig(methods=("shortgpt",)))
+    with pytest.raises(ValueError, match="--test is required"):
+        compare(tiny_dir, tmp_path / "x", data=tmp_path / "d.json", cfg=CompareConfig(methods=("shortgpt",)))
+
+
+def test_compare_cli_parses_methods_and_nested_budgets():
+    ns = cli.build_parser().parse_args(["compare", "--model", "m", "--out", "o", "--methods", "elm,slm",
+                                        "--heal", "lora", "--lora.max-steps", "7", "--calib.samples", "9"])
+    cfg = cli.config_from_args(CompareConfig, ns)
+    assert cfg.methods == ("elm", "slm") and cfg.heal == "lora"
+    assert cfg.lora.max_steps == 7 and cfg.lora.lr == CompareConfig().lora.lr  # default kept
+    assert cfg.calib.samples == 9
+    torch.manual_seed(0)
