@@ -53,7 +53,7 @@ def test_compress_command_reports_bad_input(data, tmp_path, capsys):
     assert "missing.txt does not exist" in capsys.readouterr().err
 
 
-def test_compare_runs_all_resumes_and_refuses_other_settings(tmp_path, capsys):
+def test_compare_runs_all_and_reruns_only_what_changed(tmp_path):
     cfg = CompareConfig(methods=("elm", "slm", "shortgpt", "streamline"), remove=0.25, heal="lora",
                         train_steps=2, train_batch_size=4, n_train=16, n_test=4, max_new_tokens=96,
                         eval_batch_size=4, calib=CalibConfig(samples=4),
@@ -79,8 +79,12 @@ def test_compare_runs_all_resumes_and_refuses_other_settings(tmp_path, capsys):
     again = compare("testbed:tiny", tmp_path / "c", cfg=cfg)
     assert again["rows"] == res["rows"]
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*/row.json")}
-    with pytest.raises(ValueError, match="results of other settings"):
-        compare("testbed:tiny", tmp_path / "c", cfg=dataclasses.replace(cfg, remove=0.5))
+    # a setting of one method re-runs that method only
+    third = compare("testbed:tiny", tmp_path / "c", cfg=dataclasses.replace(cfg, elm_lr=5e-4))
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*/row.json")}
+    assert [p.parent.name for p in after if after[p] != before[p]] == ["elm"]
+    others = [r for r in third["rows"] if r["method"] != "elm"]
+    assert others == [r for r in res["rows"] if r["method"] != "elm"]
 
 
 def test_compare_config_and_data_errors(tmp_path, tiny_dir):

@@ -243,3 +243,35 @@ def test_calib_config_draws_reproducible_windows(tokenizer, tmp_path):
         CalibConfig(source=str(tmp_path / "nope.txt")).build(tokenizer)
     with pytest.raises(ValueError, match="no calibration data"):
         CalibConfig().build(tokenizer)
+
+
+def test_calibration_without_targets_is_refused(make_model):
+    model = make_model("qwen2", num_layers=4)
+    c = _calib(n=3)
+    c = Calibration(c.input_ids, c.attention_mask, torch.zeros_like(c.attention_mask))
+    for mod, cfg in ((sleb, sleb.SLEBConfig(n_remove=1)),
+                     (shortened, shortened.ShortenedConfig(n_remove=1, protect_first=0, protect_last=0)),
+                     (shortened, shortened.ShortenedConfig(n_remove=1, criterion="taylor", protect_first=0,
+                                                           protect_last=0))):
+        with pytest.raises(ValueError, match="no calibration sequence has a target token"):
+            mod.plan(model, c, cfg, progress=False)
+
+
+def test_long_examples_keep_their_answer_in_calibration(tokenizer):
+    recipe = read_recipe(TINY_PATH)
+    ex = make_split("validation", 4, recipe["problems"], recipe["seed"])
+    c = CalibConfig(samples=4, seq_len=40).build(tokenizer, default=ex)
+    assert c.input_ids.shape[1] <= 40 and bool(c.target_mask.sum(1).gt(0).all())
+    from elmkit.data import encode
+
+    fulls = [encode(tokenizer, e, 1 << 20)["input_ids"] for e in ex]
+    for ids, mask in zip(c.input_ids, c.attention_mask):
+        row = ids[mask.bool()].tolist()  # the cut kept each example's end, where the answer is
+        assert len(row) == 40 and any(f[-40:] == row for f in fulls)
+
+
+def test_laco_first_window_stays_below_the_top_layer(testbed):
+    _, calib = testbed
+    model = load_model(TINY_PATH, dtype="float32", device="cpu")
+    p = laco.plan(model, calib, laco.LaCoConfig(threshold=-1.0, m=2), progress=False)
+    assert p.merges[0] == (8, 2)  # HIGHEST_LAY 11 - MERGE_LAYERS 3: layers 8..10 into 8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,8 +148,8 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
     train_ex, calib_default, test_ex = _data(path, data, test, cfg)
     run = RunDir(out)
     settings = {"model": str(model), "data": str(data), "test": str(test), **asdict(cfg)}
-    fp = fingerprint({k: v for k, v in settings.items() if k != "methods"}, ignore=("device",))
     run.write_config("compare", **settings)
+    fps = {name: fingerprint(_row_settings(name, path, data, test, cfg)) for name in ("dense", *cfg.methods)}
     tok = load_tokenizer(path)
     dense = load_model(path, dtype="float32", device=cfg.device)
     n = dense.config.num_hidden_layers
@@ -165,15 +166,22 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
         return {"layers": m.config.num_hidden_layers, "params": count_parameters(m), "accuracy": acc,
                 "kv_bytes": kv_cache_bytes(m, tok, prompts)}
 
-    rows = [_cached(run / "dense" / "row.json", fp) or _finish(
-        run / "dense" / "row.json", fp, {"method": "dense", "title": "dense", **measure(dense, "dense"),
-                                         "compress_s": 0.0, "heal_s": 0.0})]
+    rows = [_cached(run / "dense", fps["dense"]) or _finish(
+        run / "dense", fps["dense"], {"method": "dense", "title": "dense", **measure(dense, "dense"),
+                                      "compress_s": 0.0, "heal_s": 0.0})]
     for name in cfg.methods:
-        row = _cached(run / name / "row.json", fp)
+        row = _cached(run / name, fps[name])
+        title = "ELM" if name == "elm" else DEPTH[name].title
         if row is None:
             print(f"== {name}: removing {k} of {n} layers")
+            _claim(run / name, fps[name])
             t0 = time.time()
-            m, plan, stats = _compress(name, dense, tok, calib, train_ex, k, run / name, cfg)
+            try:
+                m, plan, stats = _compress(name, dense, tok, calib, train_ex, k, run / name, cfg)
+            except ValueError as e:  # the method cannot reach k here (e.g. its protected layers)
+                print(f"== {name} failed: {e}")
+                rows.append(_finish(run / name, fps[name], {"method": name, "title": title, "error": str(e)}))
+                continue
             compress_s = time.time() - t0
             write_json(run / name / "plan.json", plan)
             heal_s = 0.0
@@ -189,8 +197,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                 m = load_model(run / name / "heal" / "model", dtype="float32", device=cfg.device)
             elif name != "elm":  # the ELM trainer has saved its model already
                 _save(m, tok, run / name / "model")
-            title = "ELM" if name == "elm" else DEPTH[name].title
-            row = _finish(run / name / "row.json", fp, {
+            row = _finish(run / name, fps[name], {
                 "method": name, "title": title, **measure(m, name), "compress_s": compress_s,
                 "heal_s": heal_s, "stats": _short(stats)})
             del m
@@ -198,11 +205,14 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
 
     dense_acc = rows[0]["accuracy"]
     for r in rows:
+        if "error" in r:
+            continue
         r["retained"] = r["accuracy"] / dense_acc if dense_acc else None
         r["kv_ratio"] = r["kv_bytes"] / rows[0]["kv_bytes"]
     result = {"model": str(model), "layers": n, "removed": k, "heal": cfg.heal, "rows": rows}
     write_json(run / "results.json", result)
-    _plot(run / "accuracy.png", rows, f"{model}: {k} of {n} layers removed, heal: {cfg.heal}")
+    _plot(run / "accuracy.png", [r for r in rows if "error" not in r],
+          f"{model}: {k} of {n} layers removed, heal: {cfg.heal}")
     report = _report(result, cfg, len(test_ex), len(calib))
     atomic_write_text(run / "report.md", report)
     run.write_metrics(result)
@@ -278,17 +288,55 @@ def _short(stats: dict) -> dict:
     return {k: v for k, v in (stats or {}).items() if not k.endswith("_curve") and k != "history"}
 
 
-def _cached(path: Path, fp: str) -> dict | None:
+def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) -> dict:
+    """Everything a row's numbers depend on: a row is reused only while all of it is unchanged."""
+    ident = {"model": _identity(model_path), "test": _identity(test), "n_test": cfg.n_test,
+             "max_new_tokens": cfg.max_new_tokens}
+    if name == "dense":
+        return ident
+    ident["data"] = _identity(data)
+    own: dict = {"elm_start": cfg.elm_start, "elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr} \
+        if name == "elm" else {"base": asdict(DEPTH[name].base)}
+    if name == "elm" or DEPTH[name].trains:
+        own.update(train_steps=cfg.train_steps, train_batch_size=cfg.train_batch_size, n_train=cfg.n_train)
+    return {**ident, "method": name, **own, "remove": cfg.remove, "calib": asdict(cfg.calib),
+            "heal": cfg.heal, "seed": cfg.seed,
+            **({"lora": asdict(cfg.lora), "n_train": cfg.n_train} if cfg.heal == "lora" else {})}
+
+
+def _identity(path) -> object:
+    """A file or folder as (name, size, mtime) of its files: edits and rebuilds change it."""
+    if path is None:
+        return None
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    return [str(path)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _cached(folder: Path, fp: str) -> dict | None:
+    """The finished row of ``folder``; a row of other settings is deleted with its folder."""
+    path = folder / "row.json"
     if not path.is_file():
         return None
     row = read_json(path)
-    if row.get("fingerprint") != fp:
-        raise ValueError(f"{path.parent.parent} holds results of other settings; use another --out")
-    return row
+    if row.get("fingerprint") == fp:
+        return row
+    print(f"== {folder.name}: settings changed since its last run; running it again")
+    shutil.rmtree(folder)
+    return None
 
 
-def _finish(path: Path, fp: str, row: dict) -> dict:
-    write_json(path, {**row, "fingerprint": fp})
+def _claim(folder: Path, fp: str) -> None:
+    """Mark ``folder`` as holding a run of ``fp``; a half-finished run of other settings is cleared
+    (one of the same settings is resumed: the ELM trainer and LoRA healing keep checkpoints)."""
+    marker = folder / "settings.fingerprint"
+    if marker.is_file() and marker.read_text().strip() != fp:
+        shutil.rmtree(folder)
+    atomic_write_text(marker, fp)
+
+
+def _finish(folder: Path, fp: str, row: dict) -> dict:
+    write_json(folder / "row.json", {**row, "fingerprint": fp})
     return {**row, "fingerprint": fp}
 
 
@@ -308,10 +356,14 @@ def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
         "| method | layers | params | accuracy | retained | KV bytes (16 prompts) | compress s | heal s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    failed = [r for r in result["rows"] if "error" in r]
     for r in result["rows"]:
+        if "error" in r:
+            continue
         kept = f"{r['retained']:.1%}" if r["retained"] is not None else "n/a"
         lines.append(f"| {r['title']} | {r['layers']} | {r['params']:,} | {r['accuracy']:.3f} | {kept} | "
                      f"{r['kv_bytes']:,} ({r['kv_ratio']:.2f}) | {r['compress_s']:.1f} | {r['heal_s']:.1f} |")
+    lines += [f"\n{r['title']} could not run: {r['error']}" for r in failed]
     lines += ["", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
 

@@ -30,16 +30,20 @@ class Calibration:
                                      for t in texts])
 
     @classmethod
-    def from_examples(cls, tokenizer, examples, max_len: int = 256) -> Calibration:
+    def from_examples(cls, tokenizer, examples, max_len: int = 256, keep: str = "head") -> Calibration:
         """Task text as a model sees it: each example's rendered prompt followed by its answer;
-        the answer tokens are the loss targets."""
+        the answer tokens are the loss targets. A longer example keeps its first ``max_len``
+        tokens (``keep="head"``) or its last (``"tail"``: the answer survives the cut)."""
         from .chat import IGNORE_INDEX, encode
 
         if not examples:
             raise ValueError("calibration needs at least one example")
-        feats = [encode(tokenizer, e, max_len) for e in examples]
-        return _from_ids(tokenizer, [f["input_ids"] for f in feats],
-                         [[int(t != IGNORE_INDEX) for t in f["labels"]] for f in feats])
+        if keep not in ("head", "tail"):
+            raise ValueError(f"keep must be head or tail, got {keep!r}")
+        feats = [encode(tokenizer, e, 1 << 30) for e in examples]
+        cut = slice(0, max_len) if keep == "head" else slice(-max_len, None)
+        return _from_ids(tokenizer, [f["input_ids"][cut] for f in feats],
+                         [[int(t != IGNORE_INDEX) for t in f["labels"][cut]] for f in feats])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -82,13 +86,16 @@ class CalibConfig:
 
         A plain-text file is one token stream cut into random ``seq_len`` windows (SLEB style);
         JSONL documents or examples give one random window each from ``samples`` random documents
-        (SLM / Shortened-LLaMA style); instruction examples are rendered with the chat template, their first
-        ``seq_len`` tokens taken, and their answer tokens are the loss targets.
+        (SLM / Shortened-LLaMA style); instruction examples are rendered with the chat template,
+        cut to their last ``seq_len`` tokens (so the answer stays) and their answer tokens are the
+        loss targets.
         """
         src = self.source if self.source is not None else default
         if src is None:
             raise ValueError("no calibration data: pass --data or --calib.source")
         g = random.Random(self.seed)
+        # windows start with BOS where the tokenizer has one (Llama), as a model sees any text
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
         if isinstance(src, (str, Path)):
             path = Path(src)
             if not path.is_file():
@@ -100,7 +107,8 @@ class CalibConfig:
                     raise ValueError(f"{path} has {len(ids)} tokens, fewer than --calib.seq-len "
                                      f"{self.seq_len}")
                 starts = sorted(g.sample(range(n_win), min(self.samples, n_win)))
-                return _from_ids(tokenizer, [ids[s * self.seq_len:(s + 1) * self.seq_len] for s in starts])
+                return _from_ids(tokenizer, [bos + ids[s * self.seq_len:(s + 1) * self.seq_len - len(bos)]
+                                             for s in starts])
             from .formats import detect_format, read_examples, read_text
 
             docs = read_text(path) if detect_format(path) == "text" else read_examples(path)
@@ -110,12 +118,13 @@ class CalibConfig:
             raise ValueError("the calibration source holds no documents")
         picked = g.sample(range(len(docs)), min(self.samples, len(docs)))
         if not isinstance(docs[0], str):  # instruction examples: prompt + answer, answer is the target
-            return Calibration.from_examples(tokenizer, [docs[i] for i in picked], self.seq_len)
+            return Calibration.from_examples(tokenizer, [docs[i] for i in picked], self.seq_len, "tail")
         seqs = []
         for i in picked:
             ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"]
-            start = g.randrange(len(ids) - self.seq_len + 1) if len(ids) > self.seq_len else 0
-            seqs.append(ids[start:start + self.seq_len])
+            n = self.seq_len - len(bos)
+            start = g.randrange(len(ids) - n + 1) if len(ids) > n else 0
+            seqs.append(bos + ids[start:start + n])
         return _from_ids(tokenizer, seqs)
 
 

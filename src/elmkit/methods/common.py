@@ -20,6 +20,8 @@ from torch import nn
 from ..models.adapters import LayerContext, get_head, get_norm, layer_type
 
 MergeRule = Literal["paper", "keep_top", "keep_bottom", "mean"]
+NO_TARGETS = ("no calibration sequence has a target token (for instruction data: an answer token "
+              "within --calib.seq-len); raise --calib.seq-len or use text calibration data")
 MERGED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -50,7 +52,7 @@ class DepthTarget:
     def count(self, n_layers: int, at_most: int | None = None) -> int:
         """k for a model of ``n_layers``; ``at_most`` is the method's own limit."""
         k = self.n_remove if self.n_remove is not None else round(self.ratio * n_layers)
-        limit = n_layers - 1 if at_most is None else at_most
+        limit = n_layers - 1 if at_most is None else min(at_most, n_layers - 1)
         if k > limit:
             raise ValueError(f"cannot remove {k} of {n_layers} layers with this method "
                              f"(at most {limit}); lower --n-remove / --ratio")

@@ -7,7 +7,7 @@ Reserving-Differences-while-Seeking-Common (RDSC) merge of the m layers above la
 tried from the top down on the model as collapsed so far, and kept only if the final hidden states
 stay close to the dense model's on the calibration sequences:
 
-    l = top - m
+    l = top - (m + 1)
     while l >= lowest:
         candidate = collapse layers l..l+m
         if mean_x cos(flatten(h_dense(x)), flatten(h_candidate(x))) > T:
@@ -47,7 +47,7 @@ class LaCoConfig(DepthTarget):
     protect_first: int = 0
     """The first layers that are never merged (LaCo's LOWEST_LAY)."""
     protect_last: int = 0
-    """The last layers that are never merged (N-1 minus LaCo's HIGHEST_LAY)."""
+    """The last layers that are never merged (0: the sweep may reach the top layer)."""
     merge: MergeRule = "paper"
     """paper: RDSC; keep_top: what the released notebook computes; keep_bottom; mean."""
     bisect_steps: int = 16
@@ -112,7 +112,9 @@ class _Sweep:
     def run(self, T: float, budget: int | None) -> tuple[tuple[tuple[int, int], ...], float]:
         cfg = self.cfg
         work, merges, removed, sim = list(self.layers), (), 0, 1.0
-        l = len(work) - 1 - cfg.protect_last - cfg.m
+        # LaCo starts at HIGHEST_LAY - MERGE_LAYERS (MERGE_LAYERS = m + 1): the first window stays
+        # below the top layer; short models start at the lowest allowed layer
+        l = max(len(work) - 1 - cfg.protect_last - cfg.m - 1, cfg.protect_first)
         while l >= cfg.protect_first and (budget is None or removed < budget):
             m = min(cfg.m, len(work) - 1 - cfg.protect_last - l)
             if budget is not None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers, layer_inputs, num_layers, remove_layers_, run_layers
-from .common import DepthTarget, run_modules, token_nll, typed_layers
+from .common import NO_TARGETS, DepthTarget, run_modules, token_nll, typed_layers
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ def ppl_without_each(model, calib: Calibration, candidates: list[int], batch_siz
             bar.update(1)
         tokens += token_nll(model, h, ids, mask, target)[1]
     bar.close()
-    return {b: math.exp(v / max(tokens, 1)) for b, v in nll.items()}
+    if tokens == 0:
+        raise ValueError(NO_TARGETS)
+    return {b: math.exp(v / tokens) for b, v in nll.items()}
 
 
 def taylor_scores(model, calib: Calibration, batch_size: int = 8) -> dict[int, float]:
@@ -116,9 +118,15 @@ def taylor_scores(model, calib: Calibration, batch_size: int = 8) -> dict[int, f
         p.requires_grad_(True)
         p.grad = None
     try:
+        used = 0
         for ids, mask, target in calib.target_batches(batch_size, device):
+            if not target[:, 1:].any():  # no answer token survived the cut: the mean loss is NaN
+                continue
             labels = ids.masked_fill(target == 0, -100)
             model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            used += 1
+        if used == 0:
+            raise ValueError(NO_TARGETS)
         scores = {}
         with torch.no_grad():
             for i, layer in enumerate(get_layers(model)):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
 from ..models.adapters import layer_inputs, num_layers, remove_layers_
-from .common import DepthTarget, run_modules, token_nll, typed_layers
+from .common import NO_TARGETS, DepthTarget, run_modules, token_nll, typed_layers
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,12 @@ def plan(model, calib: Calibration, cfg: SLEBConfig, progress: bool = True) -> S
                     nll[j] += s
                 h = run_modules([layers[j]], h, ctx)
             tokens += t
+        if tokens == 0:
+            raise ValueError(NO_TARGETS)
         best = min(candidates, key=lambda j: (nll[j], j))
         alive.remove(best)
         order.append(best)
-        curve.append(nll[best] / max(tokens, 1))
+        curve.append(nll[best] / tokens)
         bar.update(1)
         bar.set_postfix(removed=best, nll=f"{curve[-1]:.4f}")
     bar.close()
