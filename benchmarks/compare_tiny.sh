@@ -3,12 +3,13 @@
 # once without healing and once with the same LoRA healing for all; keeps reports, tables, plots
 # and every method's plan.
 #   benchmarks/compare_tiny.sh [RUN_DIR] [RESULTS_DIR] [extra compare options...]
+#   HEALS=none benchmarks/compare_tiny.sh      # one setting only
 set -euo pipefail
 RUN=${1:-runs/compare_tiny}
 RES=${2:-benchmarks/results/compare_tiny}
 shift $(( $# < 2 ? $# : 2 ))
 cd "$(dirname "$0")/.."
-for heal in none lora; do
+for heal in ${HEALS:-none lora}; do
   start=$(date +%s)
   python3 -m elmkit.cli compare --model testbed:tiny --out "$RUN/$heal" --remove 0.25 --heal "$heal" "$@"
   echo "compare --heal $heal wall time: $(( $(date +%s) - start )) s" | tee "$RUN/$heal/wall_time.txt"
