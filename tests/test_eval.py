@@ -62,3 +62,4 @@ def test_evaluate_scores_a_model_that_knows_the_answers(tiny_dir, tmp_path, toke
     m = evaluate(Oracle(), exs, tmp_path / "o", EvalConfig(max_new_tokens=64), tokenizer=tokenizer,
                  progress=False)
     assert m["accuracy"] == 1.0
+

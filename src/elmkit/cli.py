@@ -157,7 +157,11 @@ def _commands() -> dict[str, Command]:
         "info": Command(info, (("model", "model folder or hub id", True),)),
         "finetune": Command(finetune, (model, ("data", "training data file", True), out),
                             FinetuneConfig),
-        "eval": Command(evaluate, (model, ("data", "evaluation data file", True), out), EvalConfig),
+        "eval": Command(evaluate, (
+            model, ("data", "evaluation data: math data with answers, HumanEval .jsonl(.gz), mbpp.jsonl, "
+                            "or a text file for perplexity", False), out,
+            ("data_dir", "--suite commonsense: folder with arc_easy.jsonl, boolq.jsonl, piqa.jsonl", False)),
+            EvalConfig),
         "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                        ElmCompressConfig),
         "compress elm": Command(compress_elm, (model, ("data", "training data file", True), out),

@@ -1,14 +1,18 @@
-"""Evaluation: math answer scoring with batched greedy generation.
+"""Evaluation: one entry point, ``evaluate(model, data, out, cfg)``, for every task.
 
-``evaluate(model, data, out, cfg)`` generates an answer for every example, scores it with the
-task's scorer, and writes ``metrics.json`` plus ``samples.jsonl`` (prompt, output, extracted,
-gold, correct) into ``out``.
+* gsm8k / math: batched greedy answers scored by the final answer (``math.py``);
+* humaneval / mbpp: completions run in a sandbox, pass@k (``code.py``, ``sandbox.py``);
+* perplexity: strided-window perplexity of a text file, e.g. WikiText-2 (``perplexity.py``);
+* --suite commonsense, --lm-eval-tasks: lm-evaluation-harness, offline for the shipped task YAMLs
+  (``harness.py``).
+
+Every run writes ``metrics.json`` (and ``samples.jsonl`` for generation tasks) into ``out``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +21,10 @@ from ..data.formats import Example, read_examples
 from ..io import RunDir, atomic_write_text
 from .generate import generate_greedy
 from .math import SCORERS, extract_gsm8k, extract_math, gsm8k_equal, math_equal
+from .sandbox import SandboxConfig
+
+CODE_TASKS = ("humaneval", "mbpp")
+TASKS = (*SCORERS, *CODE_TASKS, "perplexity")
 
 __all__ = [
     "EvalConfig",
@@ -31,63 +39,133 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate a model on a math task."""
+    """What to evaluate and how."""
 
-    task: Literal["gsm8k", "math"] = "gsm8k"
-    """Scorer: gsm8k (numeric final answer) or math (LaTeX final answer, boxed)."""
+    task: Literal["gsm8k", "math", "humaneval", "mbpp", "perplexity"] = "gsm8k"
+    """gsm8k / math (final-answer accuracy), humaneval / mbpp (pass@k), perplexity (a text file)."""
+    suite: Literal["commonsense"] | None = None
+    """Run an lm-eval suite over --data-dir instead of --task: commonsense (ARC-Easy, BoolQ, PIQA)."""
+    lm_eval_tasks: tuple[str, ...] = ()
+    """lm-eval's own tasks by name, e.g. arc_challenge hellaswag (need the network or an HF cache)."""
     format: str = "auto"
-    """Data format of --data: auto, alpaca, gsm8k, metamath or math."""
+    """Data format of --data for gsm8k/math: auto, alpaca, gsm8k, metamath or math."""
     limit: int | None = None
-    """Evaluate only the first N examples."""
+    """Evaluate only the first N examples / problems / documents per task."""
     batch_size: int = 8
-    """Prompts generated together (left-padded)."""
+    """Sequences generated or scored together."""
     max_new_tokens: int = 256
-    """Generation budget per answer."""
+    """Generation budget per answer or completion."""
     system: str | None = None
-    """Optional system message for the chat template."""
+    """Optional system message for the chat template (gsm8k/math)."""
+    samples: int = 1
+    """Code: completions per problem (n in pass@k)."""
+    temperature: float = 0.0
+    """Code: sampling temperature (0: greedy, one sample per problem)."""
+    top_p: float = 0.95
+    """Code: nucleus sampling mass when temperature > 0."""
+    pass_k: tuple[int, ...] = (1,)
+    """Code: the k of pass@k reported (each <= samples)."""
+    shots: int = 0
+    """MBPP: worked examples in the prompt (0-3, the paper's tasks 2-4)."""
+    workers: int = 2
+    """Code: programs run in parallel in the sandbox."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Code: limits of each sandboxed program (--sandbox.timeout-s, --sandbox.memory-mb, ...)."""
+    window: int | None = None
+    """Perplexity: tokens per window (default: the model's context, at most 2048)."""
+    stride: int | None = None
+    """Perplexity: tokens between window starts (default: the window, disjoint chunks)."""
+    seed: int = 0
+    """Seed for sampling."""
     dtype: str = "auto"
     """Model dtype: auto (bf16 on a GPU that has it, else float32), float32, bfloat16."""
     device: str = "auto"
     """Device: auto, cpu, cuda, cuda:1 ..."""
 
     def __post_init__(self):
-        if self.task not in SCORERS:
-            raise ValueError(f"--task must be one of {', '.join(SCORERS)}, got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.suite not in (None, "commonsense"):
+            raise ValueError(f"--suite must be commonsense, got {self.suite!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--batch-size and --max-new-tokens must be positive")
+        if self.samples < 1 or self.workers < 1 or any(k < 1 for k in self.pass_k):
+            raise ValueError("--samples, --workers and --pass-k must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.temperature == 0 and self.samples > 1:
+            raise ValueError("--samples > 1 needs --temperature > 0 (greedy gives one completion)")
 
 
 def evaluate(
     model,
-    data: str | Path | list[Example],
-    out: str | Path,
+    data: str | Path | list[Example] | None = None,
+    out: str | Path = "runs/eval",
     cfg: EvalConfig = EvalConfig(),
     tokenizer=None,
     progress: bool = True,
+    data_dir: str | Path | None = None,
 ) -> dict:
-    """Generate and score answers; returns the metrics written to ``out/metrics.json``.
+    """Evaluate a model on one task (or an lm-eval suite); returns the metrics written to
+    ``out/metrics.json``.
 
     Args:
         model: a model folder / hub id, or an already loaded causal LM.
-        data: a data file (any instruction format with a gold answer) or a list of examples.
+        data: gsm8k/math: a data file with gold answers (or a list of examples); humaneval: the
+            HumanEval .jsonl(.gz); mbpp: mbpp.jsonl (test split = task_id 11-510); perplexity: a
+            text file (WikiText-2's wiki.test.raw is normalised). Not used by --suite.
         out: run folder to write config.json, metrics.json and samples.jsonl into.
         cfg: task, limits and generation settings.
         tokenizer: needed when ``model`` is an object; loaded from the folder otherwise.
+        data_dir: --suite commonsense: the folder holding arc_easy.jsonl, boolq.jsonl, piqa.jsonl.
     """
     from ..models.loading import load_model, load_tokenizer
 
     run = RunDir(out)
     run.write_config(
         "eval", model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        data=str(data) if isinstance(data, (str, Path)) else f"<{len(data)} examples>", **vars(cfg)
-    )
+        data=str(data) if data is None or isinstance(data, (str, Path)) else f"<{len(data)} examples>",
+        data_dir=str(data_dir) if data_dir is not None else None, **asdict(cfg))
+    lm_eval_run = cfg.suite is not None or bool(cfg.lm_eval_tasks)
+    if data is None and not lm_eval_run:
+        raise ValueError(f"--data is required for --task {cfg.task}")
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model, cfg.dtype, cfg.device)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer when the model is an object")
+    model.eval()
+
+    if lm_eval_run:
+        from .harness import run_lm_eval
+
+        tasks = ([cfg.suite] if cfg.suite else []) + list(cfg.lm_eval_tasks)
+        metrics = run_lm_eval(model, tokenizer, tasks, data_dir=data_dir, limit=cfg.limit,
+                              batch_size=cfg.batch_size, device=str(next(model.parameters()).device))
+    elif cfg.task == "perplexity":
+        from .perplexity import perplexity, read_text_file
+
+        metrics = {"task": "perplexity", "data": str(data),
+                   **perplexity(model, tokenizer, read_text_file(data), cfg.window, cfg.stride,
+                                progress=progress)}
+    elif cfg.task in CODE_TASKS:
+        from .code import evaluate_code, read_problems
+
+        problems = read_problems(cfg.task, data, cfg.shots)[: cfg.limit]
+        metrics, records = evaluate_code(
+            model, tokenizer, problems, cfg.task, cfg.samples, cfg.temperature, cfg.top_p, cfg.pass_k,
+            cfg.max_new_tokens, cfg.batch_size, cfg.sandbox, cfg.workers, cfg.seed, progress)
+        atomic_write_text(run / "samples.jsonl", "\n".join(json.dumps(r, ensure_ascii=False)
+                                                           for r in records) + "\n")
+    else:
+        metrics = _evaluate_math(model, tokenizer, data, run, cfg, progress)
+    run.write_metrics(metrics)
+    return metrics
+
+
+def _evaluate_math(model, tokenizer, data, run: RunDir, cfg: EvalConfig, progress: bool) -> dict:
     examples = read_examples(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
     examples = examples[: cfg.limit] if cfg.limit else examples
     if not examples:
@@ -95,8 +173,6 @@ def evaluate(
     missing = [i for i, ex in enumerate(examples) if ex.answer is None]
     if missing:
         raise ValueError(f"examples {missing[:5]} have no gold answer; math evaluation needs one")
-
-    model.eval()
     prompts = [encode_prompt(tokenizer, ex, cfg.system) for ex in examples]
     outs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress)
     score = SCORERS[cfg.task]
@@ -111,9 +187,7 @@ def evaluate(
         }, ensure_ascii=False))
     atomic_write_text(run / "samples.jsonl", "\n".join(lines) + "\n")
     n = len(examples)
-    metrics = {
+    return {
         "task": cfg.task, "n": n, "correct": correct, "accuracy": correct / n,
         "mean_new_tokens": sum(len(t) for t in outs) / n,
     }
-    run.write_metrics(metrics)
-    return metrics
