@@ -22,18 +22,22 @@ from .adapters import (
     run_layers,
 )
 from .configuration_elm import ElmConfig
+from .configuration_slim import SlimConfig
 from .loading import load_model, load_tokenizer
 from .modeling_elm import ElmForCausalLM
+from .modeling_slim import SlimForCausalLM
+from .slim import LayerKeep, full_keep, to_slim
 
 
 def _register() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        AutoConfig.register("elm", ElmConfig)
-        AutoModelForCausalLM.register(ElmConfig, ElmForCausalLM)
-    except ValueError:  # already registered (re-import)
-        pass
+    for name, config, model in (("elm", ElmConfig, ElmForCausalLM), ("slim", SlimConfig, SlimForCausalLM)):
+        try:
+            AutoConfig.register(name, config)
+            AutoModelForCausalLM.register(config, model)
+        except ValueError:  # already registered (re-import)
+            pass
 
 
 _register()
@@ -41,6 +45,11 @@ _register()
 __all__ = [
     "ElmConfig",
     "ElmForCausalLM",
+    "LayerKeep",
+    "SlimConfig",
+    "SlimForCausalLM",
+    "full_keep",
+    "to_slim",
     "FAMILIES",
     "Family",
     "LayerContext",

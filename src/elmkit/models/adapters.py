@@ -63,8 +63,9 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
     "mistral": Family("mistral"),
-    # elmkit's ELM keeps its base family's layout (see models/modeling_elm.py)
+    # elmkit's ELM and slim models keep their base family's layout (models/modeling_*.py)
     "elm": Family("elm"),
+    "slim": Family("slim"),
 }
 
 
@@ -75,8 +76,8 @@ def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; elmkit supports "
-            f"{', '.join(sorted(set(FAMILIES) - {'elm'}))} (Llama, Qwen2/2.5, Qwen3, Mistral "
-            "families) and their ELM form"
+            f"{', '.join(sorted(set(FAMILIES) - {'elm', 'slim'}))} (Llama, Qwen2/2.5, Qwen3, Mistral "
+            "families) and their ELM and slim forms"
         )
     return FAMILIES[model_type]
 
