@@ -64,11 +64,13 @@ def slim_attention_class(base_cls: type) -> type:
 
 
 class NoAttention(nn.Module):
-    """A pruned-away attention branch: adds nothing, keeps the cache length in step."""
+    """A pruned-away attention branch: adds nothing (or a constant output bias, FLAP's
+    compensation), keeps the cache length in step."""
 
-    def __init__(self, layer_idx: int, head_dim: int):
+    def __init__(self, layer_idx: int, head_dim: int, hidden_size: int = 0, bias: bool = False):
         super().__init__()
         self.layer_idx, self.head_dim = layer_idx, head_dim
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -76,14 +78,20 @@ class NoAttention(nn.Module):
         if past_key_values is not None:
             empty = hidden_states.new_zeros(B, 0, T, self.head_dim)  # (B, 0, T, hd)
             past_key_values.update(empty, empty, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
+        out = torch.zeros_like(hidden_states)
+        return (out + self.bias if self.bias is not None else out), None
 
 
 class NoMLP(nn.Module):
-    """A pruned-away MLP branch."""
+    """A pruned-away MLP branch: adds nothing (or a constant output bias)."""
+
+    def __init__(self, hidden_size: int = 0, bias: bool = False):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
 
     def forward(self, x):
-        return torch.zeros_like(x)
+        out = torch.zeros_like(x)
+        return out + self.bias if self.bias is not None else out
 
 
 def slim_layer_(layer: nn.Module, config, layer_idx: int, spec: dict) -> nn.Module:
@@ -91,7 +99,7 @@ def slim_layer_(layer: nn.Module, config, layer_idx: int, spec: dict) -> nn.Modu
     hd = config.head_dim
     n_q, n_kv, m = len(spec["q_to_kv"]), int(spec["num_key_value_heads"]), int(spec["intermediate_size"])
     if n_q == 0:
-        layer.self_attn = NoAttention(layer_idx, hd)
+        layer.self_attn = NoAttention(layer_idx, hd, config.hidden_size, bool(spec.get("o_bias")))
     else:
         c = copy.copy(config)
         c.num_attention_heads, c.num_key_value_heads = n_q, n_kv
@@ -103,7 +111,7 @@ def slim_layer_(layer: nn.Module, config, layer_idx: int, spec: dict) -> nn.Modu
             attn.o_proj = nn.Linear(n_q * hd, config.hidden_size, bias=True)
         layer.self_attn = attn
     if m == 0:
-        layer.mlp = NoMLP()
+        layer.mlp = NoMLP(config.hidden_size, bool(spec.get("down_bias")))
     else:
         c = copy.copy(config)
         c.intermediate_size = m

@@ -67,8 +67,8 @@ def to_slim(model, keep: Sequence[LayerKeep]) -> SlimForCausalLM:
         if not q:
             kv = []
         specs.append({"q_to_kv": [kv.index(h // group) for h in q], "num_key_value_heads": len(kv),
-                      "intermediate_size": len(k.channels), "o_bias": k.o_bias is not None and bool(q),
-                      "down_bias": k.down_bias is not None and len(k.channels) > 0})
+                      "intermediate_size": len(k.channels), "o_bias": k.o_bias is not None,
+                      "down_bias": k.down_bias is not None})
     config = SlimConfig.from_base(c, specs)
     config._attn_implementation = c._attn_implementation
     slim = SlimForCausalLM(config).to(dtype=next(model.parameters()).dtype)
@@ -91,11 +91,16 @@ def to_slim(model, keep: Sequence[LayerKeep]) -> SlimForCausalLM:
             for norm in ("q_norm", "k_norm"):  # Qwen3: per-head_dim weights, shared by heads
                 if hasattr(sa, norm):
                     getattr(sb, norm).load_state_dict(getattr(sa, norm).state_dict())
+        elif k.o_bias is not None:  # attention gone, its compensation stays as a constant
+            b.self_attn.bias.copy_(k.o_bias + (a.self_attn.o_proj.bias if a.self_attn.o_proj.bias is not None
+                                               else 0))
         if spec["intermediate_size"]:
             ch = torch.as_tensor(list(k.channels), dtype=torch.long)
             _copy(b.mlp.gate_proj, a.mlp.gate_proj, rows=ch)
             _copy(b.mlp.up_proj, a.mlp.up_proj, rows=ch)
             _copy(b.mlp.down_proj, a.mlp.down_proj, cols=ch, bias=k.down_bias)
+        elif k.down_bias is not None:
+            b.mlp.bias.copy_(k.down_bias + (a.mlp.down_proj.bias if a.mlp.down_proj.bias is not None else 0))
     if getattr(c, "tie_word_embeddings", False):
         slim.tie_weights()
     slim.generation_config = copy_generation_config(model)
