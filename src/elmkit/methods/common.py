@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..models.adapters import LayerContext, get_head, get_norm, layer_type
+from ..models.adapters import LayerContext, get_head, get_norm, layer_inputs, layer_type
 
 MergeRule = Literal["paper", "keep_top", "keep_bottom", "mean"]
 NO_TARGETS = ("no calibration sequence has a target token (for instruction data: an answer token "
@@ -104,6 +105,31 @@ def sequence_cosine(model, h: torch.Tensor, ref: torch.Tensor, mask: torch.Tenso
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
 
 
+def loss_gradients(model, calib, batch_size: int = 8) -> dict[nn.Parameter, torch.Tensor]:
+    """dL/dW of every parameter, summed over calibration batches (L: the mean target-token NLL of a
+    batch); the model's own .grad and requires_grad are left as they were."""
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    used = 0
+    try:
+        for ids, mask, target in calib.target_batches(batch_size, device):
+            if not target[:, 1:].any():  # no answer token survived the cut: the mean loss is NaN
+                continue
+            labels = ids.masked_fill(target == 0, -100)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            used += 1
+        if used == 0:
+            raise ValueError(NO_TARGETS)
+        return {p: p.grad for p in model.parameters() if p.grad is not None}
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+
+
 # ---------------------------------------------------------------------------------------------
 # merging
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +163,85 @@ def merge_layers(layers: Sequence[nn.Module], rule: MergeRule = "paper") -> nn.M
         else:
             raise ValueError(f"unknown merge rule {rule!r}; choose paper, keep_top, keep_bottom, mean")
     return base
+
+
+# ---------------------------------------------------------------------------------------------
+# similarity-gated sweeps (SLM, LaCo)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepTarget(DepthTarget):
+    """Either a target (n_remove / ratio: T is found by bisection) or a threshold T; a merge rule."""
+
+    threshold: float | None = None
+    """Cosine threshold T; set it (and no target) to run the original, untargeted sweep."""
+    merge: MergeRule = "paper"
+    """paper: theta_l + sum(theta_k - theta_l); keep_top: the released code's result; keep_bottom; mean."""
+    bisect_steps: int = 16
+    """Bisection steps over T when a target is set."""
+
+    def __post_init__(self):
+        if self.n_remove is not None and self.ratio is not None:
+            raise ValueError("set at most one of --n-remove or --ratio")
+        if self.n_remove is None and self.ratio is None and self.threshold is None:
+            raise ValueError("set --n-remove / --ratio (T is then searched) or --threshold")
+        self._check_target()
+        if self.merge not in ("paper", "keep_top", "keep_bottom", "mean"):
+            raise ValueError("--merge must be paper, keep_top, keep_bottom or mean")
+        if self.bisect_steps < 1:
+            raise ValueError("--bisect-steps must be >= 1")
+
+
+class DenseStates:
+    """The dense model's input of every layer and its last output, per calibration batch, to score
+    edited layer lists from the first edited layer on (layers below it are still dense)."""
+
+    def __init__(self, model, calib, batch_size: int):
+        self.model = model
+        self.layers = typed_layers(model)
+        device = next(model.parameters()).device
+        self.batches = []  # per batch: (ctx, mask, dense input of every layer, dense output)
+        with torch.no_grad():
+            for ids, mask in calib.batches(batch_size, device):
+                ctx = layer_inputs(model, ids, mask)
+                h, inputs = ctx.hidden, []
+                for mod in self.layers:
+                    inputs.append(h)
+                    h = run_modules([mod], h, ctx)
+                self.batches.append((ctx, mask, inputs, h))
+
+    @torch.no_grad()
+    def similarity(self, modules: Sequence[tuple[nn.Module, str]], lowest: int) -> float:
+        """Mean per-sequence ``sequence_cosine`` to the dense model of the dense layers below
+        ``lowest`` followed by ``modules``."""
+        total, count = 0.0, 0
+        for ctx, mask, inputs, ref in self.batches:
+            out = run_modules(modules, inputs[lowest], ctx)
+            total += float(sequence_cosine(self.model, out, ref, mask).sum())
+            count += out.shape[0]
+        return total / count
+
+
+def sweep_threshold(cfg: SweepTarget, n_layers: int, at_most: int,
+                    removed_at: Callable[[float, int], int], desc: str, progress: bool
+                    ) -> tuple[float, int | None]:
+    """(T, budget): the configured threshold without a target, else the bisected T for k layers
+    (``removed_at(T, k)`` runs the sweep capped at k)."""
+    if cfg.n_remove is None and cfg.ratio is None:
+        return cfg.threshold, None
+    budget = cfg.count(n_layers, at_most=at_most)
+    if budget == 0:
+        return 1.0, 0
+    bar = tqdm(total=cfg.bisect_steps + 1, desc=desc, disable=not progress)
+
+    def counted(t: float) -> int:
+        bar.update(1)
+        return removed_at(t, budget)
+
+    T = bisect_threshold(counted, budget, steps=cfg.bisect_steps)
+    bar.close()
+    return T, budget
 
 
 # ---------------------------------------------------------------------------------------------

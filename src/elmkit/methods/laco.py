@@ -26,20 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from tqdm.auto import tqdm
-
 from ..data.calibration import Calibration
-from ..models.adapters import get_layers, layer_inputs, layer_type, num_layers, replace_span_
-from .common import DepthTarget, MergeRule, bisect_threshold, merge_layers, run_modules, sequence_cosine
+from ..models.adapters import get_layers, num_layers, replace_span_
+from .common import DenseStates, SweepTarget, merge_layers, sweep_threshold
 
 
 @dataclass(frozen=True)
-class LaCoConfig(DepthTarget):
+class LaCoConfig(SweepTarget):
     """Collapse size, sweep range, merge rule, and either a target or a threshold T."""
 
-    threshold: float | None = None
-    """Cosine threshold T; set it (and no target) to run the original, untargeted sweep."""
     m: int = 2
     """Layers collapsed into the base layer per merge (each accepted merge removes m)."""
     interval: int = 1
@@ -48,25 +43,13 @@ class LaCoConfig(DepthTarget):
     """The first layers that are never merged (LaCo's LOWEST_LAY)."""
     protect_last: int = 0
     """The last layers that are never merged (0: the sweep may reach the top layer)."""
-    merge: MergeRule = "paper"
-    """paper: RDSC; keep_top: what the released notebook computes; keep_bottom; mean."""
-    bisect_steps: int = 16
-    """Bisection steps over T when a target is set."""
 
     def __post_init__(self):
-        if self.n_remove is not None and self.ratio is not None:
-            raise ValueError("set at most one of --n-remove or --ratio")
-        if self.n_remove is None and self.ratio is None and self.threshold is None:
-            raise ValueError("set --n-remove / --ratio (T is then searched) or --threshold")
-        self._check_target()
+        super().__post_init__()
         if self.m < 1 or self.interval < 1:
             raise ValueError("--m and --interval must be >= 1")
         if self.protect_first < 0 or self.protect_last < 0:
             raise ValueError("--protect-first and --protect-last must be >= 0")
-        if self.merge not in ("paper", "keep_top", "keep_bottom", "mean"):
-            raise ValueError("--merge must be paper, keep_top, keep_bottom or mean")
-        if self.bisect_steps < 1:
-            raise ValueError("--bisect-steps must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -83,30 +66,15 @@ class LaCoPlan:
 
 class _Sweep:
     def __init__(self, model, calib: Calibration, cfg: LaCoConfig):
-        self.model, self.cfg = model, cfg
-        self.layers = [(l, layer_type(model.config, i)) for i, l in enumerate(get_layers(model))]
-        device = next(model.parameters()).device
-        self.batches = []  # per batch: (ctx, mask, dense input of every layer, dense output)
-        with torch.no_grad():
-            for ids, mask in calib.batches(cfg.batch_size, device):
-                ctx = layer_inputs(model, ids, mask)
-                h, inputs = ctx.hidden, []
-                for mod in self.layers:
-                    inputs.append(h)
-                    h = run_modules([mod], h, ctx)
-                self.batches.append((ctx, mask, inputs, h))
+        self.cfg = cfg
+        self.dense = DenseStates(model, calib, cfg.batch_size)
+        self.layers = self.dense.layers
         self._sim: dict = {}
 
-    @torch.no_grad()
     def similarity(self, key: tuple, modules: list, lowest: int) -> float:
         """Similarity of ``modules`` (the collapsed layer list) to the dense model."""
         if key not in self._sim:
-            total, count = 0.0, 0
-            for ctx, mask, inputs, ref in self.batches:  # layers below ``lowest`` are dense
-                out = run_modules(modules[lowest:], inputs[lowest], ctx)
-                total += float(sequence_cosine(self.model, out, ref, mask).sum())
-                count += out.shape[0]
-            self._sim[key] = total / count
+            self._sim[key] = self.dense.similarity(modules[lowest:], lowest)
         return self._sim[key]
 
     def run(self, T: float, budget: int | None) -> tuple[tuple[tuple[int, int], ...], float]:
@@ -139,18 +107,8 @@ def plan(model, calib: Calibration, cfg: LaCoConfig, progress: bool = True) -> L
     if room < 2:
         raise ValueError(f"LaCo has {room} mergeable layers after --protect-first/--protect-last; needs 2")
     sweep = _Sweep(model, calib, cfg)
-    if cfg.n_remove is None and cfg.ratio is None:
-        T, budget = cfg.threshold, None
-    else:
-        budget = cfg.count(n, at_most=room - 1)
-        bar = tqdm(total=cfg.bisect_steps + 1, desc="LaCo threshold", disable=not progress)
-
-        def removed_at(t: float) -> int:
-            bar.update(1)
-            return sum(m for _, m in sweep.run(t, budget)[0])
-
-        T = bisect_threshold(removed_at, budget, steps=cfg.bisect_steps) if budget else 1.0
-        bar.close()
+    T, budget = sweep_threshold(cfg, n, room - 1, lambda t, k: sum(m for _, m in sweep.run(t, k)[0]),
+                                "LaCo threshold", progress)
     merges, sim = sweep.run(T, budget) if budget != 0 else ((), 1.0)
     return LaCoPlan(merges, T, sim, cfg.merge)
 

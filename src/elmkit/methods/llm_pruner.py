@@ -27,6 +27,7 @@ import torch
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
+from .common import loss_gradients
 
 
 @dataclass(frozen=True)
@@ -65,32 +66,6 @@ class LLMPrunerPlan:
     """Per layer: importance of every MLP channel (None outside the pruned range)."""
 
 
-def taylor_grads(model, calib: Calibration, batch_size: int = 8) -> dict:
-    """dL/dW of every parameter, summed over calibration batches (L: mean target-token NLL)."""
-    from .common import NO_TARGETS
-
-    device = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    used = 0
-    try:
-        for ids, mask, target in calib.target_batches(batch_size, device):
-            if not target[:, 1:].any():
-                continue
-            labels = ids.masked_fill(target == 0, -100)
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            used += 1
-        if used == 0:
-            raise ValueError(NO_TARGETS)
-        return {p: p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
-    finally:
-        for p, f in flags.items():
-            p.grad = None
-            p.requires_grad_(f)
-
-
 def plan(model, calib: Calibration, cfg: LLMPrunerConfig, progress: bool = False) -> LLMPrunerPlan:
     c = model.config
     n = c.num_hidden_layers
@@ -99,7 +74,7 @@ def plan(model, calib: Calibration, cfg: LLMPrunerConfig, progress: bool = False
     end = cfg.layer_end if cfg.layer_end is not None else n - 2
     if not cfg.layer_start < end <= n:
         raise ValueError(f"pruned layers [{cfg.layer_start}, {end}) are not inside 0..{n}")
-    grads = taylor_grads(model, calib, cfg.batch_size)
+    grads = loss_gradients(model, calib, cfg.batch_size)
     # element scores w * g are summed over a group: |.| first (param_first) or after (vectorize)
     reduce = (lambda t, dim: t.abs().sum(dim)) if cfg.taylor == "param_first" else (lambda t, dim: t.sum(dim))
     layers, attn_scores, mlp_scores = [], [], []

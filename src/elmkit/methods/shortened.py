@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers, layer_inputs, num_layers, remove_layers_, run_layers
-from .common import NO_TARGETS, DepthTarget, run_modules, token_nll, typed_layers
+from .common import NO_TARGETS, DepthTarget, loss_gradients, run_modules, token_nll, typed_layers
 
 
 @dataclass(frozen=True)
@@ -112,28 +112,7 @@ def ppl_without_each(model, calib: Calibration, candidates: list[int], batch_siz
 
 def taylor_scores(model, calib: Calibration, batch_size: int = 8) -> dict[int, float]:
     """sum |W * dL/dW| per layer, with L the mean target-token NLL of each calibration batch, summed."""
-    device = next(model.parameters()).device
-    was = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    try:
-        used = 0
-        for ids, mask, target in calib.target_batches(batch_size, device):
-            if not target[:, 1:].any():  # no answer token survived the cut: the mean loss is NaN
-                continue
-            labels = ids.masked_fill(target == 0, -100)
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            used += 1
-        if used == 0:
-            raise ValueError(NO_TARGETS)
-        scores = {}
-        with torch.no_grad():
-            for i, layer in enumerate(get_layers(model)):
-                scores[i] = float(sum((p * p.grad).abs().sum() for p in layer.parameters()
-                                      if p.grad is not None))
-    finally:
-        for p, flag in was.items():
-            p.grad = None
-            p.requires_grad_(flag)
-    return scores
+    grads = loss_gradients(model, calib, batch_size)
+    with torch.no_grad():
+        return {i: float(sum((p * grads[p]).abs().sum() for p in layer.parameters() if p in grads))
+                for i, layer in enumerate(get_layers(model))}

@@ -33,34 +33,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
-from ..models.adapters import get_layers, layer_inputs, layer_type, num_layers, replace_span_
-from .common import DepthTarget, MergeRule, bisect_threshold, merge_layers, run_modules, sequence_cosine
+from ..models.adapters import get_layers, num_layers, replace_span_
+from .common import DenseStates, SweepTarget, merge_layers, sweep_threshold
 
 
 @dataclass(frozen=True)
-class SLMConfig(DepthTarget):
+class SLMConfig(SweepTarget):
     """Merge rule, and either a target (n_remove / ratio, T found by bisection) or a threshold T."""
-
-    threshold: float | None = None
-    """Cosine threshold T; set it (and no target) to run the original, untargeted sweep."""
-    merge: MergeRule = "paper"
-    """paper: theta_l + sum(theta_k - theta_l); keep_top: the official code's result; keep_bottom; mean."""
-    bisect_steps: int = 16
-    """Bisection steps over T when a target is set."""
-
-    def __post_init__(self):
-        if self.n_remove is not None and self.ratio is not None:
-            raise ValueError("set at most one of --n-remove or --ratio")
-        if self.n_remove is None and self.ratio is None and self.threshold is None:
-            raise ValueError("set --n-remove / --ratio (T is then searched) or --threshold")
-        self._check_target()
-        if self.merge not in ("paper", "keep_top", "keep_bottom", "mean"):
-            raise ValueError("--merge must be paper, keep_top, keep_bottom or mean")
-        if self.bisect_steps < 1:
-            raise ValueError("--bisect-steps must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -79,19 +60,10 @@ class _Sweep:
     """The sliding-window sweep at a given T, with the dense states and similarities cached."""
 
     def __init__(self, model, calib: Calibration, cfg: SLMConfig):
-        self.model, self.cfg = model, cfg
-        self.layers = list(get_layers(model))
-        self.types = [layer_type(model.config, i) for i in range(len(self.layers))]
-        device = next(model.parameters()).device
-        self.batches = []  # per batch: (ctx, mask, dense input of every layer, dense output)
-        with torch.no_grad():
-            for ids, mask in calib.batches(cfg.batch_size, device):
-                ctx = layer_inputs(model, ids, mask)
-                h, inputs = ctx.hidden, []
-                for i, l in enumerate(self.layers):
-                    inputs.append(h)
-                    h = run_modules([(l, self.types[i])], h, ctx)
-                self.batches.append((ctx, mask, inputs, h))
+        self.cfg = cfg
+        self.dense = DenseStates(model, calib, cfg.batch_size)
+        self.layers = [l for l, _ in self.dense.layers]
+        self.types = [t for _, t in self.dense.layers]
         self._sim: dict = {}
         self._merged: dict = {}
 
@@ -118,12 +90,7 @@ class _Sweep:
             else:
                 modules.append((self.layers[i], self.types[i]))
                 i += 1
-        total, count = 0.0, 0
-        for ctx, mask, inputs, ref in self.batches:
-            out = run_modules(modules, inputs[lowest], ctx)
-            total += float(sequence_cosine(self.model, out, ref, mask).sum())
-            count += out.shape[0]
-        self._sim[merges] = total / count
+        self._sim[merges] = self.dense.similarity(modules, lowest)
         return self._sim[merges]
 
     def run(self, T: float, budget: int | None) -> tuple[tuple[int, int], ...]:
@@ -152,18 +119,8 @@ def plan(model, calib: Calibration, cfg: SLMConfig, progress: bool = True) -> SL
     if n < 3:
         raise ValueError(f"SLM needs at least 3 layers (the last is never merged); the model has {n}")
     sweep = _Sweep(model, calib, cfg)
-    if cfg.n_remove is None and cfg.ratio is None:
-        T, budget = cfg.threshold, None
-    else:
-        budget = cfg.count(n, at_most=n - 2)
-        bar = tqdm(total=cfg.bisect_steps + 1, desc="SLM threshold", disable=not progress)
-
-        def removed_at(t: float) -> int:
-            bar.update(1)
-            return sum(hi - lo for lo, hi in sweep.run(t, budget))
-
-        T = bisect_threshold(removed_at, budget, steps=cfg.bisect_steps) if budget else 1.0
-        bar.close()
+    T, budget = sweep_threshold(cfg, n, n - 2, lambda t, k: sum(hi - lo for lo, hi in sweep.run(t, k)),
+                                "SLM threshold", progress)
     merges = sweep.run(T, budget) if budget != 0 else ()
     sim = sweep.similarity(merges) if merges else 1.0
     return SLMPlan(merges, T, sim, cfg.merge)
