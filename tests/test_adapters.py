@@ -1,5 +1,6 @@
 import pytest
 import torch
+from checks import assert_cached_equals_full, assert_layers_consistent
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from elmkit.models import (
@@ -26,34 +27,6 @@ def _left_pad_mask(B=2, T=9):
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :3] = 0  # first row is left-padded by 3
     return mask
-
-
-def _assert_consistent(model):
-    layers = get_layers(model)
-    assert model.config.num_hidden_layers == len(layers)
-    assert [l.self_attn.layer_idx for l in layers] == list(range(len(layers)))
-    types = getattr(model.config, "layer_types", None)
-    if types is not None:
-        assert len(types) == len(layers)
-
-
-@torch.no_grad()
-def _cached_vs_full(model, prompt_len=5, new=6):
-    """Greedy-generate, then compare step-by-step cached logits with one full forward."""
-    ids = _ids(1, prompt_len)
-    seq = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
-    assert seq.shape[1] == prompt_len + new
-    full = model(seq).logits  # (1, T, V)
-    out = model(seq[:, :prompt_len], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
-    for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-        steps.append(out.logits[:, -1])
-        past = out.past_key_values
-    cached = torch.stack(steps, dim=1)  # (1, new, V)
-    torch.testing.assert_close(cached, full[:, prompt_len - 1:-1], atol=1e-5, rtol=0)
-    assert past.get_seq_length() == seq.shape[1] - 1
-    assert len(past.layers) == model.config.num_hidden_layers
 
 
 def test_family_table_covers_four_families(make_model, family):
@@ -91,16 +64,16 @@ def test_remove_two_layers_keeps_generate_cache_and_save_exact(make_model, famil
     p0 = count_parameters(model)
     per_layer = count_parameters(get_layers(model)[0])
     remove_layers_(model, [2, 4])
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert count_parameters(model) == p0 - 2 * per_layer
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert loaded.config.num_hidden_layers == 4
-    _assert_consistent(loaded)
+    assert_layers_consistent(loaded)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before, atol=0, rtol=0)
 
@@ -124,7 +97,7 @@ def test_mixed_layer_types_are_filtered(make_model, tmp_path):
     assert model.config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
     remove_layers_(model, [0, 5])
     assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     ids = _ids(T=12)
     with torch.no_grad():
         ctx = layer_inputs(model, ids)
@@ -142,14 +115,14 @@ def test_replace_span_and_insert(make_model, family):
 
     fresh = copy.deepcopy(layers[1])
     replace_span_(model, 1, 4, fresh)  # 6 -> 4 layers; `fresh` sits at index 1
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert get_layers(model)[1] is fresh and model.config.num_hidden_layers == 4
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)
     extra = copy.deepcopy(fresh)
     insert_layer_(model, extra, at=4)  # append at the end
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert get_layers(model)[4] is extra and model.config.num_hidden_layers == 5
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)
 
 
 def test_bad_surgery_requests_fail_clearly(make_model):
@@ -181,6 +154,6 @@ def test_a_span_covering_every_layer_can_be_replaced(make_model):
 
     model = make_model("llama")
     replace_span_(model, 0, 6, copy.deepcopy(get_layers(model)[0]))
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert model.config.num_hidden_layers == 1
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)

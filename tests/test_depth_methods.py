@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from checks import assert_cached_equals_full
 from transformers import AutoModelForCausalLM
 
 from elmkit.data.calibration import CalibConfig, Calibration
@@ -35,20 +36,6 @@ def _calib(n=6, T=12, seed=0, pad_last=True):
     return Calibration(ids, mask)
 
 
-@torch.no_grad()
-def _cached_equals_full(model, prompt_len=5, new=5):
-    ids = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(3))
-    seq = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    full = model(seq).logits
-    out = model(seq[:, :prompt_len], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
-    for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-        steps.append(out.logits[:, -1])
-        past = out.past_key_values
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt_len - 1:-1], atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_invariants(name, make_model, tmp_path):
     mod, make_cfg = METHODS[name]
@@ -63,7 +50,7 @@ def test_method_invariants(name, make_model, tmp_path):
     assert model.config.num_hidden_layers == 4
     assert count_parameters(model) == p0 - k * per_layer
     assert [l.self_attn.layer_idx for l in get_layers(model)] == [0, 1, 2, 3]
-    _cached_equals_full(model)
+    assert_cached_equals_full(model)
     model.save_pretrained(tmp_path / "m")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     ids = calib.input_ids[:2]
@@ -76,7 +63,7 @@ def test_methods_run_on_every_family(name, family, make_model):
     model = make_model(family, num_layers=5)
     mod.compress_(model, _calib(n=3), make_cfg(1), progress=False)
     assert model.config.num_hidden_layers == 4
-    _cached_equals_full(model)
+    assert_cached_equals_full(model)
 
 
 # --- known answers on the trained tiny testbed model ------------------------------------------

@@ -1,11 +1,10 @@
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from checks import assert_loads_with_remote_code_only, cached_and_full
 from transformers import AutoModelForCausalLM
 
 from elmkit.methods import elm as E
@@ -57,29 +56,16 @@ def test_only_kept_layers_and_the_block_remain(make_model):
     assert len(dense.model.layers) == 0  # the dense shell no longer holds the replaced layers
 
 
-@torch.no_grad()
-def _cached_vs_full(m, prompt=6, new=5):
-    seq = m.generate(_ids(1, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    full = m(seq).logits
-    out = m(seq[:, :prompt], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
-    for t in range(prompt, seq.shape[1] - 1):
-        out = m(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-        steps.append(out.logits[:, -1])
-        past = out.past_key_values
-    return torch.stack(steps, 1), full[:, prompt - 1:-1], past
-
-
 def test_per_iteration_cache_equals_full_recomputation(make_model, family):
     _, m = _elm(make_model, family, span=3, max_iter=3, kv_mode="per_iter")
-    cached, full, past = _cached_vs_full(m)
+    cached, full, past = cached_and_full(m, prompt_len=6, new=5)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     assert len(past._elm_iteration_slots[2].layers) == 2  # iterations 2 and 3 have their own slots
 
 
 def test_one_step_cache_matches_when_the_block_converges(make_model, family):
     _, m = _elm(make_model, family, span=3, max_iter=60, tol=1e-7)
-    cached, full, past = _cached_vs_full(m)
+    cached, full, past = cached_and_full(m, prompt_len=6, new=5)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
     lengths = {layer.keys.shape[-2] for layer in past.layers}
     assert lengths == {past.get_seq_length()}  # the block's slot was overwritten, not appended
@@ -123,25 +109,7 @@ def test_save_load_in_process_and_with_remote_code_only(make_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, want, atol=0, rtol=0)
 
-    torch.save(ids, tmp_path / "ids.pt")
-    torch.save(want, tmp_path / "want.pt")
-    script = f"""
-import sys
-sys.modules["elmkit"] = None  # elmkit must not be importable here
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'elm')!r}, trust_remote_code=True).eval()
-assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
-ids = torch.load({str(tmp_path / 'ids.pt')!r})
-with torch.no_grad():
-    got = m(ids).logits
-want = torch.load({str(tmp_path / 'want.pt')!r})
-assert torch.equal(got, want), (got - want).abs().max()
-print("ok")
-"""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert_loads_with_remote_code_only(tmp_path / "elm", ids, want, tmp_path)
 
 
 def test_bad_input_gives_clear_errors(make_model):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from checks import assert_cached_equals_full, assert_layers_consistent
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -17,33 +18,6 @@ def _calib(n=8, T=24, seed=0):
     lengths[0] = T
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     return Calibration(ids.masked_fill(mask == 0, 256), mask)
-
-
-def _assert_consistent(model):
-    layers = get_layers(model)
-    assert model.config.num_hidden_layers == len(layers)
-    assert [l.self_attn.layer_idx for l in layers] == list(range(len(layers)))
-    types = getattr(model.config, "layer_types", None)
-    if types is not None:
-        assert len(types) == len(layers)
-
-
-@torch.no_grad()
-def _cached_vs_full(model, prompt_len=5, new=6):
-    """Greedy-generate, then compare step-by-step cached logits with one full forward."""
-    ids = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    seq = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
-    assert seq.shape[1] == prompt_len + new
-    full = model(seq).logits  # (1, T, V)
-    out = model(seq[:, :prompt_len], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
-    for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-        steps.append(out.logits[:, -1])
-        past = out.past_key_values
-    cached = torch.stack(steps, dim=1)  # (1, new, V)
-    torch.testing.assert_close(cached, full[:, prompt_len - 1:-1], atol=1e-5, rtol=0)
-    assert len(past.layers) == model.config.num_hidden_layers
 
 
 def _logits(model, calib):
@@ -161,17 +135,17 @@ def test_compress_removes_n_layers_and_stays_a_plain_model(make_model, family, t
     model, calib = make_model(family), _calib()
     p0, per_layer = count_parameters(model), count_parameters(get_layers(model)[0])
     p, stats = replaceme.compress_(model, calib, ReplaceMeConfig(n_remove=2), progress=False)
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert model.config.num_hidden_layers == 4
     assert count_parameters(model) == p0 - 2 * per_layer  # T lives in down_proj: no new parameters
     assert stats["solver"] == "lstsq" and stats["start"] == p.start
     assert stats["distance"] == p.distances[p.start] == min(p.distances)
     assert -1 <= stats["deletion_cosine"] <= 1 and -1 <= stats["fit_cosine"] <= 1
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)
     before = _logits(model, calib)
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    _assert_consistent(loaded)
+    assert_layers_consistent(loaded)
     torch.testing.assert_close(_logits(loaded, calib), before, atol=0, rtol=0)
 
 
@@ -271,6 +245,6 @@ def test_removing_all_but_one_layer(make_model):
     model, calib = make_model("mistral"), _calib()
     p, _ = replaceme.compress_(model, calib, ReplaceMeConfig(n_remove=5), progress=False)
     assert p.start == 0 and len(p.distances) == 1
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert model.config.num_hidden_layers == 1
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)

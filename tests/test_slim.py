@@ -3,11 +3,10 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
+from checks import assert_cached_equals_full, assert_loads_with_remote_code_only
 from transformers import AutoModelForCausalLM
 
 from elmkit.models import LayerKeep, count_parameters, full_keep, get_layers, to_slim
@@ -101,25 +100,7 @@ def test_random_widths_round_trip_with_and_without_elmkit(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, want, atol=0, rtol=0)
 
-    torch.save(ids, tmp_path / "ids.pt")
-    torch.save(want, tmp_path / "want.pt")
-    script = f"""
-import sys
-sys.modules["elmkit"] = None  # elmkit must not be importable here
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'slim')!r}, trust_remote_code=True).eval()
-assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
-ids = torch.load({str(tmp_path / 'ids.pt')!r})
-with torch.no_grad():
-    got = m(ids).logits
-want = torch.load({str(tmp_path / 'want.pt')!r})
-assert torch.equal(got, want), (got - want).abs().max()
-print("ok")
-"""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert_loads_with_remote_code_only(tmp_path / "slim", ids, want, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -127,18 +108,7 @@ def test_generate_with_the_cache_equals_full_forward(family):
     torch.manual_seed(0)
     m = tiny_model(family, num_layers=4, hidden_size=32).eval()
     s = to_slim(m, _random_keep(m, seed=1))
-    prompt = _ids(1, 5)
-    with torch.no_grad():
-        seq = s.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-        full = s(seq).logits
-        out = s(seq[:, :5], use_cache=True)
-        steps, past = [out.logits[:, -1]], out.past_key_values
-        for t in range(5, seq.shape[1] - 1):
-            out = s(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-            steps.append(out.logits[:, -1])
-            past = out.past_key_values
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:-1], atol=1e-5, rtol=0)
-    assert past.get_seq_length() == seq.shape[1] - 1  # also through the layer without attention
+    assert_cached_equals_full(s)  # also through the layer without attention
 
 
 def test_bad_keeps_give_clear_errors():

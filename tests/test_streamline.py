@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from checks import assert_cached_equals_full, assert_layers_consistent
 from transformers import AutoModelForCausalLM
 
 from elmkit.data.calibration import Calibration
@@ -21,33 +22,6 @@ def _calib(n=6, T=12, seed=0) -> Calibration:
     return Calibration(ids, mask)
 
 
-def _assert_consistent(model):
-    layers = get_layers(model)
-    assert model.config.num_hidden_layers == len(layers)
-    assert [l.self_attn.layer_idx for l in layers] == list(range(len(layers)))
-    types = getattr(model.config, "layer_types", None)
-    if types is not None:
-        assert len(types) == len(layers)
-
-
-@torch.no_grad()
-def _cached_vs_full(model, prompt_len=5, new=6):
-    """Greedy-generate, then compare step-by-step cached logits with one full forward."""
-    ids = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    seq = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
-    assert seq.shape[1] == prompt_len + new
-    full = model(seq).logits  # (1, T, V)
-    out = model(seq[:, :prompt_len], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
-    for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
-        steps.append(out.logits[:, -1])
-        past = out.past_key_values
-    cached = torch.stack(steps, dim=1)  # (1, new, V)
-    torch.testing.assert_close(cached, full[:, prompt_len - 1:-1], atol=1e-5, rtol=0)
-    assert len(past.layers) == model.config.num_hidden_layers
-
-
 def _cfg(**kw):
     kw.setdefault("n_remove", 2)
     kw.setdefault("steps", 3)
@@ -63,16 +37,16 @@ def test_compress_drops_n_layers_keeps_cache_and_save_exact(make_model, family, 
                                     progress=False)
     assert p.span == 3 and len(p.scores) == 4 and p.scores[p.start] == max(p.scores)
     assert stats["steps"] == 3 and len(stats["loss_curve"]) == 3
-    _assert_consistent(model)
+    assert_layers_consistent(model)
     assert model.config.num_hidden_layers == 4
     assert count_parameters(model) == p0 - 2 * per_layer
-    _cached_vs_full(model)
+    assert_cached_equals_full(model)
     ids = _calib().input_ids[:2]
     with torch.no_grad():
         before = model(ids).logits
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    _assert_consistent(loaded)
+    assert_layers_consistent(loaded)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before, atol=0, rtol=0)
 
