@@ -10,6 +10,7 @@ head's KV head must be kept too, and it is renumbered among the kept ones (``q_t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,14 +104,9 @@ def to_slim(model, keep: Sequence[LayerKeep]) -> SlimForCausalLM:
             b.mlp.bias.copy_(k.down_bias + (a.mlp.down_proj.bias if a.mlp.down_proj.bias is not None else 0))
     if getattr(c, "tie_word_embeddings", False):
         slim.tie_weights()
-    slim.generation_config = copy_generation_config(model)
+    if getattr(model, "generation_config", None) is not None:
+        slim.generation_config = copy.deepcopy(model.generation_config)
     return slim.eval()
-
-
-def copy_generation_config(model):
-    import copy
-
-    return copy.deepcopy(model.generation_config) if getattr(model, "generation_config", None) else None
 
 
 def _rows(heads: Sequence[int], hd: int) -> torch.Tensor:
