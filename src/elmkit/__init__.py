@@ -17,7 +17,7 @@ from .api import (  # noqa: E402
     remove_layers,
     search,
 )
-from .compare import CompareConfig, compare, compress_depth  # noqa: E402
+from .compare import CompareConfig, compare, compress_method  # noqa: E402
 from .data.calibration import CalibConfig  # noqa: E402
 from .eval import EvalConfig, evaluate  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
@@ -32,7 +32,7 @@ __all__ = [
     "__version__",
     "compare",
     "compress",
-    "compress_depth",
+    "compress_method",
     "compress_elm",
     "demo",
     "evaluate",

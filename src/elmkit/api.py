@@ -145,16 +145,16 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
 
 def compress(model: str | Path, data: str | Path, out: str | Path, method: str = "elm", cfg=None,
              calib=None) -> dict:
-    """Compress ``model`` with ``method``: ``elm`` (cfg: ElmCompressConfig) or a depth method of
-    ``elmkit.methods.DEPTH`` (cfg: its config; calib: a CalibConfig)."""
-    from .compare import METHODS, compress_depth
+    """Compress ``model`` with ``method``: ``elm`` (cfg: ElmCompressConfig) or a depth or width method
+    of ``elmkit.methods.DEPTH`` / ``WIDTH`` (cfg: its config; calib: a CalibConfig)."""
+    from .compare import METHODS, compress_method
     from .data.calibration import CalibConfig
 
     if method == "elm":
         return compress_elm(model, data, out, cfg if cfg is not None else ElmCompressConfig())
     if method not in METHODS:
         raise ValueError(f"unknown --method {method!r}; known: {', '.join(METHODS)}")
-    return compress_depth(model, data, out, method, cfg, calib if calib is not None else CalibConfig())
+    return compress_method(model, data, out, method, cfg, calib if calib is not None else CalibConfig())
 
 
 def search(model: str | Path, data: str | Path, out: str | Path, cfg=None) -> dict:

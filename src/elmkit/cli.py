@@ -145,7 +145,7 @@ def _commands() -> dict[str, Command]:
     from .compare import CompareConfig, compare
     from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
-    from .methods import DEPTH
+    from .methods import DEPTH, WIDTH
     from .methods.gppo import GppoConfig
     from .train import FinetuneConfig, finetune
 
@@ -167,10 +167,10 @@ def _commands() -> dict[str, Command]:
         "compress elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                                 ElmCompressConfig),
         **{f"compress {name}": Command(
-            _depth_command(name), (model, ("data", "calibration data file (and training data for "
-                                                   "methods that train)", True), out),
+            _method_command(name), (model, ("data", "calibration data file (and training data for "
+                                                    "methods that train)", True), out),
             type(spec.base), extras=(("calib", CalibConfig),))
-           for name, spec in DEPTH.items() if spec.command},
+           for name, spec in (*DEPTH.items(), *WIDTH.items()) if spec.command},
         "compare": Command(compare, (
             model, out,
             ("data", "training/calibration data with answers (default for testbed models: their "
@@ -198,16 +198,16 @@ def _commands() -> dict[str, Command]:
     }
 
 
-def _depth_command(name: str) -> Callable:
-    """``elmkit compress <name>``: compress_depth with the method bound, documented by its file."""
-    from .compare import compress_depth
-    from .methods import DEPTH
+def _method_command(name: str) -> Callable:
+    """``elmkit compress <name>``: compress_method with the method bound, documented by its file."""
+    from .compare import compress_method
+    from .methods import DEPTH, WIDTH
 
     def run(model, data, out, cfg=None, calib=None):
-        return compress_depth(model, data, out, name, cfg, calib)
+        return compress_method(model, data, out, name, cfg, calib)
 
-    head = (DEPTH[name].module.__doc__ or "").strip()
-    run.__doc__ = head + "\n\n" + (compress_depth.__doc__ or "").split("\n\n", 1)[-1].strip()
+    head = ((WIDTH[name] if name in WIDTH else DEPTH[name]).module.__doc__ or "").strip()
+    run.__doc__ = head + "\n\n" + (compress_method.__doc__ or "").split("\n\n", 1)[-1].strip()
     return run
 
 

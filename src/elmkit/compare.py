@@ -1,9 +1,10 @@
-"""Depth compression on equal footing: ``compress_depth`` runs one method, ``compare`` runs them all
-on one model, one calibration set, one target and one test set, with optional equal LoRA healing.
+"""Compression on equal footing: ``compress_method`` runs one method, ``compare`` runs many on one
+model, one calibration set, one target and one test set, with optional equal LoRA healing.
 
-Every method ends with N - k decoder layers, k = round(remove x N): deleting methods delete k,
+Depth methods end with N - k decoder layers, k = round(remove x N): deleting methods delete k,
 merging methods merge until k are gone, ELM and LLM-Streamline replace a span of k + 1 layers by
-one. Output of ``compare``::
+one. Width methods remove ``remove`` of the non-embedding parameters (as near as their granularity
+allows; the table shows what each removed) and leave slim models. Output of ``compare``::
 
     out/report.md  out/results.json  out/accuracy.png
     out/<method>/plan.json  out/<method>/model/  (out/<method>/heal/model/ with --heal lora)
@@ -22,25 +23,32 @@ from typing import Literal
 
 from .data.calibration import CalibConfig, Calibration
 from .io import RunDir, atomic_write_text, read_json, save_figure, write_json
-from .methods import DEPTH
+from .methods import DEPTH, WIDTH, darwinlm
+from .methods.darwinlm import DarwinLMConfig
 from .train.lora import FinetuneConfig
 
-METHODS = ("elm", *DEPTH)
+METHODS = ("elm", *DEPTH, *WIDTH)
+GROUPS = {"depth": ("elm", *DEPTH), "width": tuple(WIDTH), "all": METHODS}
 
 
-def compress_depth(model: str | Path, data: str | Path, out: str | Path, method: str, cfg=None,
-                   calib: CalibConfig = CalibConfig()) -> dict:
-    """Compress ``model`` with one depth method of the registry and save a stock HF folder.
+def compress_method(model: str | Path, data: str | Path, out: str | Path, method: str, cfg=None,
+                    calib: CalibConfig = CalibConfig()) -> dict:
+    """Compress ``model`` with one depth or width method of the registries and save a HF folder
+    (a stock model for depth methods, a slim model for width methods).
 
     ``data`` supplies the calibration sequences (unless ``calib.source`` is set) and, for methods
-    that train a replacement, the training sequences. Writes plan.json, model/ and metrics.json.
+    that train (a replacement layer, DarwinLM's candidates), the training sequences. Writes
+    plan.json, model/ and metrics.json; DarwinLM keeps its database and search state in search/,
+    so an interrupted run resumes.
     """
     from .data.formats import detect_format, read_examples
+    from .methods.common import non_embedding_parameters
     from .models import count_parameters, load_model, load_tokenizer
 
-    if method not in DEPTH:
-        raise ValueError(f"unknown depth method {method!r}; known: {', '.join(DEPTH)}")
-    spec = DEPTH[method]
+    if method not in DEPTH and method not in WIDTH:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join((*DEPTH, *WIDTH))}")
+    width = method in WIDTH
+    spec = WIDTH[method] if width else DEPTH[method]
     cfg = cfg if cfg is not None else spec.base
     if not isinstance(cfg, type(spec.base)):
         raise ValueError(f"{method} takes a {type(spec.base).__name__}, got {type(cfg).__name__}")
@@ -53,20 +61,24 @@ def compress_depth(model: str | Path, data: str | Path, out: str | Path, method:
     if spec.trains:
         fmt = detect_format(data)
         if fmt == "text":
-            train = CalibConfig(source=str(data), samples=cfg.steps * cfg.train_batch_size, seq_len=512,
-                                seed=calib.seed).build(tok)
+            n_seq = cfg.steps * cfg.train_batch_size if not width else 4 * calib.samples
+            train = CalibConfig(source=str(data), samples=n_seq, seq_len=512, seed=calib.seed).build(tok)
         else:
             train = Calibration.from_examples(tok, read_examples(data, fmt), 512)
     m = load_model(model, dtype="float32")
-    n0, p0 = m.config.num_hidden_layers, count_parameters(m)
+    n0, p0, e0 = m.config.num_hidden_layers, count_parameters(m), non_embedding_parameters(m)
     t0 = time.time()
-    plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True)
+    if width:
+        m, plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True, folder=run / "search")
+    else:
+        plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True)
     wall = time.time() - t0
     write_json(run / "plan.json", plan)
     _save(m, tok, run / "model")
     metrics = {"method": method, "plan": plan, "stats": _short(stats), "layers_before": n0,
                "layers_after": m.config.num_hidden_layers, "params_before": p0,
-               "params_after": count_parameters(m), "wall_time_s": wall}
+               "params_after": count_parameters(m),
+               "removed_non_embedding": 1 - non_embedding_parameters(m) / e0, "wall_time_s": wall}
     run.write_metrics(metrics)
     return metrics
 
@@ -75,10 +87,12 @@ def compress_depth(model: str | Path, data: str | Path, out: str | Path, method:
 class CompareConfig:
     """What is compared, how much is removed, and the equal budgets every method gets."""
 
-    methods: tuple[str, ...] = METHODS
-    """Methods to run (comma- or space-separated): elm and the depth registry's names."""
+    methods: tuple[str, ...] = GROUPS["depth"]
+    """Methods to run (comma- or space-separated): elm, depth and width methods' names, or the
+    groups depth, width, all."""
     remove: float = 0.25
-    """Fraction of decoder layers every method removes (k = round(remove x N))."""
+    """Fraction removed: of the decoder layers (depth, k = round(remove x N)) or of the
+    non-embedding parameters (width)."""
     heal: Literal["none", "lora"] = "none"
     """none, or LoRA healing of every compressed model with the same budget (--lora.*)."""
     train_steps: int = 400
@@ -107,15 +121,20 @@ class CompareConfig:
     """The calibration spec every method uses (--calib.samples, --calib.seq-len, ...)."""
     lora: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(max_steps=200, lr=1e-3))
     """The healing budget, the same for every method (--lora.max-steps, --lora.r, ...)."""
+    darwinlm: DarwinLMConfig = field(default_factory=DarwinLMConfig)
+    """DarwinLM's database and search budget, also used by ziplm and uniform (--darwinlm.generations,
+    ...); ratio and mode are set per row."""
 
     def __post_init__(self):
-        names = tuple(m for part in self.methods for m in str(part).split(",") if m)
+        parts = [m for part in ([self.methods] if isinstance(self.methods, str) else self.methods)
+                 for m in str(part).split(",") if m]
+        names = tuple(dict.fromkeys(n for m in parts for n in GROUPS.get(m, (m,))))
+        if len(names) != len([n for m in parts for n in GROUPS.get(m, (m,))]):
+            raise ValueError("--methods lists a method twice")
         object.__setattr__(self, "methods", names)
         unknown = [m for m in names if m not in METHODS]
         if unknown or not names:
             raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
-        if len(set(names)) != len(names):
-            raise ValueError("--methods lists a method twice")
         if not 0 < self.remove < 1:
             raise ValueError("--remove must be in (0, 1)")
         if self.heal not in ("none", "lora"):
@@ -140,6 +159,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
     from .data.chat import encode_prompt
     from .eval import EvalConfig, evaluate
     from .eval.footprint import kv_cache_bytes
+    from .methods.common import non_embedding_parameters
     from .models import count_parameters, load_model, load_tokenizer
     from .models.loading import resolve_model_path
     from .train.common import fingerprint
@@ -161,19 +181,23 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                       device=cfg.device)
     prompts = [encode_prompt(tok, ex) for ex in test_ex[:16]]
 
+    e0 = non_embedding_parameters(dense)
+
     def measure(m, tag: str) -> dict:
         acc = evaluate(m, test_ex, run / tag / "eval", ecfg, tok, progress=False)["accuracy"]
         return {"layers": m.config.num_hidden_layers, "params": count_parameters(m), "accuracy": acc,
-                "kv_bytes": kv_cache_bytes(m, tok, prompts)}
+                "kv_bytes": kv_cache_bytes(m, tok, prompts), "removed": 1 - non_embedding_parameters(m) / e0}
 
     rows = [_cached(run / "dense", fps["dense"]) or _finish(
         run / "dense", fps["dense"], {"method": "dense", "title": "dense", **measure(dense, "dense"),
                                       "compress_s": 0.0, "heal_s": 0.0})]
     for name in cfg.methods:
         row = _cached(run / name, fps[name])
-        title = "ELM" if name == "elm" else DEPTH[name].title
+        title = "ELM" if name == "elm" else (WIDTH[name] if name in WIDTH else DEPTH[name]).title
         if row is None:
-            print(f"== {name}: removing {k} of {n} layers")
+            what = f"{cfg.remove:.0%} of the non-embedding parameters" if name in WIDTH \
+                else f"{k} of {n} layers"
+            print(f"== {name}: removing {what}")
             _claim(run / name, fps[name])
             t0 = time.time()
             try:
@@ -262,6 +286,14 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
         stats = train_elm(elm, dense, tok, train_ex, out, ElmTrainConfig(
             steps=cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.elm_lr, seed=cfg.seed))
         return elm, plan, stats
+    if name in WIDTH:
+        spec = WIDTH[name]
+        base = dataclasses.replace(cfg.darwinlm, mode=spec.base.mode) if spec.module is darwinlm \
+            else spec.base
+        train = Calibration.from_examples(tok, train_ex, 512) if spec.trains else None
+        mcfg = spec.module.for_target(base, dense, cfg.remove)
+        return spec.module.compress_(copy.deepcopy(dense), calib, mcfg, train, progress=True,
+                                     folder=out / "search")
     spec = DEPTH[name]
     mcfg = dataclasses.replace(spec.base, n_remove=k)
     train = None
@@ -295,9 +327,15 @@ def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) ->
     if name == "dense":
         return ident
     ident["data"] = _identity(data)
-    own: dict = {"elm_start": cfg.elm_start, "elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr} \
-        if name == "elm" else {"base": asdict(DEPTH[name].base)}
-    if name == "elm" or DEPTH[name].trains:
+    if name == "elm":
+        own: dict = {"elm_start": cfg.elm_start, "elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr}
+    elif name in WIDTH:
+        spec = WIDTH[name]
+        own = {"base": asdict(spec.base) if spec.module is not darwinlm
+               else asdict(dataclasses.replace(cfg.darwinlm, mode=spec.base.mode))}
+    else:
+        own = {"base": asdict(DEPTH[name].base)}
+    if name == "elm" or (WIDTH[name] if name in WIDTH else DEPTH[name]).trains:
         own.update(train_steps=cfg.train_steps, train_batch_size=cfg.train_batch_size, n_train=cfg.n_train)
     return {**ident, "method": name, **own, "remove": cfg.remove, "calib": asdict(cfg.calib),
             "heal": cfg.heal, "seed": cfg.seed,
@@ -342,10 +380,12 @@ def _finish(folder: Path, fp: str, row: dict) -> dict:
 
 def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
     lines = [
-        "# Depth compression compared",
+        "# Compression compared",
         "",
-        f"Model `{result['model']}`: {result['removed']} of {result['layers']} decoder layers removed by "
-        f"every method (ELM and LLM-Streamline replace {result['removed'] + 1} layers by one). Accuracy: "
+        f"Model `{result['model']}`: depth methods remove {result['removed']} of {result['layers']} decoder "
+        f"layers (ELM and LLM-Streamline replace {result['removed'] + 1} layers by one); width methods "
+        f"remove {cfg.remove:.0%} of the non-embedding parameters as near as their head/channel granularity "
+        "allows (column *removed*: the fraction each removed). Accuracy: "
         f"greedy exact match on {n_test} test problems. Calibration: {n_calib} sequences of at most "
         f"{cfg.calib.seq_len} tokens (seed {cfg.calib.seed}), the same for every method. Training methods: "
         f"{cfg.train_steps} steps x {cfg.train_batch_size} sequences. Healing: "
@@ -353,15 +393,18 @@ def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
            f"LoRA r={cfg.lora.r}, {cfg.lora.max_steps} steps, lr {cfg.lora.lr:g}, the same for every "
            "method."),
         "",
-        "| method | layers | params | accuracy | retained | KV bytes (16 prompts) | compress s | heal s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | layers | params | removed | accuracy | retained | KV bytes (16 prompts) | compress s "
+        "| heal s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     failed = [r for r in result["rows"] if "error" in r]
     for r in result["rows"]:
         if "error" in r:
             continue
         kept = f"{r['retained']:.1%}" if r["retained"] is not None else "n/a"
-        lines.append(f"| {r['title']} | {r['layers']} | {r['params']:,} | {r['accuracy']:.3f} | {kept} | "
+        removed = f"{r['removed']:.1%}" if "removed" in r else "n/a"
+        lines.append(f"| {r['title']} | {r['layers']} | {r['params']:,} | {removed} | {r['accuracy']:.3f} "
+                     f"| {kept} | "
                      f"{r['kv_bytes']:,} ({r['kv_ratio']:.2f}) | {r['compress_s']:.1f} | {r['heal_s']:.1f} |")
     lines += [f"\n{r['title']} could not run: {r['error']}" for r in failed]
     lines += ["", "![accuracy](accuracy.png)", ""]

@@ -2,8 +2,11 @@
 
 ``DEPTH`` is the registry of depth methods that ``elmkit compress <method>`` and ``elmkit compare``
 run through one interface: ``module.compress_(model, calib, cfg, train, progress)`` edits the model
-in place and returns (plan, stats). ELM (``methods.elm``) has its own command because it trains a
-block against the dense model.
+in place and returns (plan, stats). ``WIDTH`` is the registry of width methods:
+``module.compress_(model, calib, cfg, train, progress, folder)`` returns a new slim model with
+(plan, stats), and ``module.for_target(cfg, model, fraction)`` sets the config that removes a fraction
+of the non-embedding parameters. ELM (``methods.elm``) has its own command because it trains a block
+against the dense model.
 """
 
 from __future__ import annotations
@@ -11,7 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import laco, replaceme, shortened, shortgpt, sleb, slm, streamline
+from . import (
+    darwinlm,
+    flap,
+    laco,
+    llm_pruner,
+    replaceme,
+    shortened,
+    shortgpt,
+    sleb,
+    slm,
+    slm_pruner,
+    streamline,
+)
 from .common import DepthTarget
 
 
@@ -44,5 +59,32 @@ DEPTH: dict[str, DepthMethod] = {
     "replaceme": DepthMethod("ReplaceMe", replaceme, replaceme.ReplaceMeConfig(n_remove=0)),
 }
 
-__all__ = ["DEPTH", "DepthMethod", "DepthTarget", "laco", "replaceme", "shortened", "shortgpt", "sleb",
-           "slm", "streamline"]
+
+
+@dataclass(frozen=True)
+class WidthMethod:
+    """One entry of the width registry."""
+
+    title: str
+    """Name in tables and plots."""
+    module: ModuleType
+    """The method's file: config, plan, apply_, compress_, for_target."""
+    base: object
+    """Its default config (the target is set by for_target)."""
+    trains: bool = False
+    """Whether it fine-tunes on the training data (DarwinLM's training-aware selection)."""
+    command: bool = True
+    """Whether it has its own ``elmkit compress`` command (a variant is an option of another)."""
+
+
+WIDTH: dict[str, WidthMethod] = {
+    "flap": WidthMethod("FLAP", flap, flap.FLAPConfig()),
+    "llm-pruner": WidthMethod("LLM-Pruner", llm_pruner, llm_pruner.LLMPrunerConfig()),
+    "slm-pruner": WidthMethod("SLM + LLM-Pruner", slm_pruner, slm_pruner.SLMPrunerConfig()),
+    "darwinlm": WidthMethod("DarwinLM", darwinlm, darwinlm.DarwinLMConfig(), trains=True),
+    "ziplm": WidthMethod("ZipLM (one-shot)", darwinlm, darwinlm.DarwinLMConfig(mode="ziplm"), command=False),
+    "uniform": WidthMethod("Uniform", darwinlm, darwinlm.DarwinLMConfig(mode="uniform"), command=False),
+}
+
+__all__ = ["DEPTH", "WIDTH", "DepthMethod", "DepthTarget", "WidthMethod", "darwinlm", "flap", "laco",
+           "llm_pruner", "replaceme", "shortened", "shortgpt", "sleb", "slm", "slm_pruner", "streamline"]

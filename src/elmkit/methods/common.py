@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.adapters import LayerContext, get_head, get_norm, layer_inputs, layer_type
+from ..models.adapters import (
+    LayerContext,
+    count_parameters,
+    get_embed,
+    get_head,
+    get_norm,
+    layer_inputs,
+    layer_type,
+)
 
 MergeRule = Literal["paper", "keep_top", "keep_bottom", "mean"]
 NO_TARGETS = ("no calibration sequence has a target token (for instruction data: an answer token "
@@ -103,6 +111,12 @@ def sequence_cosine(model, h: torch.Tensor, ref: torch.Tensor, mask: torch.Tenso
     norm = get_norm(model)
     a, b = norm(h).float() * mask[..., None], norm(ref).float() * mask[..., None]  # (B, T, d)
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the token embedding and the LM head (the target of width methods)."""
+    outside = {id(p): p.numel() for m in (get_embed(model), get_head(model)) for p in m.parameters()}
+    return count_parameters(model) - sum(outside.values())
 
 
 def loss_gradients(model, calib, batch_size: int = 8) -> dict[nn.Parameter, torch.Tensor]:

@@ -20,13 +20,14 @@ head goes when all of its query heads have gone; padding is excluded from the st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
+from .common import non_embedding_parameters
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,22 @@ def apply_(model, p: FLAPPlan):
     return to_slim(model, keep)
 
 
-def compress_(model, calib: Calibration, cfg: FLAPConfig, train=None, progress: bool = True):
-    """plan + apply_; returns (slim model, plan, stats) — the model is replaced, not edited."""
+def compress_(model, calib: Calibration, cfg: FLAPConfig, train=None, progress: bool = True, folder=None):
+    """plan + apply_; returns (slim model, plan, stats) — the model is replaced, not edited.
+    Training-free: ``train`` and ``folder`` (resumable state) are not used."""
     p = plan(model, calib, cfg)
     return apply_(model, p), p, {"removed_fraction": p.removed_fraction}
+
+
+def for_target(base: FLAPConfig, model, fraction: float) -> FLAPConfig:
+    """The config that removes ``fraction`` of the non-embedding parameters (FLAP's ratio counts
+    the attention + MLP parameters its units free)."""
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    group = c.num_attention_heads // c.num_key_value_heads
+    units = c.num_hidden_layers * (c.num_attention_heads * (2 + 2 / group) * hd + 3 * c.intermediate_size) \
+        * c.hidden_size
+    ratio = fraction * non_embedding_parameters(model) / units
+    if not ratio < 1:
+        raise ValueError(f"FLAP cannot remove {fraction:.0%} of the non-embedding parameters")
+    return replace(base, ratio=ratio)

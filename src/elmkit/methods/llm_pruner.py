@@ -19,7 +19,7 @@ padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
-from .common import loss_gradients
+from .common import loss_gradients, non_embedding_parameters
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,30 @@ def apply_(model, p: LLMPrunerPlan):
     return to_slim(model, [LayerKeep(l["q_heads"], l["kv_heads"], l["channels"]) for l in p.layers])
 
 
-def compress_(model, calib: Calibration, cfg: LLMPrunerConfig, train=None, progress: bool = True):
-    """plan + apply_; returns (slim model, plan, stats) — the model is replaced, not edited."""
+def compress_(model, calib: Calibration, cfg: LLMPrunerConfig, train=None, progress: bool = True,
+              folder=None):
+    """plan + apply_; returns (slim model, plan, stats) — the model is replaced, not edited.
+    Training-free here (LoRA recovery is ``elmkit finetune`` / compare's --heal lora); ``train``
+    and ``folder`` are not used."""
     p = plan(model, calib, cfg)
     return apply_(model, p), p, {}
+
+
+def for_target(base: LLMPrunerConfig, model, fraction: float) -> LLMPrunerConfig:
+    """The config that removes ``fraction`` of the non-embedding parameters: the per-layer ratio
+    that many parameters take from the pruned layers alone."""
+    n = model.config.num_hidden_layers
+    end = base.layer_end if base.layer_end is not None else n - 2
+    pruned = max(0, min(end, n) - base.layer_start)
+    per_layer = _layer_parameters(model)
+    ratio = fraction * non_embedding_parameters(model) / (pruned * per_layer) if pruned else 1.0
+    if not ratio < 1:
+        raise ValueError(f"LLM-Pruner cannot remove {fraction:.0%} of the non-embedding parameters from "
+                         f"layers [{base.layer_start}, {end}) alone")
+    return replace(base, ratio=ratio)
+
+
+def _layer_parameters(model) -> int:
+    """Attention + MLP parameters of one (dense) decoder layer."""
+    layer = get_layers(model)[0]
+    return sum(p.numel() for m in (layer.self_attn, layer.mlp) for p in m.parameters())
