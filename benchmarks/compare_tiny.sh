@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `elmkit compare` on the shipped tiny testbed model: every depth method removes 25% of the layers,
-# once without healing and once with the same LoRA healing for all; keeps reports, tables, plots
-# and every method's plan.
+# `elmkit compare` on the shipped tiny testbed model: every method removes 25% (of the layers for
+# depth methods, of the non-embedding parameters for width methods), once without healing and once
+# with the same LoRA healing for all; keeps reports, tables, plots and every method's plan.
 #   benchmarks/compare_tiny.sh [RUN_DIR] [RESULTS_DIR] [extra compare options...]
 #   HEALS=none benchmarks/compare_tiny.sh      # one setting only
 set -euo pipefail
@@ -18,6 +18,7 @@ for heal in ${HEALS:-none lora}; do
      "$RUN/$heal/wall_time.txt" "$RES/$heal/"
   for d in "$RUN/$heal"/*/; do
     m=$(basename "$d")
-    [ -f "$d/plan.json" ] && cp "$d/plan.json" "$RES/$heal/plans/$m.json"
+    if [ -f "$d/plan.json" ]; then cp "$d/plan.json" "$RES/$heal/plans/$m.json"; fi
+    if [ -f "$d/search/search.png" ]; then cp "$d/search/search.png" "$RES/$heal/plans/$m.png"; fi
   done
 done

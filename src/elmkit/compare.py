@@ -418,8 +418,8 @@ def _plot(png: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 3.4))
-    colors = ["#4c72b0" if r["method"] == "dense" else "#55a868" if r["method"] == "elm" else "#c44e52"
-              for r in rows]
+    colors = ["#4c72b0" if r["method"] == "dense" else "#55a868" if r["method"] == "elm"
+              else "#8172b2" if r["method"] in WIDTH else "#c44e52" for r in rows]
     ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         ax.text(i, r["accuracy"] + 0.02, f"{r['accuracy']:.2f}", ha="center", fontsize=8)

@@ -316,7 +316,7 @@ def _write_layer(path: Path, e: dict) -> None:
     for kind, snaps in e.items():
         for l, (kept, w) in enumerate(snaps):
             tensors[f"{kind}.{l}.kept"] = torch.tensor(kept, dtype=torch.long)
-            tensors[f"{kind}.{l}.weight"] = w.contiguous()
+            tensors[f"{kind}.{l}.weight"] = w.clone()  # equal counts share one snapshot
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
@@ -574,6 +574,7 @@ def plan(model, calib: Calibration, cfg: DarwinLMConfig, train: Calibration | No
     del work
     if folder is not None:
         write_levels(Path(folder) / "levels.txt", levels)
+        _plot(Path(folder) / "search.png", levels, db, stats.get("history", []), cfg.mode)
     p = DarwinLMPlan(tuple(levels["attn"]), tuple(levels["mlp"]), tuple(db.counts["attn"]),
                      tuple(db.counts["mlp"]), cfg.mode, fitness)
     return p, db, stats
@@ -610,3 +611,27 @@ def compress_(model, calib: Calibration, cfg: DarwinLMConfig, train: Calibration
 def for_target(base: DarwinLMConfig, model, fraction: float) -> DarwinLMConfig:
     """The config that removes ``fraction`` of the non-embedding parameters."""
     return replace(base, ratio=fraction)
+
+
+def _plot(png: Path, levels: dict[str, list[int]], db: Database, history: list[float], mode: str) -> None:
+    """Kept heads / channels per layer and, after a search, the parent's KL per generation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    n = len(levels["attn"])
+    heads = [len(db.entries[i]["attn"][l][0]) for i, l in enumerate(levels["attn"])]
+    chans = [len(db.entries[i]["mlp"][l][0]) for i, l in enumerate(levels["mlp"])]
+    fig, axes = plt.subplots(1, 3 if history else 2, figsize=(11 if history else 7.5, 3))
+    axes[0].bar(range(n), heads, color="#4c72b0")
+    axes[0].set(xlabel="layer", ylabel="query heads kept", title=f"{mode}: attention")
+    axes[1].bar(range(n), chans, color="#c44e52")
+    axes[1].set(xlabel="layer", ylabel="MLP channels kept", title=f"{mode}: MLP")
+    if history:
+        axes[2].plot(range(1, len(history) + 1), history, marker=".")
+        axes[2].set(xlabel="generation", ylabel="KL to dense (selection minibatch)", title="search")
+    fig.tight_layout()
+    save_figure(fig, png)
