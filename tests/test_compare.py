@@ -107,3 +107,49 @@ def test_compare_cli_parses_methods_and_nested_budgets():
     assert cfg.lora.max_steps == 7 and cfg.lora.lr == CompareConfig().lora.lr  # default kept
     assert cfg.calib.samples == 9
     torch.manual_seed(0)
+
+
+# --- width methods ------------------------------------------------------------------------------
+
+WIDTH_CMD = {"flap": ["--ratio", "0.3"], "llm-pruner": ["--ratio", "0.5"],
+             "slm-pruner": ["--slm.ratio", "0.1", "--pruner.ratio", "0.5"],
+             "darwinlm": ["--ratio", "0.25", "--generations", "1", "--offspring", "2", "--survivors", "1",
+                          "--fitness-tokens", "50", "--train-tokens", "40", "--train-batch-size", "2"]}
+
+
+@pytest.mark.parametrize("name", list(WIDTH_CMD))
+def test_compress_command_per_width_method(name, data, tmp_path):
+    out = tmp_path / name
+    rc = cli.main(["compress", name, "--model", "testbed:tiny", "--data", str(data / "train.json"),
+                   "--out", str(out), "--calib.samples", "6", *WIDTH_CMD[name]])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.05 < m["removed_non_embedding"] < 0.6 and m["params_after"] < m["params_before"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    assert model.config.model_type == "slim" and count_parameters(model) == m["params_after"]
+    assert model.config.num_hidden_layers == (11 if name == "slm-pruner" else 12)
+    if name == "darwinlm":  # database, levels and plot beside the model; a re-run reuses them
+        search = out / "search"
+        assert (search / "levels.txt").is_file() and (search / "search.png").is_file()
+        assert len(list((search / "database").glob("layer_*.safetensors"))) == 12
+
+
+def test_compare_width_methods_hit_the_parameter_target(tmp_path):
+    from elmkit.methods.darwinlm import DarwinLMConfig
+
+    cfg = CompareConfig(methods=("flap", "llm-pruner", "slm-pruner", "ziplm", "uniform"), remove=0.25,
+                        n_test=4, max_new_tokens=96, eval_batch_size=4, calib=CalibConfig(samples=8),
+                        darwinlm=DarwinLMConfig(levels=11))
+    assert CompareConfig(methods="width").methods == ("flap", "llm-pruner", "slm-pruner", "darwinlm", "ziplm",
+                                                      "uniform")
+    assert "darwinlm" in CompareConfig(methods=("all",)).methods and CompareConfig().methods[0] == "elm"
+    res = compare("testbed:tiny", tmp_path / "w", cfg=cfg)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["dense"]["removed"] == 0
+    for name in cfg.methods:
+        assert 0.2 < rows[name]["removed"] < 0.3, (name, rows[name]["removed"])
+        assert 0 <= rows[name]["accuracy"] <= 1
+    assert rows["slm-pruner"]["layers"] < 12 and rows["flap"]["layers"] == 12
+    assert rows["ziplm"]["params"] == rows["uniform"]["params"]  # the same widths, other columns
+    report = (tmp_path / "w" / "report.md").read_text()
+    assert "| ZipLM (one-shot) | 12 |" in report and "width methods remove 25%" in report
