@@ -14,6 +14,7 @@ from .api import (  # noqa: E402
     compress_elm,
     demo,
     info,
+    pretrain,
     remove_layers,
     search,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "info",
     "load_model",
     "load_tokenizer",
+    "pretrain",
     "remove_layers",
     "search",
 ]

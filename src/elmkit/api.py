@@ -219,6 +219,45 @@ def _plot_pi(png: Path, pis: list[list[float]], chosen: int) -> None:
     save_figure(fig, png)
 
 
+def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None, init: str | Path | None = None,
+             cfg=None, prune=None) -> dict:
+    """Pretrain a testbed preset and measure it; with ``prune_to`` it is pruned while it trains
+    (EfficientLLM, see elmkit.methods.efficientllm) down to a preset's size (``base``), a fraction
+    of its parameters (``0.5``) or a parameter count, and saved cut to that size (slim, or stock
+    when all layers end equal). ``init`` continues training a model folder instead of starting
+    from random weights. Writes out/model (a testbed model: ``elmkit compare`` takes it),
+    architecture.json and architecture.png when pruned, metrics.json.
+    """
+    from .methods.efficientllm import EfficientLLMConfig
+    from .testbed import PRESETS
+    from .testbed.accuracy import test_accuracy
+    from .testbed.card import write_recipe
+    from .testbed.pretrain import pretrain as run_pretrain
+    from .testbed.problems import make_split
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = cfg or PRESETS[preset]
+    prune = prune if prune is not None else EfficientLLMConfig()
+    run = RunDir(out)
+    metrics = run_pretrain(out, cfg, preset, prune_to=prune_to, prune=prune if prune_to is not None else None,
+                           init=init)
+    model_dir = Path(out) / "model"
+    write_recipe(model_dir, cfg, preset)
+    from .models import load_model, load_tokenizer
+
+    m, tok = load_model(model_dir, dtype="float32"), load_tokenizer(model_dir)
+    test = make_split("test", cfg.test_examples, cfg.problems, cfg.seed)
+    metrics["test_accuracy"] = test_accuracy(m, tok, test, 250 if next(m.parameters()).is_cuda else 64)
+    if prune_to is not None:
+        from .methods.efficientllm import plot_architecture
+        from .io import read_json
+
+        plot_architecture(read_json(Path(out) / "architecture.json"), Path(out) / "architecture.png")
+    run.write_metrics(metrics)
+    return metrics
+
+
 def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     """The main job: compress a model into an ELM, train the block, and compare.
 

@@ -140,12 +140,13 @@ def _build(cls: type, kw: dict, base):
 
 
 def _commands() -> dict[str, Command]:
-    from . import demo, info, remove_layers, testbed
+    from . import demo, info, pretrain, remove_layers, testbed
     from .api import ElmCompressConfig, compress_elm, search
     from .compare import CompareConfig, compare
     from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
     from .methods import DEPTH, WIDTH
+    from .methods.efficientllm import EfficientLLMConfig
     from .methods.gppo import GppoConfig
     from .train import FinetuneConfig, finetune
 
@@ -177,6 +178,13 @@ def _commands() -> dict[str, Command]:
                      "splits)", False),
             ("test", "test data with answers (needed with --data)", False)), CompareConfig),
         "search": Command(search, (model, ("data", "training data file", True), out), GppoConfig),
+        "pretrain": Command(
+            pretrain,
+            (out, ("preset", f"recipe to start from: {', '.join(testbed.PRESETS)} (default: tiny)", False),
+             ("prune_to", "prune while training down to a preset's size (e.g. base), a fraction (0.5) or a "
+                          "parameter count (EfficientLLM)", False),
+             ("init", "model folder to continue training instead of a random init", False)),
+            testbed.PretrainConfig, presets=testbed.PRESETS, extras=(("prune", EfficientLLMConfig),)),
         "remove-layers": Command(
             remove_layers,
             (model, ("layers", "comma-separated layer indices to delete, e.g. 10,11", True), out),

@@ -207,6 +207,24 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, group: int, counts: l
     return [snaps[c] for c in counts]
 
 
+@torch.no_grad()
+def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, cols: list[int], rel_damp: float = 1e-2) -> torch.Tensor:
+    """``weight`` (d_out, d_in) with input columns ``cols`` removed together and the others updated
+    to absorb them (joint OBS: W <- W - W[:, S] ([H^-1]_SS)^-1 H^-1[S, :]); same dtype, the removed
+    columns zero. ``hessian`` = 2 X X^T / n of the inputs."""
+    W = weight.double().clone()
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += rel_damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    S = torch.as_tensor(cols, dtype=torch.long, device=W.device)
+    W -= W[:, S] @ torch.linalg.solve(Hinv[S][:, S], Hinv[S, :])
+    W[:, S] = 0.0
+    return W.to(weight.dtype)
+
+
 def _obs_scores(W: torch.Tensor, Hinv: torch.Tensor, group: int, alive: torch.Tensor):
     """(scores (G,), inverted diagonal blocks of H^-1 (G, group, group))."""
     d_out, d_in = W.shape

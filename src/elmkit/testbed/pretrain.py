@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.chat import encode_many
 from ..data.collate import pad_batch
 from ..data.tokenizer import byte_tokenizer
-from ..io import RunDir, atomic_write_text
+from ..io import RunDir, atomic_write_text, write_json
 from ..train.common import (
     check_fingerprint,
     cosine_lr,
@@ -116,6 +116,14 @@ PRESETS: dict[str, PretrainConfig] = {
         train_examples=150_000, steps=3_000, batch_size=128, lr=2e-3, min_lr=5e-5, warmup=200,
         eval_every=1_000, save_every=1_000,
     ),
+    # `base`, 1.5x wider everywhere (hidden 384, 12 heads of 32, GQA 12:3, MLP 1152): the start
+    # model that EfficientLLM prunes to `base`'s size while it trains.
+    "base-wide": PretrainConfig(
+        layers=24, hidden=384, heads=12, kv_heads=3, intermediate=1152,
+        problems=ProblemConfig(min_steps=3, max_steps=5, digits=2, max_value=999),
+        train_examples=150_000, steps=3_000, batch_size=128, lr=2e-3, min_lr=5e-5, warmup=200,
+        eval_every=1_000, save_every=1_000,
+    ),
 }
 
 
@@ -132,10 +140,14 @@ def model_config(cfg: PretrainConfig, tokenizer):
 
 
 def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str | None = None,
-             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict:
+             progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+             prune_to: str | float | None = None, prune=None, init: str | Path | None = None) -> dict:
     """Train a testbed model from scratch; resumes from ``out/checkpoints`` when present.
 
     ``on_step(step, loss)`` is called after every optimizer step (and after its checkpoint).
+    With ``prune_to`` (a preset name, a fraction or a parameter count) the model is pruned while it
+    trains (EfficientLLM, ``prune``: an EfficientLLMConfig) and saved cut to that size. ``init``
+    starts from a model folder's weights (continued training) instead of a random init.
     Returns the metrics written to ``out/metrics.json``.
     """
     from transformers import Qwen2ForCausalLM
@@ -145,12 +157,18 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
 
     run = RunDir(out)
     # settings that change the weights; logging, devices and threads do not
-    fp = fingerprint(asdict(cfg), ignore=("eval_every", "save_every", "device", "threads"))
+    from ..methods.efficientllm import EfficientLLMConfig, Pruner, resolve_target
+
+    if prune_to is not None and prune is None:
+        prune = EfficientLLMConfig()
+    settings = {**asdict(cfg), "prune_to": prune_to, "prune": asdict(prune) if prune_to is not None else None,
+                "init": str(init) if init is not None else None}
+    fp = fingerprint(settings, ignore=("eval_every", "save_every", "device", "threads"))
     ckpt_dir = run / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None:  # refuse other settings before touching the run's files
         check_fingerprint(last, fp)
-    run.write_config("testbed train", preset=preset, **asdict(cfg))
+    run.write_config("testbed train", preset=preset, **settings)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -170,7 +188,14 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     feats = encode_many(tok, splits["train"], 1024)
 
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(model_config(cfg, tok)).to(device)
+    if init is not None:
+        from ..models.loading import load_model
+
+        model = load_model(init, dtype="float32", device=device)
+    else:
+        model = Qwen2ForCausalLM(model_config(cfg, tok)).to(device)
+    pruner = Pruner(model, prune, resolve_target(prune_to, model, tok), cfg.steps) if prune_to is not None \
+        else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -179,8 +204,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
     step, t_train, tokens = 0, 0.0, 0
     if last is not None:
         weights, state = load_checkpoint(last, opt)
-        model.load_state_dict(weights)
+        model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pruner.")})
         step, t_train, tokens = state["step"], state["train_time_s"], state["tokens"]
+        if pruner is not None:
+            pruner.load_state_dict(weights, state["pruner"])
         print(f"resuming from {last} (step {step}/{cfg.steps})")
     log_path = run / "train_log.jsonl"
     _truncate_log(log_path, step)  # rows after the checkpoint are redone
@@ -201,16 +228,24 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
+        if pruner is not None:
+            pruner.after_backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        pruned = None
+        if pruner is not None:
+            pruner.after_step()
+            pruned = pruner.step(step, ids, batch["attention_mask"].to(device))
         loss_v = loss.item()
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"loss became {loss_v} at step {step}; lower --lr")
         tokens += int(batch["attention_mask"].sum())
         t_train += time.time() - t0
         rec = {"step": step, "loss": round(loss_v, 5), "lr": lr, "grad_norm": round(float(gnorm), 4)}
+        if pruned is not None:
+            rec["pruned"] = pruned
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             rec["val_accuracy"] = test_accuracy(model, tok, splits["validation"], batch_size=200)
             model.train()
@@ -220,14 +255,21 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
         bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tokens / max(t_train, 1e-9):.0f}",
                         **({"val": f"{rec['val_accuracy']:.3f}"} if "val_accuracy" in rec else {}))
         if step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_dir, step, model.state_dict(), opt,
-                            {"fingerprint": fp, "train_time_s": t_train, "tokens": tokens})
+            tensors, extra = dict(model.state_dict()), {}
+            if pruner is not None:
+                p_tensors, extra["pruner"] = pruner.state_dict()
+                tensors.update(p_tensors)
+            save_checkpoint(ckpt_dir, step, tensors, opt,
+                            {"fingerprint": fp, "train_time_s": t_train, "tokens": tokens, **extra})
         if on_step is not None:
             on_step(step, loss_v)
     bar.close()
     train_time = time.time() - t_start
 
     model.eval()
+    if pruner is not None:
+        model = pruner.finish()
+        write_json(run / "architecture.json", {"history": pruner.history, "final": pruner.state.__dict__})
     model_dir = run / "model"
     model.save_pretrained(str(model_dir), safe_serialization=True)
     tok.save_pretrained(str(model_dir))
@@ -237,6 +279,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PRESETS["tiny"], preset: str
         "train_tokens_per_s": round(tokens / max(t_train, 1e-9), 1),
         "final_loss": _tail_loss(log_path), "val_accuracy": val_acc,
         "parameters": sum(p.numel() for p in model.parameters()),
+        **({"pruned_to": prune_to, "target_parameters": pruner.target, "start_parameters": pruner.p0}
+           if pruner is not None else {}),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
