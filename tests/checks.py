@@ -33,8 +33,8 @@ def assert_cached_equals_full(model, prompt_len=5, new=6):
     """generate() with the cache gives the logits of one full forward, and the cache is whole."""
     cached, full, past = cached_and_full(model, prompt_len, new)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
-    assert past.get_seq_length() == prompt_len + new - 1
     assert len(past.layers) == model.config.num_hidden_layers
+    assert all(past.get_seq_length(i) == prompt_len + new - 1 for i in range(len(past.layers)))
 
 
 def assert_layers_consistent(model):

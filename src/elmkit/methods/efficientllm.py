@@ -284,7 +284,7 @@ class Pruner:
                 break
             if kind == "hidden" and len(self.state.hidden) <= self.cfg.min_hidden:
                 continue
-            self.state = _without(self.state, kind, key[-1] if kind == "hidden" else key, self.group)
+            _remove_(self.state, kind, key[-1] if kind == "hidden" else key, self.group)
             removed[kind].append(key)
             now = param_count(self.model, self.state)
         return removed
@@ -392,18 +392,23 @@ def _bias(t, n):
 
 
 def _without(s: PruneState, kind: str, key, group: int) -> PruneState:
-    """``s`` less one group; a KV head whose query heads (h // group) are all gone goes too."""
-    heads, kv, channels, hidden = [list(h) for h in s.heads], [list(k) for k in s.kv], \
-        [list(c) for c in s.channels], list(s.hidden)
+    """A copy of ``s`` less one group."""
+    t = PruneState([list(h) for h in s.heads], [list(k) for k in s.kv], [list(c) for c in s.channels],
+                   list(s.hidden))
+    _remove_(t, kind, key, group)
+    return t
+
+
+def _remove_(s: PruneState, kind: str, key, group: int) -> None:
+    """Remove one group from ``s``; a KV head whose query heads (h // group) are all gone goes too."""
     if kind == "head":
         i, h = key
-        heads[i].remove(h)
-        kv[i] = [g for g in kv[i] if any(q // group == g for q in heads[i])]
+        s.heads[i].remove(h)
+        s.kv[i] = [g for g in s.kv[i] if any(q // group == g for q in s.heads[i])]
     elif kind == "channel":
-        channels[key[0]].remove(key[1])
+        s.channels[key[0]].remove(key[1])
     else:
-        hidden.remove(key)
-    return PruneState(heads, kv, channels, hidden)
+        s.hidden.remove(key)
 
 
 def _kept_rms(norm: nn.Module, pruner: Pruner):
@@ -496,7 +501,7 @@ def to_stock_if_uniform(slim):
     uniform = nq > 0 and m > 0 and nq % nkv == 0 and all(
         s["q_to_kv"] == [h // (nq // nkv) for h in range(nq)] and s["num_key_value_heads"] == nkv
         and s["intermediate_size"] == m and not s.get("o_bias") and not s.get("down_bias") for s in specs)
-    if not uniform:
+    if not uniform or c.hidden_size % nq:  # some families insist that the hidden size splits into heads
         return slim
     base = c.base_config()
     base.num_attention_heads, base.num_key_value_heads, base.intermediate_size = nq, nkv, m

@@ -46,6 +46,10 @@ class SlimConfig(PretrainedConfig):
         d = self.to_dict()
         for key in (*SLIM_FIELDS, "model_type", "auto_map", "architectures", "transformers_version"):
             d.pop(key, None)
+        if d["hidden_size"] % d["num_attention_heads"]:
+            # a pruned hidden size need not split into the top-level head count, which some families
+            # check; the layers take their heads from slim_layers and head_dim is explicit
+            d["num_attention_heads"] = d["num_key_value_heads"] = 1
         return CONFIG_MAPPING[self.base_model_type](**d)
 
     @classmethod

@@ -8,8 +8,8 @@ norms, Qwen3's q_norm/k_norm), cut to its ``slim_layers`` entry (see configurati
 
 Attention reads K/V through the layer's query->KV map, ``k[:, q_to_kv]``: (B, n_kv, S, hd) ->
 (B, n_q, S, hd), so any subset of query heads can go without breaking grouping. A branch pruned to
-zero width is a no-op (the residual passes through); a layer without attention still records
-empty K/V so that the cache length stays right. No weight is zero-masked: tensors are smaller.
+zero width is a no-op (the residual passes through); a layer without attention still records one
+zero K/V head so that the cache length stays right. No weight is zero-masked: tensors are smaller.
 
 This file and configuration_slim.py are saved next to the weights, so a process without elmkit
 loads the model with ``trust_remote_code=True``.
@@ -76,8 +76,10 @@ class NoAttention(nn.Module):
                 **kwargs):
         B, T, _ = hidden_states.shape
         if past_key_values is not None:
-            empty = hidden_states.new_zeros(B, 0, T, self.head_dim)  # (B, 0, T, hd)
-            past_key_values.update(empty, empty, self.layer_idx)
+            # one zero KV head, not zero heads: caches report an empty layer's length as 0, and
+            # get_seq_length() reads layer 0 (head_dim values per token: the price of a right length)
+            stub = hidden_states.new_zeros(B, 1, T, self.head_dim)  # (B, 1, T, hd)
+            past_key_values.update(stub, stub, self.layer_idx)
         out = torch.zeros_like(hidden_states)
         return (out + self.bias if self.bias is not None else out), None
 
