@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     out, res = Path(args.out), Path(args.results)
     sizes = {k: v for k, v in (("train_examples", args.train_examples), ("test_examples", args.test_examples),
-                                           ("batch_size", args.batch_size), ("val_examples", args.val_examples))
+                               ("batch_size", args.batch_size), ("val_examples", args.val_examples))
              if v is not None}
     large = dataclasses.replace(PRESETS[args.large], steps=args.steps, eval_every=0, **sizes)
     small = dataclasses.replace(PRESETS[args.small], steps=args.steps, eval_every=0, **sizes)
@@ -88,7 +88,8 @@ def _llm_pruner_arm(folder: Path, args, large) -> dict:
     """Dense `large` for `end` steps, LLM-Pruner to the small preset's size, then S - end steps."""
     dense_dir = folder / "dense"
     if not (dense_dir / "metrics.json").is_file():
-        pretrain(dense_dir, args.large, cfg=dataclasses.replace(large, steps=args.end, warmup=min(large.warmup, args.end // 2)))
+        pretrain(dense_dir, args.large,
+                 cfg=dataclasses.replace(large, steps=args.end, warmup=min(large.warmup, args.end // 2)))
     cut = folder / "cut" / "model"
     if not (cut / "config.json").is_file():
         model = load_model(dense_dir / "model", dtype="float32")
@@ -155,14 +156,18 @@ def _report(rows: dict, args, res: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     res.mkdir(parents=True, exist_ok=True)
-    write_json(res / "results.json", {"settings": vars(args), "env": environment(), "rows": rows})
+    # the machine the arms ran on (this report may be assembled elsewhere from their folders)
+    env = next((read_json(_model_dir(out / a).parent / "metrics.json")["env"] for a in rows
+                if (_model_dir(out / a).parent / "metrics.json").is_file()), environment())
+    write_json(res / "results.json", {"settings": vars(args), "env": env, "rows": rows})
     arch = out / "efficientllm" / "architecture.png"
     if arch.is_file():
         shutil.copy(arch, res / "architecture.png")
         shutil.copy(out / "efficientllm" / "architecture.json", res / "architecture.json")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     names = list(rows)
-    axes[0].bar(names, [rows[a]["test_accuracy"] for a in names], color=["#55a868", "#4c72b0", "#c44e52"][:len(names)])
+    axes[0].bar(names, [rows[a]["test_accuracy"] for a in names],
+                color=["#55a868", "#4c72b0", "#c44e52"][:len(names)])
     for i, a in enumerate(names):
         axes[0].text(i, rows[a]["test_accuracy"] + 0.01, f"{rows[a]['test_accuracy']:.3f}", ha="center")
     axes[0].set(ylabel="test accuracy", ylim=(0, 1.1), title=f"{args.steps} steps each")
@@ -173,7 +178,6 @@ def _report(rows: dict, args, res: Path, out: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, res / "accuracy_loss.png")
-    env = environment()
     lines = [
         "# Pruning-aware pretraining (EfficientLLM) vs training small and vs prune-then-train",
         "",
@@ -188,11 +192,14 @@ def _report(rows: dict, args, res: Path, out: Path) -> None:
     ]
     for a in names:
         r = rows[a]
-        lines.append(f"| {a} | {r['parameters']:,} | {r['test_accuracy']:.3f} | {r['test_loss']:.4f} | {r['wall_s']} |")
+        lines.append(f"| {a} | {r['parameters']:,} | {r['test_accuracy']:.3f} | {r['test_loss']:.4f} "
+                     f"| {r['wall_s']} |")
     lines += ["", "![accuracy and loss](accuracy_loss.png)", "",
-              "Architecture EfficientLLM found (kept heads and MLP channels per layer; size over training):", "",
+              "Architecture EfficientLLM found (kept heads and MLP channels per layer; "
+              "size over training):", "",
               "![architecture](architecture.png)", "",
-              f"Command: `python benchmarks/efficientllm_testbed.py --steps {args.steps} --start {args.start} "
+              f"Command: `python benchmarks/efficientllm_testbed.py --steps {args.steps} "
+              f"--start {args.start} "
               f"--end {args.end} --interval {args.interval}`", ""]
     atomic_write_text(res / "report.md", "\n".join(lines))
     print("\n".join(lines))

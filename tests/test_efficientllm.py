@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from checks import assert_cached_equals_full
+
 from elmkit import cli
 from elmkit.methods import efficientllm as ef
 from elmkit.models import count_parameters, get_layers, load_model
@@ -153,8 +153,9 @@ def test_bad_settings_say_what_to_fix():
 def test_pretrain_command_prunes_while_training(tmp_path):
     out = tmp_path / "p"
     rc = cli.main(["pretrain", "--preset", "tiny", "--out", str(out), "--prune-to", "0.7", "--steps", "12",
-                   "--train-examples", "300", "--batch-size", "4", "--test-examples", "8", "--eval-every", "0",
-                   "--save-every", "100", "--prune.start", "2", "--prune.end", "8", "--prune.interval", "3"])
+                   "--train-examples", "300", "--batch-size", "4", "--test-examples", "8",
+                   "--eval-every", "0", "--save-every", "100", "--prune.start", "2", "--prune.end", "8",
+                   "--prune.interval", "3"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     model = load_model(out / "model", dtype="float32", device="cpu")

@@ -219,8 +219,8 @@ def _plot_pi(png: Path, pis: list[list[float]], chosen: int) -> None:
     save_figure(fig, png)
 
 
-def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None, init: str | Path | None = None,
-             cfg=None, prune=None) -> dict:
+def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None,
+             init: str | Path | None = None, cfg=None, prune=None) -> dict:
     """Pretrain a testbed preset and measure it; with ``prune_to`` it is pruned while it trains
     (EfficientLLM, see elmkit.methods.efficientllm) down to a preset's size (``base``), a fraction
     of its parameters (``0.5``) or a parameter count, and saved cut to that size (slim, or stock
@@ -250,8 +250,8 @@ def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None,
     test = make_split("test", cfg.test_examples, cfg.problems, cfg.seed)
     metrics["test_accuracy"] = test_accuracy(m, tok, test, 250 if next(m.parameters()).is_cuda else 64)
     if prune_to is not None:
-        from .methods.efficientllm import plot_architecture
         from .io import read_json
+        from .methods.efficientllm import plot_architecture
 
         plot_architecture(read_json(Path(out) / "architecture.json"), Path(out) / "architecture.png")
     run.write_metrics(metrics)

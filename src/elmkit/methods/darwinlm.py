@@ -208,7 +208,8 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, group: int, counts: l
 
 
 @torch.no_grad()
-def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, cols: list[int], rel_damp: float = 1e-2) -> torch.Tensor:
+def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, cols: list[int],
+               rel_damp: float = 1e-2) -> torch.Tensor:
     """``weight`` (d_out, d_in) with input columns ``cols`` removed together and the others updated
     to absorb them (joint OBS: W <- W - W[:, S] ([H^-1]_SS)^-1 H^-1[S, :]); same dtype, the removed
     columns zero. ``hessian`` = 2 X X^T / n of the inputs."""

@@ -109,18 +109,21 @@ def resolve_target(prune_to: str | float | int, model, tokenizer=None) -> int:
         from ..testbed.pretrain import PRESETS, model_config
 
         if prune_to not in PRESETS:
-            raise ValueError(f"--prune-to {prune_to!r} is neither a number nor a preset ({', '.join(PRESETS)})")
+            raise ValueError(f"--prune-to {prune_to!r} is neither a number nor a preset "
+                             f"({', '.join(PRESETS)})")
         from transformers import AutoModelForCausalLM
 
         from ..data.tokenizer import byte_tokenizer
 
         with torch.device("meta"):
-            small = AutoModelForCausalLM.from_config(model_config(PRESETS[prune_to], tokenizer or byte_tokenizer()))
+            small_cfg = model_config(PRESETS[prune_to], tokenizer or byte_tokenizer())
+            small = AutoModelForCausalLM.from_config(small_cfg)
         return count_parameters(small)
     v = float(prune_to)
     target = round(v * count_parameters(model)) if v <= 1 else int(v)
     if not 0 < target < count_parameters(model):
-        raise ValueError(f"--prune-to {prune_to} must leave between 0 and {count_parameters(model):,} parameters")
+        raise ValueError(f"--prune-to {prune_to} must leave between 0 and "
+                         f"{count_parameters(model):,} parameters")
     return target
 
 
@@ -136,7 +139,8 @@ def param_count(model, s: PruneState) -> int:
         nq, nkv, ch = len(s.heads[i]), len(s.kv[i]), len(s.channels[i])
         total += 2 * d
         if nq:
-            total += nq * hd * (2 * d + (a.q_proj.bias is not None)) + 2 * nkv * hd * (d + (a.k_proj.bias is not None))
+            total += (nq * hd * (2 * d + (a.q_proj.bias is not None))
+                      + 2 * nkv * hd * (d + (a.k_proj.bias is not None)))
             total += d * (a.o_proj.bias is not None) + (2 * hd if hasattr(a, "q_norm") else 0)
         if ch:
             total += 3 * ch * d + d * (m.down_proj.bias is not None)
@@ -199,7 +203,8 @@ class Pruner:
         return math.floor(self.p0 - (self.p0 - self.target) * frac)
 
     def is_pruning_step(self, step: int) -> bool:
-        return step == self.end or (self.cfg.start < step < self.end and (step - self.cfg.start) % self.cfg.interval == 0)
+        return step == self.end or (self.cfg.start < step < self.end
+                                    and (step - self.cfg.start) % self.cfg.interval == 0)
 
     def step(self, step: int, input_ids: torch.Tensor, token_mask: torch.Tensor) -> dict | None:
         """At a pruning step: score, remove, compensate, and return what went; else None."""
@@ -237,14 +242,16 @@ class Pruner:
         s, out = self.state, []
         hd, d = self.hd, len(self.state.hidden)
         layers = get_layers(self.model)
-        hidden_sum = torch.zeros(self.model.config.hidden_size, dtype=torch.double, device=self.params[0].device)
+        hidden_sum = torch.zeros(self.model.config.hidden_size, dtype=torch.double,
+                                 device=self.params[0].device)
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             if "head" in self.cfg.types and s.heads[i]:
                 nq, nkv = self.model.config.num_attention_heads, self.model.config.num_key_value_heads
                 q = T(a.q_proj.weight).view(nq, hd, -1).sum((1, 2)) + _bias(T(a.q_proj.bias), nq)
                 o = T(a.o_proj.weight).view(-1, nq, hd).sum((0, 2))
-                kv = T(a.k_proj.weight).view(nkv, hd, -1).sum((1, 2)) + T(a.v_proj.weight).view(nkv, hd, -1).sum((1, 2)) \
+                kv = T(a.k_proj.weight).view(nkv, hd, -1).sum((1, 2)) \
+                    + T(a.v_proj.weight).view(nkv, hd, -1).sum((1, 2)) \
                     + _bias(T(a.k_proj.bias), nkv) + _bias(T(a.v_proj.bias), nkv)
                 readers = {g: sum(1 for h in s.heads[i] if h // self.group == g) for g in s.kv[i]}
                 q, o, kv = (q + o).tolist(), None, kv.tolist()  # one device sync per layer
@@ -256,7 +263,8 @@ class Pruner:
                         cost += 2 * hd * (d + (a.k_proj.bias is not None))
                     out.append((abs(dl) / cost, "head", (i, h)))
             if "channel" in self.cfg.types and s.channels[i]:
-                ch = (T(m.gate_proj.weight).sum(1) + T(m.up_proj.weight).sum(1) + T(m.down_proj.weight).sum(0)).tolist()
+                ch = (T(m.gate_proj.weight).sum(1) + T(m.up_proj.weight).sum(1)
+                      + T(m.down_proj.weight).sum(0)).tolist()
                 out += [(abs(ch[j]) / (3 * d), "channel", (i, j)) for j in s.channels[i]]
             if "hidden" in self.cfg.types:
                 for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
@@ -292,7 +300,8 @@ class Pruner:
     # ---- compensation --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _compensate(self, removed: dict[str, list], input_ids: torch.Tensor, token_mask: torch.Tensor) -> None:
+    def _compensate(self, removed: dict[str, list], input_ids: torch.Tensor,
+                    token_mask: torch.Tensor) -> None:
         """Local OBS: the projections that lose input columns absorb them, with H from this batch."""
         layers = get_layers(self.model)
         hd = self.hd
@@ -338,8 +347,10 @@ class Pruner:
         gone_h = sorted(set(range(c.hidden_size)) - set(s.hidden))
         for i, layer in enumerate(get_layers(self.model)):
             a, m = layer.self_attn, layer.mlp
-            q_rows = [r for h in range(c.num_attention_heads) if h not in s.heads[i] for r in range(h * hd, (h + 1) * hd)]
-            kv_rows = [r for g in range(c.num_key_value_heads) if g not in s.kv[i] for r in range(g * hd, (g + 1) * hd)]
+            q_rows = [r for h in range(c.num_attention_heads) if h not in s.heads[i]
+                      for r in range(h * hd, (h + 1) * hd)]
+            kv_rows = [r for g in range(c.num_key_value_heads) if g not in s.kv[i]
+                       for r in range(g * hd, (g + 1) * hd)]
             gone_ch = sorted(set(range(c.intermediate_size)) - set(s.channels[i]))
             for lin, rows in ((a.q_proj, q_rows), (a.k_proj, kv_rows), (a.v_proj, kv_rows)):
                 add(lin.weight, 0, rows)
@@ -382,7 +393,8 @@ class Pruner:
     def finish(self):
         """The cut model: slim, or the family's stock model when every layer ends the same."""
         s = self.state
-        slim = to_slim(self.model, [LayerKeep(s.heads[i], s.kv[i], s.channels[i]) for i in range(len(s.heads))])
+        keep = [LayerKeep(s.heads[i], s.kv[i], s.channels[i]) for i in range(len(s.heads))]
+        slim = to_slim(self.model, keep)
         slice_hidden_(slim, s.hidden)
         return to_stock_if_uniform(slim)
 
