@@ -48,7 +48,7 @@ def compress_method(model: str | Path, data: str | Path, out: str | Path, method
     if method not in DEPTH and method not in WIDTH:
         raise ValueError(f"unknown method {method!r}; known: {', '.join((*DEPTH, *WIDTH))}")
     width = method in WIDTH
-    spec = WIDTH[method] if width else DEPTH[method]
+    spec = _spec(method)
     cfg = cfg if cfg is not None else spec.base
     if not isinstance(cfg, type(spec.base)):
         raise ValueError(f"{method} takes a {type(spec.base).__name__}, got {type(cfg).__name__}")
@@ -193,7 +193,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                                       "compress_s": 0.0, "heal_s": 0.0})]
     for name in cfg.methods:
         row = _cached(run / name, fps[name])
-        title = "ELM" if name == "elm" else (WIDTH[name] if name in WIDTH else DEPTH[name]).title
+        title = "ELM" if name == "elm" else _spec(name).title
         if row is None:
             what = f"{cfg.remove:.0%} of the non-embedding parameters" if name in WIDTH \
                 else f"{k} of {n} layers"
@@ -288,8 +288,7 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
         return elm, plan, stats
     if name in WIDTH:
         spec = WIDTH[name]
-        base = dataclasses.replace(cfg.darwinlm, mode=spec.base.mode) if spec.module is darwinlm \
-            else spec.base
+        base = _width_base(name, cfg)
         train = Calibration.from_examples(tok, train_ex, 512) if spec.trains else None
         mcfg = spec.module.for_target(base, dense, cfg.remove)
         return spec.module.compress_(copy.deepcopy(dense), calib, mcfg, train, progress=True,
@@ -304,6 +303,18 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
     m = copy.deepcopy(dense)
     plan, stats = spec.module.compress_(m, calib, mcfg, train, progress=True)
     return m, plan, stats
+
+
+def _spec(name: str):
+    """The registry entry of a depth or width method."""
+    return WIDTH[name] if name in WIDTH else DEPTH[name]
+
+
+def _width_base(name: str, cfg: CompareConfig):
+    """A width method's config before its target is set: DarwinLM and its two contrasts take the
+    comparison's --darwinlm.* budget in their own mode."""
+    spec = WIDTH[name]
+    return dataclasses.replace(cfg.darwinlm, mode=spec.base.mode) if spec.module is darwinlm else spec.base
 
 
 def _save(model, tok, folder: Path) -> None:
@@ -330,12 +341,10 @@ def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) ->
     if name == "elm":
         own: dict = {"elm_start": cfg.elm_start, "elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr}
     elif name in WIDTH:
-        spec = WIDTH[name]
-        own = {"base": asdict(spec.base) if spec.module is not darwinlm
-               else asdict(dataclasses.replace(cfg.darwinlm, mode=spec.base.mode))}
+        own = {"base": asdict(_width_base(name, cfg))}
     else:
         own = {"base": asdict(DEPTH[name].base)}
-    if name == "elm" or (WIDTH[name] if name in WIDTH else DEPTH[name]).trains:
+    if name == "elm" or _spec(name).trains:
         own.update(train_steps=cfg.train_steps, train_batch_size=cfg.train_batch_size, n_train=cfg.n_train)
     return {**ident, "method": name, **own, "remove": cfg.remove, "calib": asdict(cfg.calib),
             "heal": cfg.heal, "seed": cfg.seed,

@@ -31,60 +31,44 @@ from .common import DepthTarget
 
 
 @dataclass(frozen=True)
-class DepthMethod:
-    """One entry of the registry."""
+class Method:
+    """One entry of a registry (DEPTH or WIDTH)."""
 
     title: str
     """Name in tables and plots."""
     module: ModuleType
-    """The method's file: config, plan, apply_, compress_."""
-    base: DepthTarget
-    """Its default config (the target is replaced by the caller's)."""
-    trains: bool = False
-    """Whether it trains a replacement on the training data."""
-    command: bool = True
-    """Whether it has its own ``elmkit compress`` command (a variant is an option of another)."""
-
-
-DEPTH: dict[str, DepthMethod] = {
-    "slm": DepthMethod("SLM", slm, slm.SLMConfig(n_remove=0)),
-    "laco": DepthMethod("LaCo", laco, laco.LaCoConfig(n_remove=0)),
-    "shortgpt": DepthMethod("ShortGPT", shortgpt, shortgpt.ShortGPTConfig(n_remove=0)),
-    "shortened": DepthMethod("Shortened-LLaMA (PPL)", shortened, shortened.ShortenedConfig(n_remove=0)),
-    "shortened-taylor": DepthMethod("Shortened-LLaMA (Taylor+)", shortened,
-                                    shortened.ShortenedConfig(n_remove=0, criterion="taylor"), command=False),
-    "sleb": DepthMethod("SLEB", sleb, sleb.SLEBConfig(n_remove=0)),
-    "streamline": DepthMethod("LLM-Streamline", streamline, streamline.StreamlineConfig(n_remove=0),
-                              trains=True),
-    "replaceme": DepthMethod("ReplaceMe", replaceme, replaceme.ReplaceMeConfig(n_remove=0)),
-}
-
-
-
-@dataclass(frozen=True)
-class WidthMethod:
-    """One entry of the width registry."""
-
-    title: str
-    """Name in tables and plots."""
-    module: ModuleType
-    """The method's file: config, plan, apply_, compress_, for_target."""
+    """The method's file: config, plan, apply_, compress_ (width methods also for_target)."""
     base: object
-    """Its default config (the target is set by for_target)."""
+    """Its default config (the caller sets the target: n_remove for depth, for_target for width)."""
     trains: bool = False
-    """Whether it fine-tunes on the training data (DarwinLM's training-aware selection)."""
+    """Whether it trains on the training data (a replacement layer, DarwinLM's candidates)."""
     command: bool = True
     """Whether it has its own ``elmkit compress`` command (a variant is an option of another)."""
 
 
-WIDTH: dict[str, WidthMethod] = {
-    "flap": WidthMethod("FLAP", flap, flap.FLAPConfig()),
-    "llm-pruner": WidthMethod("LLM-Pruner", llm_pruner, llm_pruner.LLMPrunerConfig()),
-    "slm-pruner": WidthMethod("SLM + LLM-Pruner", slm_pruner, slm_pruner.SLMPrunerConfig()),
-    "darwinlm": WidthMethod("DarwinLM", darwinlm, darwinlm.DarwinLMConfig(), trains=True),
-    "ziplm": WidthMethod("ZipLM (one-shot)", darwinlm, darwinlm.DarwinLMConfig(mode="ziplm"), command=False),
-    "uniform": WidthMethod("Uniform", darwinlm, darwinlm.DarwinLMConfig(mode="uniform"), command=False),
+DEPTH: dict[str, Method] = {
+    "slm": Method("SLM", slm, slm.SLMConfig(n_remove=0)),
+    "laco": Method("LaCo", laco, laco.LaCoConfig(n_remove=0)),
+    "shortgpt": Method("ShortGPT", shortgpt, shortgpt.ShortGPTConfig(n_remove=0)),
+    "shortened": Method("Shortened-LLaMA (PPL)", shortened, shortened.ShortenedConfig(n_remove=0)),
+    "shortened-taylor": Method("Shortened-LLaMA (Taylor+)", shortened,
+                                    shortened.ShortenedConfig(n_remove=0, criterion="taylor"), command=False),
+    "sleb": Method("SLEB", sleb, sleb.SLEBConfig(n_remove=0)),
+    "streamline": Method("LLM-Streamline", streamline, streamline.StreamlineConfig(n_remove=0),
+                              trains=True),
+    "replaceme": Method("ReplaceMe", replaceme, replaceme.ReplaceMeConfig(n_remove=0)),
 }
 
-__all__ = ["DEPTH", "WIDTH", "DepthMethod", "DepthTarget", "WidthMethod", "darwinlm", "flap", "laco",
+
+
+WIDTH: dict[str, Method] = {
+    "flap": Method("FLAP", flap, flap.FLAPConfig()),
+    "llm-pruner": Method("LLM-Pruner", llm_pruner, llm_pruner.LLMPrunerConfig()),
+    "slm-pruner": Method("SLM + LLM-Pruner", slm_pruner, slm_pruner.SLMPrunerConfig()),
+    "darwinlm": Method("DarwinLM", darwinlm, darwinlm.DarwinLMConfig(), trains=True),
+    "ziplm": Method("ZipLM (one-shot)", darwinlm, darwinlm.DarwinLMConfig(mode="ziplm"), command=False),
+    "uniform": Method("Uniform", darwinlm, darwinlm.DarwinLMConfig(mode="uniform"), command=False),
+}
+
+__all__ = ["DEPTH", "WIDTH", "DepthTarget", "Method", "darwinlm", "flap", "laco",
            "llm_pruner", "replaceme", "shortened", "shortgpt", "sleb", "slm", "slm_pruner", "streamline"]

@@ -1,5 +1,6 @@
-"""What the depth methods share: the removal target, running an edited layer list, calibration
-NLL and similarity, the layer-merge operator, and the threshold bisection of SLM and LaCo.
+"""What the methods share: the removal target, running an edited layer list, calibration NLL and
+similarity, the layer-merge operator, the threshold bisection of SLM and LaCo, and the statistics of
+module inputs that the width methods score and update with.
 
 Every depth method ends with N - k decoder layers, where k comes from ``DepthTarget``: methods that
 delete layers delete k; methods that replace a span (LLM-Streamline, ReplaceMe, ELM) replace k + 1
@@ -111,6 +112,41 @@ def sequence_cosine(model, h: torch.Tensor, ref: torch.Tensor, mask: torch.Tenso
     norm = get_norm(model)
     a, b = norm(h).float() * mask[..., None], norm(ref).float() * mask[..., None]  # (B, T, d)
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+@torch.no_grad()
+def module_inputs(model, modules: dict, batches, add: Callable[[object, torch.Tensor], None]) -> None:
+    """Run ``model`` over ``batches`` of (input_ids, attention_mask) and call ``add(key, x)`` with
+    the input of every ``modules[key]`` at the real tokens, x: (tokens, d_in)."""
+    mask_now: dict = {}
+
+    def hook(key):
+        def f(module, args):
+            add(key, args[0][mask_now["m"]])
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in modules.items()]
+    try:
+        for ids, mask in batches:
+            mask_now["m"] = mask.bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_hessians(model, modules: dict, batches) -> dict:
+    """H = 2 X X^T / n (float32) of every ``modules[key]``'s input over the real tokens of
+    ``batches``; keys whose module saw no token are left out."""
+    acc: dict = {}
+
+    def add(key, x):
+        x = x.float()  # (tokens, d_in)
+        n, h = acc.get(key, (0, 0.0))
+        acc[key] = (n + x.shape[0], h + x.T @ x)
+
+    module_inputs(model, modules, batches, add)
+    return {k: 2 * h / n for k, (n, h) in acc.items() if n}
 
 
 def non_embedding_parameters(model) -> int:

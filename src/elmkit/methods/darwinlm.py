@@ -58,7 +58,7 @@ from ..data.calibration import Calibration
 from ..io import atomic_write_text, read_json, write_json
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
-from .common import NO_TARGETS, non_embedding_parameters
+from .common import NO_TARGETS, input_hessians, non_embedding_parameters
 
 KINDS = ("attn", "mlp")
 
@@ -164,12 +164,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, group: int, counts: l
     if d_in % group:
         raise ValueError(f"{d_in} columns do not split into groups of {group}")
     n_groups = d_in // group
-    W = weight.double().clone()
-    H = hessian.double().clone()
-    dead = H.diagonal() == 0  # inputs that never fire: no information, nothing to update with
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += rel_damp * H.diagonal().mean() * torch.eye(d_in, dtype=H.dtype, device=H.device)
+    W, H = _prepare(weight, hessian, rel_damp)
     alive = torch.ones(n_groups, dtype=torch.bool, device=W.device)
     loss, removed = 0.0, 0
     want = sorted(set(counts))
@@ -213,17 +208,25 @@ def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, cols: list[int],
     """``weight`` (d_out, d_in) with input columns ``cols`` removed together and the others updated
     to absorb them (joint OBS: W <- W - W[:, S] ([H^-1]_SS)^-1 H^-1[S, :]); same dtype, the removed
     columns zero. ``hessian`` = 2 X X^T / n of the inputs."""
+    W, H = _prepare(weight, hessian, rel_damp)
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    S = torch.as_tensor(cols, dtype=torch.long, device=W.device)
+    W -= W[:, S] @ torch.linalg.solve(Hinv[S][:, S], Hinv[S, :])
+    W[:, S] = 0.0
+    return W.to(weight.dtype)
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, rel_damp: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copies of W and the damped H; inputs that never fire (diag 0) carry no information
+    and nothing to update with: their columns are zeroed and their diagonal set to 1."""
     W = weight.double().clone()
     H = hessian.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += rel_damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    S = torch.as_tensor(cols, dtype=torch.long, device=W.device)
-    W -= W[:, S] @ torch.linalg.solve(Hinv[S][:, S], Hinv[S, :])
-    W[:, S] = 0.0
-    return W.to(weight.dtype)
+    return W, H
 
 
 def _obs_scores(W: torch.Tensor, Hinv: torch.Tensor, group: int, alive: torch.Tensor):
@@ -248,28 +251,11 @@ def hessians(model, calib: Calibration, batch_size: int = 8) -> list[dict[str, t
     """Per layer: H = 2 X X^T / n (float32) of the inputs of o_proj ("attn") and down_proj ("mlp")
     over non-pad tokens, all from one pass of the dense model."""
     device = next(model.parameters()).device
-    acc: list[dict] = [{} for _ in get_layers(model)]
-    mask_now: dict = {}
-
-    def hook(i, kind):
-        def f(module, args):
-            x = args[0][mask_now["m"]].float()  # (tokens, d_in)
-            n, h = acc[i].get(kind, (0, 0.0))
-            acc[i][kind] = (n + x.shape[0], h + x.T @ x)
-        return f
-
-    handles = []
-    for i, layer in enumerate(get_layers(model)):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook(i, "attn")))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i, "mlp")))
-    try:
-        for ids, mask in calib.batches(batch_size, device):
-            mask_now["m"] = mask.bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [{k: 2 * h / n for k, (n, h) in a.items()} for a in acc]
+    layers = get_layers(model)
+    modules = {(i, kind): lin for i, layer in enumerate(layers)
+               for kind, lin in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj))}
+    hs = input_hessians(model, modules, calib.batches(batch_size, device))
+    return [{kind: hs[(i, kind)] for kind in KINDS if (i, kind) in hs} for i in range(len(layers))]
 
 
 class Database:

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..models.adapters import get_embed, get_head, get_layers, get_norm
 from ..models.slim import LayerKeep, to_slim
+from .common import input_hessians
 from .darwinlm import obs_remove
 
 TYPES = ("head", "channel", "hidden")
@@ -254,10 +255,10 @@ class Pruner:
                     + T(a.v_proj.weight).view(nkv, hd, -1).sum((1, 2)) \
                     + _bias(T(a.k_proj.bias), nkv) + _bias(T(a.v_proj.bias), nkv)
                 readers = {g: sum(1 for h in s.heads[i] if h // self.group == g) for g in s.kv[i]}
-                q, o, kv = (q + o).tolist(), None, kv.tolist()  # one device sync per layer
+                qo, kv = (q + o).tolist(), kv.tolist()  # one device sync per layer
                 for h in s.heads[i]:
                     g = h // self.group
-                    dl = q[h] + kv[g] / readers[g]  # the head's own weights + its KV head's share
+                    dl = qo[h] + kv[g] / readers[g]  # the head's own weights + its KV head's share
                     cost = hd * (2 * d + (a.q_proj.bias is not None))
                     if readers[g] == 1:
                         cost += 2 * hd * (d + (a.k_proj.bias is not None))
@@ -317,7 +318,10 @@ class Pruner:
                             layer.mlp.gate_proj, layer.mlp.up_proj):
                     cols.setdefault(lin, []).extend(gone)
             cols.setdefault(get_head(self.model), []).extend(gone)
-        hs = _input_hessians(self.model, list(cols), input_ids, token_mask)
+        was = self.model.training
+        self.model.eval()
+        hs = input_hessians(self.model, {lin: lin for lin in cols}, [(input_ids, token_mask)])
+        self.model.train(was)
         for lin, c in cols.items():
             if lin in hs:
                 lin.weight.copy_(obs_remove(lin.weight, hs[lin], sorted(set(c)), self.cfg.rel_damp))
@@ -431,31 +435,6 @@ def _kept_rms(norm: nn.Module, pruner: Pruner):
         var = h.pow(2).sum(-1, keepdim=True) / len(pruner.state.hidden)
         return norm.weight * (h * torch.rsqrt(var + norm.variance_epsilon)).to(dtype)
     return forward
-
-
-@torch.no_grad()
-def _input_hessians(model, lins: list[nn.Linear], input_ids: torch.Tensor, token_mask: torch.Tensor) -> dict:
-    """H = 2 X X^T / n of each module's input over the masked tokens, from one forward pass."""
-    acc: dict = {}
-    m = token_mask.bool()
-
-    def hook(lin):
-        def f(module, args):
-            x = args[0][m].float()  # (tokens, d_in)
-            n, h = acc.get(lin, (0, 0.0))
-            acc[lin] = (n + x.shape[0], h + x.T @ x)
-        return f
-
-    handles = [lin.register_forward_pre_hook(hook(lin)) for lin in lins]
-    was = model.training
-    model.eval()
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return {lin: 2 * h / n for lin, (n, h) in acc.items() if n}
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 from ..data.calibration import Calibration
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
-from .common import non_embedding_parameters
+from .common import module_inputs, non_embedding_parameters
 
 
 @dataclass(frozen=True)
@@ -66,28 +66,18 @@ def channel_stats(model, calib: Calibration, batch_size: int = 8) -> list[dict]:
     device = next(model.parameters()).device
     layers = get_layers(model)
     acc = [{} for _ in layers]
-    mask_now: dict = {}
 
-    def hook(i, name):
-        def f(module, args):
-            x = args[0][mask_now["m"]].double()  # (tokens, channels)
-            s = acc[i].setdefault(name, [0, 0.0, 0.0])
-            s[0] += x.shape[0]
-            s[1] = s[1] + x.sum(0)
-            s[2] = s[2] + (x * x).sum(0)
-        return f
+    def add(key, x):
+        i, name = key
+        x = x.double()  # (tokens, channels)
+        s = acc[i].setdefault(name, [0, 0.0, 0.0])
+        s[0] += x.shape[0]
+        s[1] = s[1] + x.sum(0)
+        s[2] = s[2] + (x * x).sum(0)
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook(i, "attn")))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i, "mlp")))
-    try:
-        for ids, mask in calib.batches(batch_size, device):
-            mask_now["m"] = mask.bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    modules = {(i, kind): lin for i, layer in enumerate(layers)
+               for kind, lin in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj))}
+    module_inputs(model, modules, calib.batches(batch_size, device), add)
     out = []
     for a in acc:
         st = {}
