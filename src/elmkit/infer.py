@@ -1,0 +1,544 @@
+"""Fast decoding for dense and ELM models: a static KV cache and the decode step in CUDA graphs.
+
+transformers' eager ``generate`` launches a decoder's few hundred small kernels from Python on
+every token and grows its cache as it goes, so at batch 1 the GPU mostly waits. Here the same
+weights (the model's own modules: nothing is copied but the ELM projection's two halves) run one
+decode step of fixed-shape tensor operations:
+
+* a static KV cache: one K and one V tensor of shape (slots, B, H_kv, L, D), allocated once for
+  prompt + new tokens. A dense model has one slot per layer; an ELM has N - M slots for its kept
+  layers plus one for the block (``kv_mode="one_step"``: every evaluation overwrites it) or
+  ``max_iter`` (``"per_iter"``);
+* the step reads its token, position, cache slot and key mask from device buffers and writes the
+  next token back, so it is captured once in a CUDA graph and replayed with no host work per token;
+* the ELM fixed-point loop is inside the step. W_h h + b is computed once per token, so an
+  evaluation costs W_z z plus the layer. Per-token convergence masks freeze converged tokens
+  exactly as ``elm_solvers`` does (naive and Anderson), and an evaluation's K/V write is kept only
+  while some token is still iterating, so evaluations past convergence change nothing;
+* with a tolerance the step is three kinds of graph (before the block, one per evaluation, after):
+  the host launches evaluation k + 1 before it reads whether any token was still active after
+  evaluation k, so the GPU never waits for the host and the loop runs at most one evaluation past
+  the last one needed. Without a tolerance the whole step, all evaluations, is one graph.
+
+Greedy decoding gives the tokens of the reference ``model.generate`` (tested); sampling uses
+temperature and top-k with the Gumbel-max trick, seeded. Prompts of different lengths are left
+padded, as for ``generate``. On a CPU (or with ``cuda_graphs=False``) the same step runs eagerly.
+
+Example::
+
+    dec = Decoder(model, batch_size=8, max_len=640)
+    tokens, stats = dec.generate(input_ids, attention_mask, DecodeConfig(max_new_tokens=128))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .models.adapters import (
+    UnsupportedModelError,
+    family_of,
+    get_embed,
+    get_head,
+    get_layers,
+    get_norm,
+    get_rotary,
+    layer_type,
+)
+from .models.elm_solvers import NonFiniteError, solve
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode."""
+
+    max_new_tokens: int = 128
+    """Tokens to generate per row (fewer when every row has stopped)."""
+    temperature: float = 0.0
+    """0: greedy; > 0: sample from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+    stop_at_eos: bool = True
+    """Stop a row at the generation config's eos token(s); later positions hold the pad token."""
+    check_every: int = 16
+    """Tokens between the host's checks whether every row has stopped (each check syncs)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError("temperature and top_k must be >= 0")
+        if self.check_every < 1:
+            raise ValueError("check_every must be >= 1")
+
+
+@dataclass
+class DecodeStats:
+    """What one ``generate`` call did."""
+
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    """Decode positions run (per row; rows that stopped early count up to the batch's end)."""
+    prefill_s: float
+    decode_s: float
+    """Wall time of the decode steps after the first token (synchronised)."""
+    tokens_per_s: float
+    """batch_size x (new_tokens - 1) / decode_s: the decode rate, prefill excluded."""
+    block_evaluations: float | None = None
+    """ELM: mean evaluations per generated token until it converged (per-token count)."""
+    block_launches: float | None = None
+    """ELM: mean evaluations the batch actually ran per decode step."""
+
+
+class Decoder:
+    """A static-cache decoder for one model at a fixed batch size and cache length.
+
+    ``cuda_graphs`` captures the decode step on first use (CUDA only). The model's weights are
+    used in place; keep the model alive and unchanged while the decoder is in use.
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graphs: bool = True):
+        fam = family_of(model).name
+        if fam == "slim":
+            raise UnsupportedModelError("the fast decoder supports dense and ELM models; decode a "
+                                        "slim model with model.generate")
+        if batch_size < 1 or max_len < 2:
+            raise ValueError("batch_size must be >= 1 and max_len >= 2")
+        cfg = model.config
+        self.model = model.eval()
+        self.elm = cfg if fam == "elm" else None
+        base = cfg.base_config() if self.elm is not None else cfg
+        limit = getattr(base, "max_position_embeddings", None)
+        if limit is not None and max_len > limit:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings {limit}")
+        self.layers = list(get_layers(model))
+        for i in range(len(self.layers)):
+            window = getattr(base, "sliding_window", None)
+            if layer_type(cfg, i) == "sliding_attention" and window is not None and max_len > window:
+                raise ValueError(f"layer {i} uses sliding-window attention ({window} tokens) and "
+                                 f"max_len {max_len} exceeds it; use model.generate for such lengths")
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.L = batch_size, max_len
+        self.d = cfg.hidden_size
+        self.head_dim = getattr(base, "head_dim", None) or self.d // base.num_attention_heads
+        self.graphs = cuda_graphs and self.device.type == "cuda"
+        B, L, dev = batch_size, max_len, self.device
+
+        # cache slots: layer i -> slot i; an ELM block's evaluation k -> block slot (+ k-1 per_iter)
+        n = len(self.layers)
+        extra = (self.elm.max_iter - 1) if self.elm is not None and self.elm.kv_mode == "per_iter" else 0
+        shape = (n + extra, B, base.num_key_value_heads, L, self.head_dim)
+        self.K = torch.zeros(shape, device=dev, dtype=self.dtype)
+        self.V = torch.zeros(shape, device=dev, dtype=self.dtype)
+        pos = torch.arange(L, device=dev)[None]
+        cos, sin = get_rotary(model)(torch.zeros(1, device=dev, dtype=self.dtype), pos)
+        self.cos, self.sin = cos[0], sin[0]  # (L, D), as the model computes them per position
+
+        # decode state: device buffers that the captured step reads and updates in place
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # token entering the step
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its RoPE position (pads skipped)
+        self.cur = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
+        self.valid = torch.zeros(B, L, dtype=torch.bool, device=dev)  # keys that may be attended
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.n_out = torch.zeros(1, dtype=torch.long, device=dev)  # tokens written so far
+        self.out = torch.zeros(B, L, dtype=torch.long, device=dev)  # generated tokens
+        self.evals = torch.zeros(B, L, dtype=torch.long, device=dev)  # block evaluations per token
+        self.bad = torch.zeros((), dtype=torch.bool, device=dev)  # a NaN/inf appeared
+        self.stops = torch.full((8,), -1, dtype=torch.long, device=dev)  # eos ids, -1 = unused
+        self.pad = torch.zeros((), dtype=torch.long, device=dev)
+        self.temperature = torch.ones((), device=dev)
+        if self.elm is not None:
+            self._init_block()
+        self._captured: dict = {}
+
+    # -- the ELM block ----------------------------------------------------------------------
+
+    def _init_block(self) -> None:
+        c, B, d, dev = self.elm, self.B, self.d, self.device
+        self.bi = c.start  # index of the block in the layer list and of its first cache slot
+        W = self.layers[self.bi].proj.weight  # (d, 2d) = [W_z | W_h]
+        self.wz = W[:, :d].detach().contiguous()
+        self.wh = W[:, d:].detach().contiguous()
+        self.b = self.layers[self.bi].proj.bias
+        self.h = torch.zeros(B, 1, d, device=dev, dtype=self.dtype)  # input of the block
+        self.hb = torch.zeros_like(self.h)  # W_h h + b
+        self.z = torch.zeros_like(self.h)  # the iterate
+        self.zout = torch.zeros_like(self.h)  # output of the last evaluation for each token
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)
+        self.any_active = torch.ones((), dtype=torch.bool, device=dev)
+        self.iters = torch.zeros(B, dtype=torch.long, device=dev)
+        self.res = torch.zeros(B, device=dev)
+        if self.graphs:  # the host reads "any token active after evaluation k" through these
+            self._flags = torch.zeros(c.max_iter + 1, dtype=torch.bool).pin_memory()
+            self._events = [torch.cuda.Event() for _ in range(c.max_iter + 1)]
+        if c.solver == "anderson":
+            self.ax = torch.zeros(B, c.anderson_m, d, device=dev, dtype=torch.promote_types(
+                self.dtype, torch.float32))
+            self.af = torch.zeros_like(self.ax)
+        elif c.solver != "naive":
+            raise UnsupportedModelError(f"the fast decoder runs the naive and anderson solvers; "
+                                        f"{c.solver!r} runs in model.generate")
+
+    # -- one decoder layer --------------------------------------------------------------------
+
+    def _layer(self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, slot: int,
+               write, gate: Tensor | None = None) -> Tensor:
+        layer = self.layers[i]
+        a = layer.self_attn
+        r = x
+        x = layer.input_layernorm(x)
+        B, T, _ = x.shape
+        shape = (B, T, -1, self.head_dim)
+        q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+        if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        keys, values = write(slot, k, v, gate)  # (B, H_kv, L', D) to attend over
+        g = q.shape[1] // keys.shape[1]  # query heads per KV head
+        if T == 1:  # decode: the g heads of a KV head are g queries of one (B, H_kv) problem,
+            # so K/V are read once and never replicated
+            o = F.scaled_dot_product_attention(q.reshape(B, -1, g, self.head_dim), keys, values,
+                                               attn_mask=mask, scale=a.scaling)  # (B, H_kv, g, D)
+            o = o.reshape(B, -1, 1, self.head_dim)
+        else:  # prefill: replicate K/V per query head (as transformers does), mask broadcast
+            keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling)
+        x = r + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # o: (B, H, T, D)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _write_prefill(self, slot: int, k: Tensor, v: Tensor, gate=None):
+        T = k.shape[2]
+        self.K[slot, :, :, :T] = k
+        self.V[slot, :, :, :T] = v
+        return self.K[slot, :, :, :T], self.V[slot, :, :, :T]
+
+    def _write_step(self, slot: int, k: Tensor, v: Tensor, gate: Tensor | None):
+        Ks, Vs = self.K[slot], self.V[slot]  # (B, H_kv, L, D)
+        if gate is not None:  # keep the old K/V once no token iterates any more
+            k = torch.where(gate, k, Ks.index_select(2, self.cur))
+            v = torch.where(gate, v, Vs.index_select(2, self.cur))
+        Ks.index_copy_(2, self.cur, k)
+        Vs.index_copy_(2, self.cur, v)
+        return Ks, Vs
+
+    def _slot(self, i: int, k: int = 1) -> int:
+        """Cache slot of layer i (evaluation k of the block under per_iter)."""
+        if self.elm is None or i < self.bi:
+            return i
+        if i == self.bi:
+            return i + (k - 1 if self.elm.kv_mode == "per_iter" else 0)
+        return i + (self.elm.max_iter - 1 if self.elm.kv_mode == "per_iter" else 0)
+
+    # -- prefill (eager) ------------------------------------------------------------------------
+
+    def _prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Run the prompt (B, T), fill the cache; returns the last position's logits (B, V)."""
+        B, T = ids.shape
+        pad = T - mask.sum(1)  # (B,) left padding
+        positions = (torch.arange(T, device=self.device)[None] - pad[:, None]).clamp(min=0)
+        rope = (self.cos[positions], self.sin[positions])  # (B, T, D)
+        keys = mask.bool()
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        attn = causal[None] & keys[:, None, :]  # (B, T, T)
+        attn = (attn | torch.eye(T, dtype=torch.bool, device=self.device))[:, None]  # pads see self
+        x = get_embed(self.model)(ids)
+        for i in range(len(self.layers)):
+            if self.elm is not None and i == self.bi:
+                x = self._prefill_block(x, rope, attn)
+            else:
+                x = self._layer(i, x, rope, attn, self._slot(i), self._write_prefill)
+        self.valid.zero_()
+        self.valid[:, :T] = keys
+        self.pos.copy_(T - pad)
+        self.cur.fill_(T)
+        return get_head(self.model)(get_norm(self.model)(x[:, -1:]))[:, 0].float()
+
+    def _prefill_block(self, h: Tensor, rope, attn) -> Tensor:
+        c, calls = self.elm, [0]
+        hb = F.linear(h, self.wh, self.b)
+
+        def f(z):
+            calls[0] += 1
+            u = F.linear(z, self.wz) + hb
+            return self._layer(self.bi, u, rope, attn, self._slot(self.bi, calls[0]),
+                               self._write_prefill)
+
+        opts = dict(m=c.anderson_m, beta=c.anderson_beta, lam=c.anderson_lam) \
+            if c.solver == "anderson" else {}
+        out, _ = solve(f, torch.zeros_like(h), solver=c.solver, max_iter=c.max_iter, tol=c.tol,
+                       tol_mode=c.tol_mode, **opts)
+        return out
+
+    # -- the decode step, in pieces that can each be captured -----------------------------------
+
+    def _rope_mask(self):
+        rope = (self.cos[self.pos][:, None], self.sin[self.pos][:, None])  # (B, 1, D)
+        return rope, self.valid[:, None, None, :]  # mask (B, 1, 1, L)
+
+    def _pre(self) -> None:
+        """Embedding and the layers before the block (all layers for a dense model: then post)."""
+        self.valid.index_fill_(1, self.cur, True)
+        rope, mask = self._rope_mask()
+        x = get_embed(self.model)(self.tok[:, None])  # (B, 1, d)
+        stop = self.bi if self.elm is not None else len(self.layers)
+        for i in range(stop):
+            x = self._layer(i, x, rope, mask, self._slot(i), self._write_step)
+        if self.elm is None:
+            self._post(x)
+            return
+        self.h.copy_(x)
+        self.hb.copy_(F.linear(x, self.wh, self.b))
+        self.z.zero_()
+        self.active.fill_(True)
+        self.any_active.fill_(True)
+        self.iters.zero_()
+
+    def _eval(self, k: int) -> None:
+        """Evaluation k (1-based) of the block, then the solver's update; mirrors elm_solvers."""
+        c = self.elm
+        rope, mask = self._rope_mask()
+        gate = self.any_active if c.tol > 0 else None
+        u = F.linear(self.z, self.wz) + self.hb
+        fz = self._layer(self.bi, u, rope, mask, self._slot(self.bi, k), self._write_step, gate)
+        self.bad |= ~torch.isfinite(fz).all()
+        r = (fz - self.z).float().norm(dim=-1)[:, 0]  # (B,)
+        if c.tol_mode == "rel":
+            r = r / (fz.float().norm(dim=-1)[:, 0] + 1e-8)
+        act = self.active
+        self.res.copy_(torch.where(act, r, self.res))
+        self.iters.copy_(torch.where(act, torch.full_like(self.iters, k), self.iters))
+        self.zout.copy_(fz if k == 1 else torch.where(act[:, None, None], fz, self.zout))
+        if c.tol > 0:
+            self.active &= ~(r < c.tol)
+            self.any_active.copy_(self.active.any())
+        if c.solver == "naive":
+            self.z.copy_(self.zout)  # active tokens: f(z); frozen ones keep their output
+        elif k < c.max_iter:
+            self._anderson(k, fz)
+
+    def _anderson(self, k: int, fx: Tensor) -> None:
+        c = self.elm
+        x = self.z
+        slot = (k - 1) % c.anderson_m
+        dt = self.ax.dtype
+        self.ax[:, slot] = x[:, 0].to(dt)
+        self.af[:, slot] = fx[:, 0].to(dt)
+        n = min(k, c.anderson_m)
+        if n == 1:
+            nxt = fx[:, 0].to(dt)
+        else:
+            G = self.af[:, :n] - self.ax[:, :n]  # (B, n, d) residual history
+            H = torch.bmm(G, G.transpose(1, 2))  # (B, n, n)
+            scale = H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-30
+            H = H + c.anderson_lam * scale * torch.eye(n, device=H.device, dtype=dt)
+            A = torch.zeros(self.B, n + 1, n + 1, device=H.device, dtype=dt)
+            A[:, 0, 1:] = 1
+            A[:, 1:, 0] = 1
+            A[:, 1:, 1:] = H / scale
+            rhs = torch.zeros(self.B, n + 1, 1, device=H.device, dtype=dt)
+            rhs[:, 0] = 1
+            alpha = torch.linalg.solve_ex(A, rhs)[0][:, 1:, 0]  # (B, n); _ex: no host sync
+            beta = c.anderson_beta
+            nxt = beta * torch.einsum("nk,nkd->nd", alpha, self.af[:, :n]) + \
+                (1 - beta) * torch.einsum("nk,nkd->nd", alpha, self.ax[:, :n])
+        self.z.copy_(torch.where(self.active[:, None, None], nxt[:, None].to(x.dtype), x))
+
+    def _after_block(self) -> None:
+        rope, mask = self._rope_mask()
+        x = self.zout
+        for i in range(self.bi + 1, len(self.layers)):
+            x = self._layer(i, x, rope, mask, self._slot(i), self._write_step)
+        self.evals.index_copy_(1, self.n_out, self.iters[:, None])
+        self._post(x)
+
+    def _post(self, x: Tensor) -> None:
+        """Final norm, head, next token; advance the position."""
+        logits = get_head(self.model)(get_norm(self.model)(x))[:, 0].float()  # (B, V)
+        self._emit(self._choose(logits))
+        self.pos += 1
+        self.cur += 1
+
+    def _choose(self, logits: Tensor) -> Tensor:
+        self.bad |= ~torch.isfinite(logits).all()
+        if self._greedy:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self._top_k:
+            kth = logits.topk(self._top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)  # Gumbel-max
+
+    def _emit(self, nxt: Tensor) -> None:
+        nxt = torch.where(self.done, self.pad, nxt)
+        self.out.index_copy_(1, self.n_out, nxt[:, None])
+        self.done |= torch.isin(nxt, self.stops)
+        self.tok.copy_(nxt)
+        self.n_out += 1
+
+    # -- running the step -------------------------------------------------------------------------
+
+    def _pieces(self) -> list:
+        """The step as a list of callables; the ELM's evaluations are listed one by one."""
+        if self.elm is None:
+            return [self._pre]
+        evals = [lambda k=k: self._eval(k) for k in range(1, self.elm.max_iter + 1)]
+        return [self._pre, *evals, self._after_block]
+
+    def _capture(self, key) -> list:
+        """CUDA graphs of the step: one whole, or [pre, eval 1..K, post] with a tolerance."""
+        if key in self._captured:
+            return self._captured[key]
+        pieces = self._pieces()
+        adaptive = self.elm is not None and self.elm.tol > 0
+        groups = [[p] for p in pieces] if adaptive else [pieces]
+        for t in (self.n_out, self.cur, self.pos):  # the warm-up advances them; stay in bounds
+            t.zero_()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: kernels pick their algorithms outside the capture
+            for _ in range(2):
+                for p in pieces:
+                    p()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for group in groups:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                for p in group:
+                    p()
+            graphs.append(g)
+        torch.cuda.synchronize()
+        self._captured[key] = graphs
+        return graphs
+
+    def _step(self, graphs: list | None) -> int:
+        """One decode step; returns the block evaluations the batch ran (0 for a dense model)."""
+        adaptive = self.elm is not None and self.elm.tol > 0
+        if graphs is not None and not adaptive:
+            graphs[0].replay()
+            return self.elm.max_iter if self.elm is not None else 0
+        if self.elm is None:
+            self._pre()
+            return 0
+        run = (lambda i: graphs[i].replay()) if graphs is not None else (lambda i: self._pieces()[i]())
+        run(0)
+        K = self.elm.max_iter
+        if graphs is None:  # eager: the host check costs nothing on a CPU
+            k = 0
+            for k in range(1, K + 1):
+                run(k)
+                if self.elm.tol > 0 and not bool(self.any_active):
+                    break
+            run(K + 1)
+            return k
+        # graphs: launch evaluation k + 1, then read whether any token was active after k
+        flags, events = self._flags, self._events
+        k = 1
+        run(1)
+        flags[1].copy_(self.any_active, non_blocking=True)
+        events[1].record()
+        while k < K:
+            run(k + 1)
+            flags[k + 1].copy_(self.any_active, non_blocking=True)
+            events[k + 1].record()
+            events[k].synchronize()
+            k += 1
+            if not bool(flags[k - 1]):
+                break
+        run(K + 1)
+        return k
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 cfg: DecodeConfig = DecodeConfig()) -> tuple[Tensor, DecodeStats]:
+        """New tokens (B, n) for left-padded prompts (B, T); rows that stopped hold the pad id."""
+        ids = input_ids.to(self.device)
+        B, T = ids.shape
+        if B != self.B:
+            raise ValueError(f"this decoder was built for batch size {self.B}, got {B}")
+        if T + cfg.max_new_tokens > self.L:
+            raise ValueError(f"prompt {T} + max_new_tokens {cfg.max_new_tokens} exceed the cache "
+                             f"length {self.L}; build the Decoder with a larger max_len")
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
+        if mask.shape != ids.shape:
+            raise ValueError("attention_mask must have the shape of input_ids")
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError("prompts must be left padded (attention_mask 0s before the 1s), as for "
+                             "batched generate")
+        if (mask.sum(1) == 0).any():
+            raise ValueError("a prompt is empty")
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if cfg.stop_at_eos else None
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if len(eos) > self.stops.numel():
+            raise ValueError(f"at most {self.stops.numel()} eos ids are supported, got {len(eos)}")
+        self.stops.fill_(-1)
+        self.stops[:len(eos)] = torch.tensor(eos, dtype=torch.long)
+        pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+        self.pad.fill_(int(pad))
+        self._greedy, self._top_k = cfg.temperature == 0, cfg.top_k
+        self.temperature.fill_(max(cfg.temperature, 1e-6))
+        n_new = cfg.max_new_tokens
+        graphs = self._capture((self._greedy, self._top_k)) if self.graphs else None
+
+        torch.manual_seed(cfg.seed)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        self.done.zero_()
+        self.bad.zero_()
+        self.n_out.zero_()
+        self.out.fill_(int(pad))
+        self.evals.zero_()
+        logits = self._prefill(ids, mask)
+        first = self._choose(logits)
+        self._emit(first)
+        if self.elm is not None:  # the prompt's last token's count stands for the first new token
+            self.evals[:, 0] = 0
+        sync()
+        t1 = time.perf_counter()
+        steps, launches = 1, 0
+        while steps < n_new:
+            launches += self._step(graphs)
+            steps += 1
+            if steps % cfg.check_every == 0:
+                if bool(self.bad):
+                    break
+                if cfg.stop_at_eos and bool(self.done.all()):
+                    break
+        sync()
+        t2 = time.perf_counter()
+        if bool(self.bad):
+            raise NonFiniteError("decoding produced NaN/inf logits or block outputs; check the model")
+        stats = DecodeStats(B, T, steps, t1 - t0, t2 - t1,
+                            B * (steps - 1) / max(t2 - t1, 1e-9))
+        if self.elm is not None and steps > 1:
+            stats.block_evaluations = float(self.evals[:, 1:steps].float().mean())
+            stats.block_launches = launches / (steps - 1)
+        return self.out[:, :steps].clone(), stats
+
+    def cache_bytes(self) -> int:
+        """Bytes of the K and V cache tensors."""
+        return self.K.nbytes + self.V.nbytes
+
+
+def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None,
+             cfg: DecodeConfig = DecodeConfig(), cuda_graphs: bool = True
+             ) -> tuple[Tensor, DecodeStats]:
+    """One-off fast decoding: builds a Decoder sized for this call (see :class:`Decoder`)."""
+    B, T = input_ids.shape
+    dec = Decoder(model, B, T + cfg.max_new_tokens, cuda_graphs=cuda_graphs)
+    return dec.generate(input_ids, attention_mask, cfg)
