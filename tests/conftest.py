@@ -53,3 +53,13 @@ def tiny_dir(tmp_path, tokenizer):
     tiny_model("qwen2", num_layers=4, hidden_size=32).save_pretrained(str(d))
     tokenizer.save_pretrained(str(d))
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA; without it they are skipped with a reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
