@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..data.chat import encode_many
@@ -92,6 +94,9 @@ class ElmTrainConfig:
     """Also train LoRA (this rank) on the kept layers' seven projections; 0 = block only."""
     kept_lora_alpha: float = 16.0
     """LoRA alpha for the kept layers (scale alpha / r); merged into them at the end."""
+    recompute_tail: bool = False
+    """Recompute the kept layers after the block in the backward pass instead of storing their
+    activations: less memory for one more forward of those layers."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -125,6 +130,80 @@ def iteration_draws(step: int, span: int, cfg: ElmTrainConfig) -> tuple[int, int
     rng = random.Random(cfg.seed * 1_000_003 + step)
     return rng.randint(cfg.wo_grad_min, max(cfg.wo_grad_min, wo_max)), \
         rng.randint(cfg.with_grad_min, max(cfg.with_grad_min, with_max))
+
+
+@dataclass
+class StepLoss:
+    """One SJFB forward: the loss and what the caller logs or checks."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    distill: torch.Tensor
+    z: torch.Tensor
+    """(B, T, d) the block's output after m + n evaluations."""
+    x: torch.Tensor
+    """(B, T, d) the block's input."""
+    kw: dict
+    """Mask and RoPE arguments of the block's layer."""
+    valid: torch.Tensor
+    """(B, T) bool: non-padding positions."""
+
+
+def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
+              lambda_distill: float, tune_kept: bool = False, recompute_tail: bool = False
+              ) -> StepLoss:
+    """m evaluations without gradient, n with; CE (when weighted) + MSE to the teacher's state.
+
+    The teacher's layers before the block give x (the ELM's kept layers are the same weights unless
+    ``tune_kept``), its layers [start, start + M) the distillation target. The CE is taken on the
+    labelled positions only, in chunks whose logits are recomputed in the backward pass, so the
+    (tokens x vocabulary) logits are never all held at once.
+    """
+    c = elm.config
+    start, span = c.start, c.span
+    block = elm.block
+    with torch.no_grad():
+        tctx = layer_inputs(teacher, ids, mask)
+        tx = run_layers(teacher, tctx.hidden, tctx, 0, start)  # (B, T, d)
+        target = run_layers(teacher, tx, tctx, start, start + span)  # (B, T, d)
+        ctx = layer_inputs(elm, ids, mask)
+    x = run_layers(elm, ctx.hidden, ctx, 0, start) if tune_kept else tx
+    kw = dict(attention_mask=ctx.masks[layer_type(c, start)], position_ids=ctx.position_ids,
+              position_embeddings=ctx.position_embeddings)
+    z = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(m):
+            z = block.phi(z, x, **kw)
+    for _ in range(n):
+        z = block.phi(z, x, **kw)
+    valid = mask.bool()
+    distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
+    if lambda_ce > 0:
+        if recompute_tail:
+            h = checkpoint(run_layers, elm, z, ctx, start + 1, c.num_hidden_layers, use_reentrant=False)
+        else:
+            h = run_layers(elm, z, ctx, start + 1, c.num_hidden_layers)
+        ce = answer_ce(elm, h, labels)
+    else:
+        ce = torch.zeros((), device=x.device)
+    loss = lambda_ce * ce + lambda_distill * distill
+    return StepLoss(loss, ce, distill, z, x, kw, valid)
+
+
+def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Next-token CE of the labelled positions (labels -100 ignored), head applied in chunks."""
+    y = labels[:, 1:]
+    sel = y != -100
+    hs, y = h[:, :-1][sel], y[sel]  # (n, d), (n,)
+    if y.numel() == 0:
+        return h.sum() * 0.0
+
+    def part(hh, yy):
+        return F.cross_entropy(head_logits(model, hh).float(), yy, reduction="sum")
+
+    total = sum(checkpoint(part, hs[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                for i in range(0, len(y), chunk))
+    return total / len(y)
 
 
 def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
@@ -174,7 +253,6 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
 
     teacher.eval()
     elm.train()
-    mask_kind = layer_type(c, start)
     bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not progress)
     t0, tokens = time.time(), 0
     while step < cfg.steps:
@@ -184,36 +262,11 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         batch = pad_batch(_batch(feats, step, cfg), tokenizer.pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         m, n = iteration_draws(step, span, cfg)
+        lam_ce = ce_weight(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            with torch.no_grad():
-                tctx = layer_inputs(teacher, ids, mask)
-                tx = run_layers(teacher, tctx.hidden, tctx, 0, start)  # (B, T, d)
-                target = run_layers(teacher, tx, tctx, start, start + span)  # (B, T, d)
-                ctx = layer_inputs(elm, ids, mask)
-            if lora:  # the kept layers before the block are being tuned too
-                x = run_layers(elm, ctx.hidden, ctx, 0, start)
-            else:  # same frozen weights as the teacher's: reuse its activations
-                x = tx
-            kw = dict(attention_mask=ctx.masks[mask_kind], position_ids=ctx.position_ids,
-                      position_embeddings=ctx.position_embeddings)
-            z = torch.zeros_like(x)
-            with torch.no_grad():
-                for _ in range(m):
-                    z = block.phi(z, x, **kw)
-            for _ in range(n):
-                z = block.phi(z, x, **kw)
-            valid = mask.bool()
-            distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
-            lam_ce = ce_weight(step, cfg)
-            if lam_ce > 0:
-                h = run_layers(elm, z, ctx, start + 1, c.num_hidden_layers)
-                logits = head_logits(elm, h).float()  # (B, T, V)
-                ce = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100)
-            else:
-                ce = torch.zeros((), device=device)
-            loss = lam_ce * ce + cfg.lambda_distill * distill
+            r = sjfb_loss(elm, teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
+                             tune_kept=bool(lora), recompute_tail=cfg.recompute_tail)
+        loss, ce, distill, z, x, kw, valid = r.loss, r.ce, r.distill, r.z, r.x, r.kw, r.valid
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
