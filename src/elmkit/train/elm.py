@@ -179,10 +179,13 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
     valid = mask.bool()
     distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
     if lambda_ce > 0:
-        if recompute_tail:
-            h = checkpoint(run_layers, elm, z, ctx, start + 1, c.num_hidden_layers, use_reentrant=False)
-        else:
-            h = run_layers(elm, z, ctx, start + 1, c.num_hidden_layers)
+        h = z
+        for i in range(start + 1, c.num_hidden_layers):  # one segment per layer: in the backward
+            # pass only one layer's activations are rebuilt at a time
+            if recompute_tail:
+                h = checkpoint(run_layers, elm, h, ctx, i, i + 1, use_reentrant=False)
+            else:
+                h = run_layers(elm, h, ctx, i, i + 1)
         ce = answer_ce(elm, h, labels)
     else:
         ce = torch.zeros((), device=x.device)
@@ -190,7 +193,7 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
     return StepLoss(loss, ce, distill, z, x, kw, valid)
 
 
-def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Next-token CE of the labelled positions (labels -100 ignored), head applied in chunks."""
     y = labels[:, 1:]
     sel = y != -100
