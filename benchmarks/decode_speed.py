@@ -7,7 +7,10 @@ decode rate after the prompt (tokens/s summed over the batch) and the per-token 
 
   hf-eager       model.generate, transformers' dynamic cache, eager (per step: the time of N new
                  tokens minus that of 1, over N - 1, so the prompt cancels out)
-  fast           elmkit.infer.Decoder: static cache, the whole step in one CUDA graph
+  fast           elmkit.infer.Decoder: static cache, the whole step in one CUDA graph, RMSNorm,
+                 RoPE and SiLU x up fused by torch.compile
+  fast-unfused   the same without the fused kernels (eager kernels in the graph; not run unless
+                 named in --paths)
   elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, fast path
   elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop), fast path
 
@@ -33,7 +36,8 @@ from elmkit.infer import DecodeConfig, Decoder
 from elmkit.io import read_json, save_figure, write_json
 from elmkit.methods import elm as elm_method
 
-PATHS = ("hf-eager", "fast", "elm-fixed", "elm-anderson")
+PATHS = ("hf-eager", "fast-unfused", "fast", "elm-fixed", "elm-anderson")
+DEFAULT_PATHS = ("hf-eager", "fast", "elm-fixed", "elm-anderson")
 ELM = dict(start=2, span=8, max_iter=8)
 ADAPTIVE = dict(solver="anderson", tol=1e-2, tol_mode="rel")
 
@@ -81,9 +85,9 @@ def hf_eager(model, ids: torch.Tensor, new: int) -> float:
     return (run(new) - run(1)) / (new - 1)
 
 
-def fast(model, ids: torch.Tensor, new: int, repeats: int = 3):
+def fast(model, ids: torch.Tensor, new: int, repeats: int = 3, fuse: bool = True):
     """(seconds per decode step, stats) of the fast path, median of ``repeats`` after a warm-up."""
-    dec = Decoder(model, ids.shape[0], ids.shape[1] + new)
+    dec = Decoder(model, ids.shape[0], ids.shape[1] + new, fuse=fuse)
     cfg = DecodeConfig(max_new_tokens=new, stop_at_eos=False)
     dec.generate(ids, cfg=cfg)  # captures the graphs
     runs = [dec.generate(ids, cfg=cfg)[1] for _ in range(repeats)]
@@ -111,8 +115,8 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
                     per = hf_eager(model, ids, min(new, 32))
                     rec["new_tokens"] = min(new, 32)
                     m = model
-                elif path == "fast":
-                    per, _ = fast(model, ids, new)
+                elif path in ("fast", "fast-unfused"):
+                    per, _ = fast(model, ids, new, fuse=path == "fast")
                     m = model
                 else:
                     for k, v in {"tol": 0.0, "solver": "naive", "tol_mode": "abs"}.items():
@@ -217,7 +221,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--paths", default=",".join(DEFAULT_PATHS))
     ap.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot")
     args = ap.parse_args()
     res = Path(args.out)

@@ -54,6 +54,23 @@ from .models.elm_solvers import NonFiniteError, solve
 Tensor = torch.Tensor
 
 
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm as the supported families compute it: fp32 statistics, cast back, then the weight."""
+    xf = x.to(torch.float32)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    return F.silu(g) * u
+
+
+# Fused on the GPU: torch.compile turns each into one kernel (RMSNorm alone is six eager kernels,
+# RoPE about ten); they see tensors only, so every layer reuses one compilation per shape.
+_FUSED = {"rms": torch.compile(_rms, dynamic=False),
+          "rope": torch.compile(apply_rotary_pos_emb, dynamic=False),
+          "silu_mul": torch.compile(_silu_mul, dynamic=False)}
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How to decode."""
@@ -106,7 +123,8 @@ class Decoder:
     used in place; keep the model alive and unchanged while the decoder is in use.
     """
 
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graphs: bool = True):
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graphs: bool = True,
+                 fuse: bool = True):
         fam = family_of(model).name
         if fam == "slim":
             raise UnsupportedModelError("the fast decoder supports dense and ELM models; decode a "
@@ -132,6 +150,9 @@ class Decoder:
         self.d = cfg.hidden_size
         self.head_dim = getattr(base, "head_dim", None) or self.d // base.num_attention_heads
         self.graphs = cuda_graphs and self.device.type == "cuda"
+        # fused elementwise kernels in the decode step (CUDA graphs only; prefill stays eager)
+        self.fuse = fuse and self.graphs
+        self.silu = getattr(base, "hidden_act", None) == "silu"
         B, L, dev = batch_size, max_len, self.device
 
         # cache slots: layer i -> slot i; an ELM block's evaluation k -> block slot (+ k-1 per_iter)
@@ -191,19 +212,23 @@ class Decoder:
 
     # -- one decoder layer --------------------------------------------------------------------
 
+    def _norm(self, mod, x: Tensor, fused: bool) -> Tensor:
+        return _FUSED["rms"](x, mod.weight, mod.variance_epsilon) if fused else mod(x)
+
     def _layer(self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, slot: int,
                write, gate: Tensor | None = None) -> Tensor:
         layer = self.layers[i]
         a = layer.self_attn
-        r = x
-        x = layer.input_layernorm(x)
         B, T, _ = x.shape
+        fused = self.fuse and T == 1
+        r = x
+        x = self._norm(layer.input_layernorm, x, fused)
         shape = (B, T, -1, self.head_dim)
         q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
         if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
+            q, k = self._norm(a.q_norm, q, fused), self._norm(a.k_norm, k, fused)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rotary_pos_emb(q, k, *rope)
+        q, k = (_FUSED["rope"] if fused else apply_rotary_pos_emb)(q, k, *rope)
         keys, values = write(slot, k, v, gate)  # (B, H_kv, L', D) to attend over
         g = q.shape[1] // keys.shape[1]  # query heads per KV head
         if T == 1:  # decode: the g heads of a KV head are g queries of one (B, H_kv) problem,
@@ -215,7 +240,11 @@ class Decoder:
             keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling)
         x = r + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # o: (B, H, T, D)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = self._norm(layer.post_attention_layernorm, x, fused)
+        if fused and self.silu:
+            m = layer.mlp
+            return x + m.down_proj(_FUSED["silu_mul"](m.gate_proj(h), m.up_proj(h)))
+        return x + layer.mlp(h)
 
     def _write_prefill(self, slot: int, k: Tensor, v: Tensor, gate=None):
         T = k.shape[2]
@@ -364,7 +393,7 @@ class Decoder:
 
     def _post(self, x: Tensor) -> None:
         """Final norm, head, next token; advance the position."""
-        logits = get_head(self.model)(get_norm(self.model)(x))[:, 0].float()  # (B, V)
+        logits = get_head(self.model)(self._norm(get_norm(self.model), x, self.fuse))[:, 0].float()
         self._emit(self._choose(logits))
         self.pos += 1
         self.cur += 1
