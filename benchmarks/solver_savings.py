@@ -80,7 +80,8 @@ def report(res: Path, data: dict) -> None:
     lines = [
         "# Fixed-point solvers on the base testbed: evaluations per token vs accuracy", "",
         f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}. Base testbed "
-        f"({data['dense_layers']} layers) with an ELM replacing M = {M} layers from layer {data['start']}, trained "
+        f"({data['dense_layers']} layers) with an ELM replacing M = {M} layers from layer "
+        f"{data['start']}, trained "
         f"{data['train_steps']} SJFB steps; {data['n_test']} held-out test problems, greedy, reference "
         "path (model.generate). Dense accuracy on the same problems: "
         f"{data['dense_accuracy']:.3f}. Tolerance: ||phi(z) - z|| / ||phi(z)|| per token. "
