@@ -9,8 +9,9 @@ block, gradient clipping: the step of ``elmkit.train.elm`` (``sjfb_loss``). Vari
   sjfb   m ~ U{0..4} evaluations without gradient, n ~ U{1..4} with (the defaults for M = 8)
   full   0 without, M = 8 with gradient: backprop through every iteration
 
-each with the kept layers after the block stored (default) or recomputed in the backward pass
-(``recompute_tail``). Reported: mean step time, tokens/s, peak allocated memory over the timed
+each with the default settings (the kept layers after the block stored, CE head in chunks of 1,024
+tokens) and with the memory-lean ones (``recompute_tail``: those layers recomputed in the backward
+pass one at a time; CE chunks of 256). Reported: mean step time, tokens/s, peak allocated memory over the timed
 steps, and the step's own memory (peak minus what is resident before the step: both models'
 weights and the optimizer state). Then one SJFB step on the Qwen2.5-7B shape. Writes results.json
 and report.md under --out.
@@ -33,7 +34,7 @@ from elmkit.train.elm import ElmTrainConfig, iteration_draws, sjfb_loss
 ELM = dict(start=2, span=8, max_iter=8)
 
 
-def run(shape: str, variant: str, recompute: bool, tokens: int, warmup: int, steps: int) -> dict:
+def run(shape: str, variant: str, recompute: bool, chunk: int, tokens: int, warmup: int, steps: int) -> dict:
     teacher = random_model(shape)
     elm = elm_method.apply_(copy.deepcopy(teacher), elm_method.plan(teacher, **ELM))
     for p in [*teacher.parameters(), *elm.parameters()]:
@@ -58,7 +59,8 @@ def run(shape: str, variant: str, recompute: bool, tokens: int, warmup: int, ste
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            r = sjfb_loss(elm, teacher, ids, mask, ids, m, n, 1.0, 1.0, recompute_tail=recompute)
+            r = sjfb_loss(elm, teacher, ids, mask, ids, m, n, 1.0, 1.0, recompute_tail=recompute,
+                          ce_chunk=chunk)
         r.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -70,7 +72,8 @@ def run(shape: str, variant: str, recompute: bool, tokens: int, warmup: int, ste
             peaks.append(torch.cuda.max_memory_allocated())
             draws.append((m, n))
     ms = 1e3 * statistics.mean(times)
-    rec = {"shape": shape, "variant": variant, "recompute_tail": recompute, "tokens": tokens,
+    rec = {"shape": shape, "variant": variant, "recompute_tail": recompute, "ce_chunk": chunk,
+           "tokens": tokens,
            "steps": steps, "ms_per_step": ms, "ms_median": 1e3 * statistics.median(times),
            "tokens_per_s": tokens / (ms / 1e3), "peak_gb": max(peaks) / 1e9,
            "resident_gb": resident / 1e9, "step_gb": (max(peaks) - resident) / 1e9,
@@ -93,11 +96,13 @@ def report(res: Path, data: dict) -> None:
         "position + distillation, AdamW on the block. Command: `python benchmarks/train_step.py`.", "",
         "peak = max allocated over the timed steps; resident = weights of teacher and ELM + optimizer "
         "state before the step; step memory = peak - resident.", "",
-        "| shape | variant | recompute tail | ms/step | tokens/s | peak GB | resident GB | step GB |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| shape | variant | recompute tail | CE chunk | ms/step | tokens/s | peak GB | resident GB "
+        "| step GB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['variant']} | {'yes' if r['recompute_tail'] else 'no'} | "
+                     f"{r['ce_chunk']} | "
                      f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.2f} | "
                      f"{r['resident_gb']:.2f} | {r['step_gb']:.2f} |")
     lines += ["", "## Checks", ""]
@@ -134,18 +139,20 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("train_step.py measures a GPU; none is present")
         data["env"] = gpu_info()
-        runs = [("qwen2.5-1.5b", v, rc) for rc in (False, True) for v in ("sjfb", "full")]
+        # the default settings, then the memory-lean ones (tail recomputed, small CE chunks)
+        runs = [("qwen2.5-1.5b", v, rc, ch) for rc, ch in ((False, 1024), (True, 256))
+                for v in ("sjfb", "full")]
         if args.big:
-            runs += [(args.big, "sjfb", False), (args.big, "sjfb", True)]
-        done = {(r["shape"], r["variant"], r["recompute_tail"]) for r in data["rows"]}
-        for shape, variant, rc in runs:
-            if (shape, variant, rc) in done:
+            runs += [(args.big, "sjfb", False, 1024), (args.big, "sjfb", True, 256)]
+        done = {(r["shape"], r["variant"], r["recompute_tail"], r.get("ce_chunk")) for r in data["rows"]}
+        for shape, variant, rc, ch in runs:
+            if (shape, variant, rc, ch) in done:
                 continue
             steps = args.steps if shape == "qwen2.5-1.5b" else max(3, args.steps // 4)
-            rec = run(shape, variant, rc, args.tokens, args.warmup, steps)
+            rec = run(shape, variant, rc, ch, args.tokens, args.warmup, steps)
             data["rows"].append(rec)
             write_json(js, data)
-            print(f"{shape} {variant:5s} recompute={rc!s:5s} {rec['ms_per_step']:7.1f} ms "
+            print(f"{shape} {variant:5s} recompute={rc!s:5s} chunk={ch} {rec['ms_per_step']:7.1f} ms "
                   f"{rec['tokens_per_s']:9.0f} tok/s peak {rec['peak_gb']:.2f} GB "
                   f"step {rec['step_gb']:.2f} GB",
                   flush=True)

@@ -97,6 +97,8 @@ class ElmTrainConfig:
     recompute_tail: bool = False
     """Recompute the kept layers after the block in the backward pass instead of storing their
     activations: less memory for one more forward of those layers."""
+    ce_chunk: int = 1024
+    """Tokens per chunk of the CE head (its logits are recomputed in the backward pass)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -109,6 +111,8 @@ class ElmTrainConfig:
             raise ValueError("--with-grad-max must be >= --with-grad-min")
         if self.lambda_ce < 0 or self.lambda_distill < 0 or self.lambda_ce + self.lambda_distill == 0:
             raise ValueError("the loss weights must be >= 0 and not both 0")
+        if self.ce_chunk < 1:
+            raise ValueError("--ce-chunk must be >= 1")
         if self.kept_lora_r < 0 or self.kept_lora_alpha <= 0:
             raise ValueError("--kept-lora-r must be >= 0 and --kept-lora-alpha > 0")
 
@@ -150,8 +154,8 @@ class StepLoss:
 
 
 def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
-              lambda_distill: float, tune_kept: bool = False, recompute_tail: bool = False
-              ) -> StepLoss:
+              lambda_distill: float, tune_kept: bool = False, recompute_tail: bool = False,
+              ce_chunk: int = 1024) -> StepLoss:
     """m evaluations without gradient, n with; CE (when weighted) + MSE to the teacher's state.
 
     The teacher's layers before the block give x (the ELM's kept layers are the same weights unless
@@ -186,14 +190,14 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
                 h = checkpoint(run_layers, elm, h, ctx, i, i + 1, use_reentrant=False)
             else:
                 h = run_layers(elm, h, ctx, i, i + 1)
-        ce = answer_ce(elm, h, labels)
+        ce = answer_ce(elm, h, labels, ce_chunk)
     else:
         ce = torch.zeros((), device=x.device)
     loss = lambda_ce * ce + lambda_distill * distill
     return StepLoss(loss, ce, distill, z, x, kw, valid)
 
 
-def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Next-token CE of the labelled positions (labels -100 ignored), head applied in chunks."""
     y = labels[:, 1:]
     sel = y != -100
@@ -268,7 +272,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         lam_ce = ce_weight(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             r = sjfb_loss(elm, teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
-                             tune_kept=bool(lora), recompute_tail=cfg.recompute_tail)
+                             tune_kept=bool(lora), recompute_tail=cfg.recompute_tail,
+                             ce_chunk=cfg.ce_chunk)
         loss, ce, distill, z, x, kw, valid = r.loss, r.ce, r.distill, r.z, r.x, r.kw, r.valid
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
