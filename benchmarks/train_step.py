@@ -11,8 +11,8 @@ block, gradient clipping: the step of ``elmkit.train.elm`` (``sjfb_loss``). Vari
 
 each with the default settings (the kept layers after the block stored, CE head in chunks of 1,024
 tokens) and with the memory-lean ones (``recompute_tail``: those layers recomputed in the backward
-pass one at a time; CE chunks of 256). Reported: mean step time, tokens/s, peak allocated memory over the timed
-steps, and the step's own memory (peak minus what is resident before the step: both models'
+pass one at a time; CE chunks of 256). Reported: mean step time, tokens/s, peak allocated memory
+over the timed steps, and the step's own memory (peak minus what is resident before the step: both models'
 weights and the optimizer state). Then one SJFB step on the Qwen2.5-7B shape. Writes results.json
 and report.md under --out.
 """
