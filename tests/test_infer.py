@@ -186,3 +186,26 @@ def test_bf16_testbed_greedy_equals_generate():
     ref = _reference(model, ids, mask, 48)
     out, _ = generate(model, ids, mask, DecodeConfig(max_new_tokens=48))
     assert torch.equal(out, ref[:, :out.shape[1]])
+
+
+def test_cli_generate_matches_reference():
+    """`elmkit generate` on the shipped testbed gives the text of model.generate."""
+    import contextlib
+    import io
+    import json
+
+    from elmkit.cli import main
+    from elmkit.models.loading import load_model, load_tokenizer
+    from elmkit.testbed import TINY_PATH
+
+    prompt = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["generate", "--model", "testbed:tiny", "--prompt", prompt, "--max-new-tokens", "40"])
+    got = json.loads(buf.getvalue()[buf.getvalue().index("{"):])
+    tok, model = load_tokenizer(TINY_PATH), load_model(TINY_PATH, dtype="float32", device="cpu")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):]
+    assert got["text"] == tok.decode(ref, skip_special_tokens=True)
+    assert got["new_tokens"] >= 1 and got["tokens_per_s"] > 0

@@ -4,6 +4,7 @@ The public API (everything else lives in sub-packages)::
 
     from elmkit import finetune, FinetuneConfig, evaluate, EvalConfig, load_model
     from elmkit import compress, compare, CompareConfig, CalibConfig
+    from elmkit import generate          # fast decoding (elmkit.infer)
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ from .api import (  # noqa: E402
     compress,
     compress_elm,
     demo,
+    generate,
     info,
     pretrain,
     remove_layers,
@@ -38,6 +40,7 @@ __all__ = [
     "demo",
     "evaluate",
     "finetune",
+    "generate",
     "info",
     "load_model",
     "load_tokenizer",

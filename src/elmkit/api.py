@@ -438,3 +438,33 @@ def _plot_demo(acc_png: Path, res_png: Path, rows: list[dict], traces: dict) -> 
     ax.legend()
     fig.tight_layout()
     save_figure(fig, res_png)
+
+
+def generate(model: str | Path, prompt: str, cfg=None, dtype: str = "auto", device: str = "auto",
+             cuda_graphs: bool = True) -> dict:
+    """Continue one prompt with the fast decoder (static KV cache; CUDA graphs on a GPU).
+
+    Dense and ELM models of the supported families; the prompt goes through the tokenizer's chat
+    template when it has one. Returns the text, the new tokens and the decode speed (for an ELM,
+    the block evaluations per token). ``cfg`` is an ``elmkit.infer.DecodeConfig``.
+    """
+    import torch
+
+    from .infer import DecodeConfig
+    from .infer import generate as fast_generate
+    from .models import load_model, load_tokenizer
+
+    cfg = cfg if cfg is not None else DecodeConfig()
+    tok = load_tokenizer(model)
+    m = load_model(model, dtype=dtype, device=device)
+    if tok.chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    x = torch.tensor([ids], device=next(m.parameters()).device)
+    out, stats = fast_generate(m, x, None, cfg, cuda_graphs=cuda_graphs)
+    new = [t for t in out[0].tolist() if t != tok.pad_token_id]
+    return {"text": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new),
+            "tokens_per_s": round(stats.tokens_per_s, 1), "prefill_s": round(stats.prefill_s, 4),
+            "block_evaluations": stats.block_evaluations}

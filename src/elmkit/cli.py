@@ -141,10 +141,11 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, pretrain, remove_layers, testbed
-    from .api import ElmCompressConfig, compress_elm, search
+    from .api import ElmCompressConfig, compress_elm, generate, search
     from .compare import CompareConfig, compare
     from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
+    from .infer import DecodeConfig
     from .methods import DEPTH, WIDTH
     from .methods.efficientllm import EfficientLLMConfig
     from .methods.gppo import GppoConfig
@@ -156,6 +157,10 @@ def _commands() -> dict[str, Command]:
         "demo": Command(demo, (("out", "run folder (default: runs/demo)", False),
                                ("model", "model folder or hub id (default: testbed:tiny)", False))),
         "info": Command(info, (("model", "model folder or hub id", True),)),
+        "generate": Command(generate, (model, ("prompt", "text to continue", True),
+                                       ("dtype", "auto, float32, bfloat16, float16 (default: auto)", False),
+                                       ("device", "auto, cpu, cuda, ... (default: auto)", False)),
+                            DecodeConfig),
         "finetune": Command(finetune, (model, ("data", "training data file", True), out),
                             FinetuneConfig),
         "eval": Command(evaluate, (
