@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from gpu_shapes import gpu_info, random_model
 
+from elmkit.eval.footprint import cache_bytes
 from elmkit.infer import DecodeConfig, Decoder
 from elmkit.io import read_json, write_json
 from elmkit.methods import elm as elm_method
@@ -32,17 +33,6 @@ CONTEXT = 4096
 SHAPE = "qwen2.5-1.5b"
 # (seed figure, MB in 16-bit at 4K): dense 114.8, one-step M = 8: 86.0, M = 14: 61.6 (cited)
 SEED_MB = {("dense", 0): 114.8, ("one_step", 8): 86.0, ("one_step", 14): 61.6}
-
-
-def cache_tensor_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-    for extra in getattr(cache, "_elm_iteration_slots", {}).values():
-        total += cache_tensor_bytes(extra)
-    return total
 
 
 def measure(kind: str, span: int) -> dict:
@@ -54,7 +44,7 @@ def measure(kind: str, span: int) -> dict:
     ids = torch.randint(1, 100000, (1, CONTEXT), device="cuda")
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    dynamic = cache_tensor_bytes(out.past_key_values)
+    dynamic = cache_bytes(out.past_key_values)
     del out
     torch.cuda.empty_cache()
     torch.cuda.synchronize()

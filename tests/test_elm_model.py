@@ -132,3 +132,15 @@ def test_divergence_is_reported_with_token_and_iteration(make_model):
         m.block.proj.weight[:, :32] = torch.eye(32) * 1e4  # W_z huge: the iteration explodes
         with pytest.raises(NonFiniteError, match=r"iteration \d+ produced NaN/inf at batch row"):
             m(_ids())
+
+
+def test_cache_bytes_counts_per_iteration_slots(make_model):
+    """footprint.cache_bytes counts the block's extra per-iteration slots: N - M + max_iter."""
+    from elmkit.eval.footprint import cache_bytes
+
+    ref, m = _elm(make_model, "qwen2", n=8, start=2, span=4, max_iter=3, kv_mode="per_iter")
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        dense_bytes = cache_bytes(ref(ids, use_cache=True).past_key_values)
+        elm_bytes = cache_bytes(m(ids, use_cache=True).past_key_values)
+    assert elm_bytes * 8 == dense_bytes * (8 - 4 + 3)

@@ -49,7 +49,7 @@ from .models.adapters import (
     get_rotary,
     layer_type,
 )
-from .models.elm_solvers import NonFiniteError, solve
+from .models.elm_solvers import NonFiniteError, anderson_mix, solve
 
 Tensor = torch.Tensor
 
@@ -303,10 +303,8 @@ class Decoder:
             return self._layer(self.bi, u, rope, attn, self._slot(self.bi, calls[0]),
                                self._write_prefill)
 
-        opts = dict(m=c.anderson_m, beta=c.anderson_beta, lam=c.anderson_lam) \
-            if c.solver == "anderson" else {}
         out, _ = solve(f, torch.zeros_like(h), solver=c.solver, max_iter=c.max_iter, tol=c.tol,
-                       tol_mode=c.tol_mode, **opts)
+                       tol_mode=c.tol_mode, **c.solver_options())
         return out
 
     # -- the decode step, in pieces that can each be captured -----------------------------------
@@ -367,20 +365,8 @@ class Decoder:
         if n == 1:
             nxt = fx[:, 0].to(dt)
         else:
-            G = self.af[:, :n] - self.ax[:, :n]  # (B, n, d) residual history
-            H = torch.bmm(G, G.transpose(1, 2))  # (B, n, n)
-            scale = H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-30
-            H = H + c.anderson_lam * scale * torch.eye(n, device=H.device, dtype=dt)
-            A = torch.zeros(self.B, n + 1, n + 1, device=H.device, dtype=dt)
-            A[:, 0, 1:] = 1
-            A[:, 1:, 0] = 1
-            A[:, 1:, 1:] = H / scale
-            rhs = torch.zeros(self.B, n + 1, 1, device=H.device, dtype=dt)
-            rhs[:, 0] = 1
-            alpha = torch.linalg.solve_ex(A, rhs)[0][:, 1:, 0]  # (B, n); _ex: no host sync
-            beta = c.anderson_beta
-            nxt = beta * torch.einsum("nk,nkd->nd", alpha, self.af[:, :n]) + \
-                (1 - beta) * torch.einsum("nk,nkd->nd", alpha, self.ax[:, :n])
+            nxt = anderson_mix(self.ax[:, :n], self.af[:, :n], c.anderson_beta, c.anderson_lam,
+                               check=False)  # no host sync inside the graph
         self.z.copy_(torch.where(self.active[:, None, None], nxt[:, None].to(x.dtype), x))
 
     def _after_block(self) -> None:

@@ -13,4 +13,11 @@ def kv_cache_bytes(model, tokenizer, prompts: list[list[int]]) -> int:
     b = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     device = next(model.parameters()).device
     cache = model(**{k: v.to(device) for k, v in b.items()}, use_cache=True).past_key_values
-    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None)
+    return cache_bytes(cache)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of a transformers cache's K and V tensors, with an ELM's per-iteration slots."""
+    total = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers
+                if isinstance(getattr(l, "keys", None), torch.Tensor))
+    return total + sum(cache_bytes(c) for c in getattr(cache, "_elm_iteration_slots", {}).values())

@@ -73,6 +73,12 @@ class ElmConfig(PretrainedConfig):
             raise ValueError("kv_mode='per_iter' keeps one K/V slot per iteration and needs a fixed "
                              "number of iterations: set tol=0")
 
+    def solver_options(self) -> dict:
+        """The chosen solver's own keyword options for ``elm_solvers.solve``."""
+        if self.solver == "anderson":
+            return dict(m=self.anderson_m, beta=self.anderson_beta, lam=self.anderson_lam)
+        return {}
+
     def base_config(self) -> PretrainedConfig:
         """The family config of the kept layers (num_hidden_layers = N - M + 1)."""
         d = self.to_dict()

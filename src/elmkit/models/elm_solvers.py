@@ -134,25 +134,34 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: f
         if n == 1:
             nxt = fx.reshape(N, d).to(dt)  # plain step until there is a history
         else:
-            G = F[:, :n] - X[:, :n]  # (N, n, d) residual history
-            H = torch.bmm(G, G.transpose(1, 2))  # (N, n, n)
-            # Tikhonov term scaled to the residuals, so it neither vanishes nor dominates as
-            # they shrink
-            scale = H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-30
-            H = H + lam * scale * torch.eye(n, device=H.device, dtype=dt)
-            # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0]: sum(alpha) = 1
-            A = torch.zeros(N, n + 1, n + 1, device=H.device, dtype=dt)
-            A[:, 0, 1:] = 1
-            A[:, 1:, 0] = 1
-            A[:, 1:, 1:] = H / scale  # normalised: well conditioned whatever the scale
-            rhs = torch.zeros(N, n + 1, 1, device=H.device, dtype=dt)
-            rhs[:, 0] = 1
-            alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]  # (N, n)
-            nxt = beta * torch.einsum("nk,nkd->nd", alpha, F[:, :n]) + \
-                (1 - beta) * torch.einsum("nk,nkd->nd", alpha, X[:, :n])
+            nxt = anderson_mix(X[:, :n], F[:, :n], beta, lam)
         nxt = nxt.reshape(B, T, d).to(x.dtype)
         x = torch.where(tr.active[..., None], nxt, x)
     return tr.out, tr.info()
+
+
+def anderson_mix(X: Tensor, F: Tensor, beta: float, lam: float, check: bool = True) -> Tensor:
+    """Next Anderson iterate from n past inputs X and outputs F, each (N, n, d) with n >= 2.
+
+    ``check=False`` skips the solve's host-side singularity check (CUDA-graph capture).
+    """
+    dt = X.dtype
+    n = X.shape[1]
+    G = F - X  # (N, n, d) residual history
+    H = torch.bmm(G, G.transpose(1, 2))  # (N, n, n)
+    # Tikhonov term scaled to the residuals, so it neither vanishes nor dominates as they shrink
+    scale = H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-30
+    H = H + lam * scale * torch.eye(n, device=H.device, dtype=dt)
+    # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0]: sum(alpha) = 1
+    A = torch.zeros(X.shape[0], n + 1, n + 1, device=H.device, dtype=dt)
+    A[:, 0, 1:] = 1
+    A[:, 1:, 0] = 1
+    A[:, 1:, 1:] = H / scale  # normalised: well conditioned whatever the scale
+    rhs = torch.zeros(X.shape[0], n + 1, 1, device=H.device, dtype=dt)
+    rhs[:, 0] = 1
+    sol = torch.linalg.solve(A, rhs) if check else torch.linalg.solve_ex(A, rhs)[0]
+    alpha = sol[:, 1:, 0]  # (N, n)
+    return beta * torch.einsum("nk,nkd->nd", alpha, F) + (1 - beta) * torch.einsum("nk,nkd->nd", alpha, X)
 
 
 def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: float = 0.0,

@@ -79,11 +79,8 @@ def fixed_point_layer_class(base_cls: type) -> type:
             finally:
                 self.self_attn.layer_idx = idx
 
-        opts = {}
-        if c.solver == "anderson":
-            opts = dict(m=c.anderson_m, beta=c.anderson_beta, lam=c.anderson_lam)
         out, info = solve(f, torch.zeros_like(h), solver=c.solver, max_iter=c.max_iter, tol=c.tol,
-                          tol_mode=c.tol_mode, **opts)
+                          tol_mode=c.tol_mode, **c.solver_options())
         self.last_info = info
         return out
 
