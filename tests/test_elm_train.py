@@ -161,3 +161,86 @@ def test_recomputed_tail_and_chunked_ce_give_the_same_gradients(make_model, toke
     full = torch.nn.functional.cross_entropy(head_logits(elm, h)[:, :-1].reshape(-1, elm.config.vocab_size),
                                              labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(answer_ce(elm, h, labels, chunk=7), full)
+
+
+def _step_grads(elm, teacher, compiled=None, recompute=False):
+    from elmkit.train.elm import sjfb_loss
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.clone()
+    labels[:, :10] = -100
+    params = list(elm.block.parameters())
+    for p in params:
+        p.grad = None
+        p.requires_grad_(True)
+    r = sjfb_loss(elm, teacher, ids, mask, labels, 1, 2, 1.0, 1.0, recompute_tail=recompute,
+                  compiled=compiled)
+    r.loss.backward()
+    return r.loss.detach(), [p.grad.clone() for p in params]
+
+
+def test_span_teacher_shares_weights_and_gives_the_same_step(make_model, tokenizer):
+    """SpanTeacher = the dense teacher for the step, holding only the span's layers of its own."""
+    from elmkit.models import count_parameters
+    from elmkit.train.elm import SpanTeacher
+
+    dense = make_model("qwen2", num_layers=6)
+    full_teacher = copy.deepcopy(dense)
+    per_layer = count_parameters(dense.model.layers[0])
+    span = SpanTeacher(dense, 1, 4)
+    elm = E.apply_(dense, E.plan(dense, start=1, span=4, max_iter=2))
+    elm_ptrs = {p.data_ptr() for p in elm.parameters()}
+    own = sum(p.numel() for p in span.parameters() if p.data_ptr() not in elm_ptrs)
+    assert own == 4 * per_layer  # the embeddings and layer 0 are the ELM's own tensors
+    loss_a, grads_a = _step_grads(elm, full_teacher)
+    loss_b, grads_b = _step_grads(elm, span)
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)
+
+
+def test_span_teacher_errors_and_kept_lora(make_model, tokenizer, tmp_path):
+    from elmkit.train.elm import SpanTeacher
+
+    dense = make_model("qwen2", num_layers=6)
+    with pytest.raises(ValueError, match="outside the model's 6 layers"):
+        SpanTeacher(dense, 3, 4)
+    shared = SpanTeacher(dense, 1, 4)
+    own = SpanTeacher(dense, 1, 4, own_lower=True)
+    elm = E.apply_(dense, E.plan(dense, start=1, span=4, max_iter=2))
+    with pytest.raises(ValueError, match="teacher must be the dense model"):
+        SpanTeacher(elm, 0, 1)
+    data = arithmetic_examples(16, seed=1)
+    cfg = ElmTrainConfig(steps=2, batch_size=4, max_len=64, kept_lora_r=2, ce_schedule="constant")
+    with pytest.raises(ValueError, match="own_lower=True"):
+        train_elm(elm, shared, tokenizer, data, tmp_path / "s", cfg, progress=False)
+    before = copy.deepcopy(own.model.layers[0].state_dict())
+    train_elm(elm, own, tokenizer, data, tmp_path / "o", cfg, progress=False)
+    assert not any("lora" in n for n, _ in own.named_modules())  # the teacher's layers stay dense
+    for k, v in own.model.layers[0].state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_compiled_step_gives_the_same_gradients(make_model, tokenizer):
+    """compile_step changes speed, not the loss or the block's gradients (aot_eager: no C compiler)."""
+    import torch._dynamo
+
+    from elmkit.train import elm as T
+
+    elm, teacher = _setup(make_model, tokenizer)
+    want = _step_grads(elm, teacher)
+    real = torch.compile
+    try:
+        torch.compile = lambda fn, **kw: real(fn, backend="aot_eager", **kw)
+        compiled = T.compile_step(elm)
+    finally:
+        torch.compile = real
+    for recompute in (False, True):
+        got = _step_grads(elm, teacher, compiled, recompute)
+        torch.testing.assert_close(got[0], want[0])
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b)
+    torch._dynamo.reset()

@@ -108,7 +108,7 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     from .io import write_json
     from .methods import elm as elm_method
     from .models import count_parameters, load_model, load_tokenizer
-    from .train.elm import train_elm
+    from .train.elm import SpanTeacher, train_elm
 
     run = RunDir(out)
     run.write_config("elm", model=str(model), data=str(data), **asdict(cfg))
@@ -117,7 +117,6 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     examples = examples[: cfg.limit] if cfg.limit else examples
     dense = load_model(model, dtype="float32", device=cfg.device)
     n, p0 = dense.config.num_hidden_layers, count_parameters(dense)
-    teacher = copy.deepcopy(dense)
     start = cfg.start
     if start == "auto":  # GPPO on a copy: it injects the candidates' adapters into the model
         from .methods import gppo
@@ -133,6 +132,8 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
                            max_iter=cfg.max_iter, tol=cfg.tol, tol_mode=cfg.tol_mode,
                            solver=cfg.solver, kv_mode=cfg.kv_mode)
     write_json(run / "plan.json", plan)
+    # the span's layers, sharing the rest with the ELM: one model + M layers in memory, not two
+    teacher = SpanTeacher(dense, plan.start, plan.span, own_lower=cfg.train.kept_lora_r > 0)
     elm = elm_method.apply_(dense, plan)
     fit = train_elm(elm, teacher, tok, examples, out, cfg.train)
     run.write_config("elm", model=str(model), data=str(data), **asdict(cfg))  # the whole command

@@ -16,10 +16,16 @@ By default only the block (f* and W = [W_z|W_h]) trains; with ``kept_lora_r > 0`
 the kept layers' projections trains too (scale alpha / r) and is merged into them at the end. The
 no-gradient phase runs under ``torch.no_grad`` (the reference code built and dropped that graph).
 The (m, n) draws are a pure function of (seed, step), so resume is exact.
+
+The step reads only the teacher's embeddings and layers [0, start + M). ``SpanTeacher`` is that
+part of the dense model, built before ``elm.apply_``: it shares the embeddings and the layers
+below the span with the ELM and holds only the M replaced layers, so training holds one model plus
+M layers rather than two whole models.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -30,6 +36,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -37,7 +44,16 @@ from ..data.chat import encode_many
 from ..data.collate import pad_batch
 from ..data.formats import Example
 from ..io import RunDir
-from ..models.adapters import head_logits, layer_inputs, layer_type, run_layers
+from ..models.adapters import (
+    family_of,
+    get_embed,
+    get_layers,
+    get_rotary,
+    head_logits,
+    layer_inputs,
+    layer_type,
+    run_layers,
+)
 from .common import (
     batch_indices,
     check_fingerprint,
@@ -99,6 +115,9 @@ class ElmTrainConfig:
     activations: less memory for one more forward of those layers."""
     ce_chunk: int = 1024
     """Tokens per chunk of the CE head (its logits are recomputed in the backward pass)."""
+    compile: bool = False
+    """torch.compile the block's evaluation and the kept layers after it (fewer kernel launches on
+    a GPU; the first steps pay the compilation)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -153,15 +172,60 @@ class StepLoss:
     """(B, T) bool: non-padding positions."""
 
 
+class SpanTeacher(nn.Module):
+    """The dense model up to the end of the replaced span: embeddings, RoPE, layers [0, start + M).
+
+    Build it from the dense model before ``elm.apply_`` turns that model into the ELM: it keeps the
+    span's layers alive (the ELM drops them) and shares everything else with the ELM, so no weight
+    is copied. ``own_lower`` copies the layers below the span instead of sharing them: needed when
+    those layers are tuned (kept-layer LoRA), since the target must come from the dense model.
+    """
+
+    def __init__(self, dense, start: int, span: int, own_lower: bool = False):
+        super().__init__()
+        family = family_of(dense)
+        if family.name in ("elm", "slim"):
+            raise ValueError(f"the teacher must be the dense model, not an {family.name} model")
+        layers = list(get_layers(dense))
+        if not (0 <= start and span >= 1 and start + span <= len(layers)):
+            raise ValueError(f"span [{start}, {start + span}) is outside the model's {len(layers)} layers")
+        layers = layers[: start + span]
+        if own_lower:
+            layers[:start] = [copy.deepcopy(layer) for layer in layers[:start]]
+        self.config = dense.config
+        self.model = nn.Module()  # the family's attribute paths: model.embed_tokens, ...
+        self.model.embed_tokens = get_embed(dense)
+        self.model.rotary_emb = get_rotary(dense)
+        self.model.layers = nn.ModuleList(layers)
+
+
+@dataclass
+class CompiledStep:
+    """torch.compile'd forms of the step's differentiable part (same parameters as the model)."""
+
+    phi: Callable
+    """The block's evaluation phi(z, h, **kw)."""
+    tail: list[Callable]
+    """The kept layers after the block, in order."""
+
+
+def compile_step(elm) -> CompiledStep:
+    """Compile phi and the layers after the block; layers of one shape share one compiled graph."""
+    layers = get_layers(elm)
+    return CompiledStep(torch.compile(elm.block.phi),
+                        [torch.compile(layer) for layer in layers[elm.config.start + 1:]])
+
+
 def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
               lambda_distill: float, tune_kept: bool = False, recompute_tail: bool = False,
-              ce_chunk: int = 1024) -> StepLoss:
+              ce_chunk: int = 1024, compiled: CompiledStep | None = None) -> StepLoss:
     """m evaluations without gradient, n with; CE (when weighted) + MSE to the teacher's state.
 
     The teacher's layers before the block give x (the ELM's kept layers are the same weights unless
     ``tune_kept``), its layers [start, start + M) the distillation target. The CE is taken on the
     labelled positions only, in chunks whose logits are recomputed in the backward pass, so the
-    (tokens x vocabulary) logits are never all held at once.
+    (tokens x vocabulary) logits are never all held at once. ``teacher`` is the dense model or its
+    ``SpanTeacher``; ``compiled`` (from ``compile_step``) replaces phi and the tail layers.
     """
     c = elm.config
     start, span = c.start, c.span
@@ -174,22 +238,25 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
     x = run_layers(elm, ctx.hidden, ctx, 0, start) if tune_kept else tx
     kw = dict(attention_mask=ctx.masks[layer_type(c, start)], position_ids=ctx.position_ids,
               position_embeddings=ctx.position_embeddings)
+    phi = compiled.phi if compiled is not None else block.phi
     z = torch.zeros_like(x)
     with torch.no_grad():
         for _ in range(m):
-            z = block.phi(z, x, **kw)
+            z = phi(z, x, **kw)
     for _ in range(n):
-        z = block.phi(z, x, **kw)
+        z = phi(z, x, **kw)
     valid = mask.bool()
     distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
     if lambda_ce > 0:
         h = z
-        for i in range(start + 1, c.num_hidden_layers):  # one segment per layer: in the backward
-            # pass only one layer's activations are rebuilt at a time
-            if recompute_tail:
-                h = checkpoint(run_layers, elm, h, ctx, i, i + 1, use_reentrant=False)
+        layers = compiled.tail if compiled is not None else get_layers(elm)[start + 1:]
+        for i, layer in enumerate(layers, start + 1):
+            kwi = dict(attention_mask=ctx.masks[layer_type(c, i)], position_ids=ctx.position_ids,
+                       position_embeddings=ctx.position_embeddings)
+            if recompute_tail:  # one segment per layer: the backward rebuilds one layer at a time
+                h = checkpoint(layer, h, use_reentrant=False, **kwi)
             else:
-                h = run_layers(elm, h, ctx, i, i + 1)
+                h = layer(h, **kwi)
         ce = answer_ce(elm, h, labels, ce_chunk)
     else:
         ce = torch.zeros((), device=x.device)
@@ -216,7 +283,8 @@ def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -
 def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
               cfg: ElmTrainConfig = ElmTrainConfig(), progress: bool = True,
               on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Train ``elm``'s block in place against ``teacher`` (the dense model it came from).
+    """Train ``elm``'s block in place against ``teacher`` (the dense model it came from, or that
+    model's ``SpanTeacher``).
 
     Writes checkpoints, loss.png and metrics.json into ``out``; the trained model is saved to
     ``out/model`` with the tokenizer. Resumes from ``out/checkpoints`` when present.
@@ -225,7 +293,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     c = elm.config
     start, span = c.start, c.span
     settings = {"start": start, "span": span, "examples": len(data), **asdict(cfg)}
-    fp = fingerprint(settings, ignore=("save_every",))
+    # how the step is computed (memory, speed) may change on resume; what it computes may not
+    fp = fingerprint(settings, ignore=("save_every", "recompute_tail", "ce_chunk", "compile"))
     ckpt_dir = run / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
@@ -241,6 +310,9 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     for p in teacher.parameters():
         p.requires_grad_(False)
     block = elm.block
+    if cfg.kept_lora_r and any(a is b for a, b in zip(get_layers(teacher)[:start], get_layers(elm))):
+        raise ValueError("kept-layer LoRA tunes the layers below the block, which this teacher shares "
+                         "with the ELM; build it with SpanTeacher(dense, start, span, own_lower=True)")
     lora = _add_kept_lora(elm, cfg) if cfg.kept_lora_r else {}
     params = [p for p in block.parameters()] + list(lora.values())
     for p in params:
@@ -258,8 +330,9 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
                 v.copy_(weights[k])
         step, history = state["step"], state["history"]
 
-    teacher.eval()
     elm.train()
+    teacher.eval()  # after elm.train(): a SpanTeacher shares the ELM's lower layers
+    compiled = compile_step(elm) if cfg.compile else None
     bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not progress)
     t0, tokens = time.time(), 0
     while step < cfg.steps:
@@ -273,7 +346,7 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             r = sjfb_loss(elm, teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
                              tune_kept=bool(lora), recompute_tail=cfg.recompute_tail,
-                             ce_chunk=cfg.ce_chunk)
+                             ce_chunk=cfg.ce_chunk, compiled=compiled)
         loss, ce, distill, z, x, kw, valid = r.loss, r.ce, r.distill, r.z, r.x, r.kw, r.valid
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
