@@ -153,3 +153,49 @@ def test_compare_width_methods_hit_the_parameter_target(tmp_path):
     assert rows["ziplm"]["params"] == rows["uniform"]["params"]  # the same widths, other columns
     report = (tmp_path / "w" / "report.md").read_text()
     assert "| ZipLM (one-shot) | 12 |" in report and "width methods remove 25%" in report
+
+
+def test_compare_heal_both_and_cosine_start(tmp_path):
+    """--heal both measures each model before and after healing; elm-cosine places the block by the
+    cosine criterion; KV at 4K is the cache of 4,096 tokens in 16-bit."""
+    cfg = CompareConfig(methods=("elm-cosine", "shortgpt"), remove=0.25, heal="both",
+                        train_steps=2, train_batch_size=4, n_train=16, n_test=4, max_new_tokens=96,
+                        eval_batch_size=4, calib=CalibConfig(samples=4),
+                        lora=FinetuneConfig(max_steps=2, batch_size=4))
+    res = compare("testbed:tiny", tmp_path / "c", cfg=cfg)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["dense", "elm-cosine", "shortgpt"]
+    dense = load_model(TINY_PATH, dtype="float32", device="cpu")
+    c = dense.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert rows["dense"]["kv_bytes_4k"] == 12 * 2 * c.num_key_value_heads * head_dim * 4096 * 2
+    for m in ("elm-cosine", "shortgpt"):
+        assert 0 <= rows[m]["healed_accuracy"] <= 1 and rows[m]["heal_s"] > 0
+        assert rows[m]["kv_bytes_4k"] == rows["dense"]["kv_bytes_4k"] * 9 // 12
+    assert "healed_accuracy" not in rows["dense"]
+    cos = json.loads((tmp_path / "c" / "elm-cosine" / "cosine.json").read_text())
+    assert len(cos["similarity"]) == 12 - 4 + 1
+    assert cos["start"] == max(range(9), key=lambda a: cos["similarity"][a])
+    assert json.loads((tmp_path / "c" / "elm-cosine" / "plan.json").read_text())["start"] == cos["start"]
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "healed accuracy" in report and "| ELM (cosine start) | 9 |" in report
+
+
+def test_cosine_start_finds_an_identity_span(make_model):
+    """Layers whose attention and MLP outputs are zero pass the state through: cosine 1 there."""
+    import torch
+
+    from elmkit.data.calibration import Calibration
+    from elmkit.methods import elm as E
+
+    model = make_model("qwen2", num_layers=6)
+    with torch.no_grad():
+        for layer in get_layers(model)[3:5]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    ids = torch.randint(1, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    calib = Calibration(ids, torch.ones_like(ids))
+    start, sims = E.cosine_start(model, calib, 2)
+    assert start == 3 and sims[3] == pytest.approx(1.0) and len(sims) == 5
+    with pytest.raises(ValueError, match="span M = 6"):
+        E.cosine_start(model, calib, 6)

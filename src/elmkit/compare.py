@@ -7,8 +7,11 @@ one. Width methods remove ``remove`` of the non-embedding parameters (as near as
 allows; the table shows what each removed) and leave slim models. Output of ``compare``::
 
     out/report.md  out/results.json  out/accuracy.png
-    out/<method>/plan.json  out/<method>/model/  (out/<method>/heal/model/ with --heal lora)
+    out/<method>/plan.json  out/<method>/model/  (out/<method>/heal/model/ when healed)
     out/<method>/row.json   (a finished method; a re-run with the same settings skips it)
+
+``--heal both`` measures every compressed model before and after the same LoRA healing, so one
+run gives both columns without compressing twice.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from .methods import DEPTH, WIDTH, darwinlm
 from .methods.darwinlm import DarwinLMConfig
 from .train.lora import FinetuneConfig
 
-METHODS = ("elm", *DEPTH, *WIDTH)
-GROUPS = {"depth": ("elm", *DEPTH), "width": tuple(WIDTH), "all": METHODS}
+# elm-cosine: the ELM block placed by the cosine criterion instead of --elm-start (not in a group)
+METHODS = ("elm", "elm-cosine", *DEPTH, *WIDTH)
+GROUPS = {"depth": ("elm", *DEPTH), "width": tuple(WIDTH), "all": ("elm", *DEPTH, *WIDTH)}
+ELM_METHODS = ("elm", "elm-cosine")
 
 
 def compress_method(model: str | Path, data: str | Path, out: str | Path, method: str, cfg=None,
@@ -93,8 +98,9 @@ class CompareConfig:
     remove: float = 0.25
     """Fraction removed: of the decoder layers (depth, k = round(remove x N)) or of the
     non-embedding parameters (width)."""
-    heal: Literal["none", "lora"] = "none"
-    """none, or LoRA healing of every compressed model with the same budget (--lora.*)."""
+    heal: Literal["none", "lora", "both"] = "none"
+    """none; lora: LoRA healing of every compressed model with the same budget (--lora.*); both:
+    measure each model before and after that healing."""
     train_steps: int = 400
     """Steps of the methods that train a replacement (ELM's block, LLM-Streamline's layer)."""
     train_batch_size: int = 16
@@ -137,8 +143,8 @@ class CompareConfig:
             raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
         if not 0 < self.remove < 1:
             raise ValueError("--remove must be in (0, 1)")
-        if self.heal not in ("none", "lora"):
-            raise ValueError("--heal must be none or lora")
+        if self.heal not in ("none", "lora", "both"):
+            raise ValueError("--heal must be none, lora or both")
         if min(self.train_steps, self.train_batch_size, self.n_train, self.n_test, self.max_new_tokens,
                self.eval_batch_size, self.elm_max_iter) < 1:
             raise ValueError("--train-steps, --train-batch-size, --n-train, --n-test, --max-new-tokens, "
@@ -158,7 +164,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
     """
     from .data.chat import encode_prompt
     from .eval import EvalConfig, evaluate
-    from .eval.footprint import kv_cache_bytes
+    from .eval.footprint import kv_bytes_at, kv_cache_bytes
     from .methods.common import non_embedding_parameters
     from .models import count_parameters, load_model, load_tokenizer
     from .models.loading import resolve_model_path
@@ -185,15 +191,17 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
 
     def measure(m, tag: str) -> dict:
         acc = evaluate(m, test_ex, run / tag / "eval", ecfg, tok, progress=False)["accuracy"]
+        ne = non_embedding_parameters(m)
         return {"layers": m.config.num_hidden_layers, "params": count_parameters(m), "accuracy": acc,
-                "kv_bytes": kv_cache_bytes(m, tok, prompts), "removed": 1 - non_embedding_parameters(m) / e0}
+                "kv_bytes": kv_cache_bytes(m, tok, prompts), "kv_bytes_4k": kv_bytes_at(m, 4096),
+                "non_embedding": ne, "removed": 1 - ne / e0}
 
     rows = [_cached(run / "dense", fps["dense"]) or _finish(
         run / "dense", fps["dense"], {"method": "dense", "title": "dense", **measure(dense, "dense"),
                                       "compress_s": 0.0, "heal_s": 0.0})]
     for name in cfg.methods:
         row = _cached(run / name, fps[name])
-        title = "ELM" if name == "elm" else _spec(name).title
+        title = _title(name, cfg)
         if row is None:
             what = f"{cfg.remove:.0%} of the non-embedding parameters" if name in WIDTH \
                 else f"{k} of {n} layers"
@@ -208,9 +216,12 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                 continue
             compress_s = time.time() - t0
             write_json(run / name / "plan.json", plan)
-            heal_s = 0.0
-            if cfg.heal == "lora":
-                _save(m, tok, run / name / "model")
+            heal_s, before = 0.0, {}
+            if cfg.heal != "none":
+                if name not in ELM_METHODS:  # the ELM trainer has saved its model already
+                    _save(m, tok, run / name / "model")
+                if cfg.heal == "both":
+                    before = measure(m, name)
                 del m
                 t0 = time.time()
                 from .train.lora import finetune
@@ -219,10 +230,12 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                          dataclasses.replace(cfg.lora, device=cfg.device, seed=cfg.seed), progress=True)
                 heal_s = time.time() - t0
                 m = load_model(run / name / "heal" / "model", dtype="float32", device=cfg.device)
-            elif name != "elm":  # the ELM trainer has saved its model already
+            elif name not in ELM_METHODS:
                 _save(m, tok, run / name / "model")
+            after = measure(m, f"{name}/healed" if before else name)
+            measured = {**before, "healed_accuracy": after["accuracy"]} if before else after
             row = _finish(run / name, fps[name], {
-                "method": name, "title": title, **measure(m, name), "compress_s": compress_s,
+                "method": name, "title": title, **measured, "compress_s": compress_s,
                 "heal_s": heal_s, "stats": _short(stats)})
             del m
         rows.append(row)
@@ -232,7 +245,9 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
         if "error" in r:
             continue
         r["retained"] = r["accuracy"] / dense_acc if dense_acc else None
-        r["kv_ratio"] = r["kv_bytes"] / rows[0]["kv_bytes"]
+        if "healed_accuracy" in r:
+            r["healed_retained"] = r["healed_accuracy"] / dense_acc if dense_acc else None
+        r["kv_ratio"] = r["kv_bytes_4k"] / rows[0]["kv_bytes_4k"]
     result = {"model": str(model), "layers": n, "removed": k, "heal": cfg.heal, "rows": rows}
     write_json(run / "results.json", result)
     _plot(run / "accuracy.png", [r for r in rows if "error" not in r],
@@ -271,16 +286,23 @@ def _data(path: str, data, test, cfg: CompareConfig):
 
 def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: Path, cfg: CompareConfig):
     """A compressed copy of ``dense`` -> (model, plan, stats)."""
-    if name == "elm":
+    if name in ELM_METHODS:
         from .methods import elm as elm_method
         from .train.elm import ElmTrainConfig, train_elm
 
         start = cfg.elm_start
-        if start == "auto":
+        if name == "elm-cosine":
+            start, sims = elm_method.cosine_start(dense, calib, k + 1)
+            write_json(out / "cosine.json", {"start": start, "similarity": sims})
+        elif start == "auto":
             from .methods import gppo
 
-            start = gppo.plan(copy.deepcopy(dense), tok, train_ex, gppo.GppoConfig(span=k + 1, seed=cfg.seed),
-                              ckpt_dir=out / "gppo_checkpoints").start
+            thetas: list = []
+            found = gppo.plan(copy.deepcopy(dense), tok, train_ex, gppo.GppoConfig(span=k + 1, seed=cfg.seed),
+                              thetas=thetas, ckpt_dir=out / "gppo_checkpoints")
+            start = found.start
+            write_json(out / "gppo.json", {"start": start, "theta": list(found.theta),
+                                           "theta_history": thetas})
         plan = elm_method.plan(dense, start=start, span=k + 1, max_iter=cfg.elm_max_iter)
         elm = elm_method.apply_(copy.deepcopy(dense), plan)
         stats = train_elm(elm, dense, tok, train_ex, out, ElmTrainConfig(
@@ -308,6 +330,14 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
 def _spec(name: str):
     """The registry entry of a depth or width method."""
     return WIDTH[name] if name in WIDTH else DEPTH[name]
+
+
+def _title(name: str, cfg: CompareConfig) -> str:
+    if name == "elm-cosine":
+        return "ELM (cosine start)"
+    if name == "elm":
+        return "ELM (GPPO start)" if cfg.elm_start == "auto" else "ELM"
+    return _spec(name).title
 
 
 def _width_base(name: str, cfg: CompareConfig):
@@ -338,17 +368,18 @@ def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) ->
     if name == "dense":
         return ident
     ident["data"] = _identity(data)
-    if name == "elm":
-        own: dict = {"elm_start": cfg.elm_start, "elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr}
+    if name in ELM_METHODS:
+        own: dict = {"elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr,
+                     **({"elm_start": cfg.elm_start} if name == "elm" else {})}
     elif name in WIDTH:
         own = {"base": asdict(_width_base(name, cfg))}
     else:
         own = {"base": asdict(DEPTH[name].base)}
-    if name == "elm" or _spec(name).trains:
+    if name in ELM_METHODS or _spec(name).trains:
         own.update(train_steps=cfg.train_steps, train_batch_size=cfg.train_batch_size, n_train=cfg.n_train)
     return {**ident, "method": name, **own, "remove": cfg.remove, "calib": asdict(cfg.calib),
             "heal": cfg.heal, "seed": cfg.seed,
-            **({"lora": asdict(cfg.lora), "n_train": cfg.n_train} if cfg.heal == "lora" else {})}
+            **({"lora": asdict(cfg.lora), "n_train": cfg.n_train} if cfg.heal != "none" else {})}
 
 
 def _identity(path) -> object:
@@ -387,7 +418,12 @@ def _finish(folder: Path, fp: str, row: dict) -> dict:
     return {**row, "fingerprint": fp}
 
 
+def _pct(x: float | None) -> str:
+    return f"{x:.1%}" if x is not None else "n/a"
+
+
 def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
+    both = cfg.heal == "both"
     lines = [
         "# Compression compared",
         "",
@@ -400,21 +436,23 @@ def _report(result: dict, cfg: CompareConfig, n_test: int, n_calib: int) -> str:
         f"{cfg.train_steps} steps x {cfg.train_batch_size} sequences. Healing: "
         + ("none." if cfg.heal == "none" else
            f"LoRA r={cfg.lora.r}, {cfg.lora.max_steps} steps, lr {cfg.lora.lr:g}, the same for every "
-           "method."),
+           "method" + (" (columns *healed*; the others before healing)." if both else ".")),
         "",
-        "| method | layers | params | removed | accuracy | retained | KV bytes (16 prompts) | compress s "
-        "| heal s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | layers | non-embedding params | removed | accuracy | retained | "
+        + ("healed accuracy | healed retained | " if both else "")
+        + "KV MB at 4K (16-bit) | compress s | heal s |",
+        "|---|---|---|---|---|---|" + ("---|---|" if both else "") + "---|---|---|",
     ]
     failed = [r for r in result["rows"] if "error" in r]
     for r in result["rows"]:
         if "error" in r:
             continue
-        kept = f"{r['retained']:.1%}" if r["retained"] is not None else "n/a"
-        removed = f"{r['removed']:.1%}" if "removed" in r else "n/a"
-        lines.append(f"| {r['title']} | {r['layers']} | {r['params']:,} | {removed} | {r['accuracy']:.3f} "
-                     f"| {kept} | "
-                     f"{r['kv_bytes']:,} ({r['kv_ratio']:.2f}) | {r['compress_s']:.1f} | {r['heal_s']:.1f} |")
+        healed = (f"{r['healed_accuracy']:.3f} | {_pct(r.get('healed_retained'))} | "
+                  if "healed_accuracy" in r else "- | - | " if both else "")
+        lines.append(f"| {r['title']} | {r['layers']} | {r.get('non_embedding', 0):,} | "
+                     f"{r['removed']:.1%} | {r['accuracy']:.3f} | {_pct(r['retained'])} | {healed}"
+                     f"{r.get('kv_bytes_4k', 0) / 1e6:.2f} ({r['kv_ratio']:.2f}) | {r['compress_s']:.1f} | "
+                     f"{r['heal_s']:.1f} |")
     lines += [f"\n{r['title']} could not run: {r['error']}" for r in failed]
     lines += ["", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
@@ -427,11 +465,17 @@ def _plot(png: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 3.4))
-    colors = ["#4c72b0" if r["method"] == "dense" else "#55a868" if r["method"] == "elm"
+    colors = ["#4c72b0" if r["method"] == "dense" else "#55a868" if r["method"] in ELM_METHODS
               else "#8172b2" if r["method"] in WIDTH else "#c44e52" for r in rows]
     ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=colors)
+    healed = [(i, r["healed_accuracy"]) for i, r in enumerate(rows) if "healed_accuracy" in r]
+    if healed:  # healed accuracy as an outlined bar over the unhealed one
+        ax.bar([i for i, _ in healed], [a for _, a in healed], fill=False, edgecolor="black",
+               linestyle="--", label="after LoRA healing")
+        ax.legend(fontsize=8, loc="upper right")
     for i, r in enumerate(rows):
-        ax.text(i, r["accuracy"] + 0.02, f"{r['accuracy']:.2f}", ha="center", fontsize=8)
+        top = max(r["accuracy"], r.get("healed_accuracy", 0.0))
+        ax.text(i, top + 0.02, f"{r['accuracy']:.2f}", ha="center", fontsize=8)
     ax.set_xticks(range(len(rows)), [r["title"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="test accuracy", ylim=(0, 1.1), title=title)
     fig.tight_layout()

@@ -21,3 +21,18 @@ def cache_bytes(cache) -> int:
     total = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers
                 if isinstance(getattr(l, "keys", None), torch.Tensor))
     return total + sum(cache_bytes(c) for c in getattr(cache, "_elm_iteration_slots", {}).values())
+
+
+@torch.no_grad()
+def kv_bytes_at(model, tokens: int = 4096, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes of one sequence of ``tokens`` tokens, at ``bytes_per_value`` (2: 16-bit).
+
+    Measured on a real cache of a short prefill (the cache grows linearly in the sequence), so
+    pruned KV heads, an ELM's one slot (or per-iteration slots) and removed layers all count.
+    """
+    probe = 8
+    device = next(model.parameters()).device
+    ids = torch.ones(1, probe, dtype=torch.long, device=device)
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    per_value = next(p for p in model.parameters()).element_size()
+    return cache_bytes(cache) // per_value * bytes_per_value * tokens // probe

@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapters import family_of, get_layers
@@ -96,6 +97,29 @@ def apply_(model, p: ElmPlan) -> ElmForCausalLM:
     model.model.layers = nn.ModuleList()  # the replaced layers are freed with the dense shell
     elm.generation_config = model.generation_config
     return elm.eval()
+
+
+@torch.no_grad()
+def cosine_start(model, calib, span: int) -> tuple[int, list[float]]:
+    """The start whose span changes the hidden state least (LLM-Streamline's criterion): the a
+    maximising the mean cosine similarity of the states entering layer a and layer a + M over the
+    calibration tokens. Returns (start, similarity per start); a cheap alternative to GPPO."""
+    from ..models.adapters import capture_hidden_states
+
+    n = len(get_layers(model))
+    if not 1 <= span < n:
+        raise ValueError(f"span M = {span} must be in 1..{n - 1} for a model of {n} layers")
+    sums = torch.zeros(n - span + 1, dtype=torch.float64)
+    count = 0
+    for ids, mask in calib.batches(16, next(model.parameters()).device):
+        hs = capture_hidden_states(model, ids, mask)  # {i: (B, T, d)}
+        valid = mask.bool()
+        for a in range(n - span + 1):
+            cos = F.cosine_similarity(hs[a].float(), hs[a + span].float(), dim=-1)  # (B, T)
+            sums[a] += float(cos[valid].sum())
+        count += int(valid.sum())
+    sims = (sums / count).tolist()
+    return max(range(len(sims)), key=lambda a: sims[a]), sims
 
 
 def _solver_fields(p: ElmPlan) -> dict:
