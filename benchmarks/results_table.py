@@ -42,7 +42,7 @@ METHODS = ("elm", "elm-cosine", "slm", "shortgpt", "shortened", "sleb", "laco", 
 RATIOS = {"m7": 6, "m12": 11}  # layers removed of 24: the block replaces removed + 1
 LAYERS = {"n": 24}
 SOLVER_TOLS = (0.1, 0.01)
-ENUM_STEPS, ENUM_TEST, N_TEST = 200, 100, 200
+ENUM_STEPS, ENUM_TEST, N_TEST = 100, 100, 128
 SEED = 0
 SMOKE = {"on": False}
 
@@ -57,11 +57,12 @@ def compare_config(removed: int, layers: int, methods: tuple[str, ...]) -> Compa
             lora=FinetuneConfig(max_steps=2, batch_size=4),
             darwinlm=DarwinLMConfig(generations=1, offspring=2, train_tokens=(0, 0, 0, 0), seed=SEED))
     return CompareConfig(
-        methods=methods, remove=removed / layers, heal="both", train_steps=600, train_batch_size=32,
-        elm_start="auto", elm_max_iter=4, elm_lr=1e-3, n_train=8000, n_test=200, max_new_tokens=320,
-        eval_batch_size=200, seed=SEED, calib=CalibConfig(samples=64, seq_len=256, seed=SEED),
-        lora=FinetuneConfig(max_steps=150, lr=1e-3, batch_size=32),
-        darwinlm=DarwinLMConfig(generations=8, offspring=8, train_tokens=(2000, 5000, 10000, 20000),
+        methods=methods, remove=removed / layers, heal="both", train_steps=400, train_batch_size=32,
+        elm_start="auto", elm_max_iter=4, elm_lr=1e-3, gppo_steps=100, n_train=8000, n_test=N_TEST,
+        max_new_tokens=320, eval_batch_size=N_TEST, seed=SEED,
+        calib=CalibConfig(samples=64, seq_len=256, seed=SEED),
+        lora=FinetuneConfig(max_steps=100, lr=1e-3, batch_size=32),
+        darwinlm=DarwinLMConfig(generations=6, offspring=8, train_tokens=(2000, 5000, 10000, 20000),
                                 seed=SEED))
 
 
@@ -340,7 +341,7 @@ def write_results_md(data: dict, res: Path) -> None:
     lines += [f"Budgets (equal for all): calibration {c.calib.samples} sequences of <= {c.calib.seq_len} "
               f"tokens; methods that train (ELM's block, LLM-Streamline's layer) {c.train_steps} steps x "
               f"{c.train_batch_size} problems; ELM {c.elm_max_iter} block evaluations; GPPO "
-              f"{GppoDefaults.steps()} steps; DarwinLM {c.darwinlm.generations} generations x "
+              f"{c.gppo_steps} steps; DarwinLM {c.darwinlm.generations} generations x "
               f"{c.darwinlm.offspring} offspring; LoRA healing r {c.lora.r}, {c.lora.max_steps} steps x "
               f"{c.lora.batch_size}, lr {c.lora.lr:g}.", ""]
     for name, title in (("m7", f"M = {m7} of {n} (the seeds' 8 of 28)"),
@@ -362,6 +363,9 @@ def write_results_md(data: dict, res: Path) -> None:
                 f"{r['accuracy']:.3f} | {_pct(r['retained'])} | - | - | ")
             lines[-1] += f"{r['kv_bytes_4k'] / 1e6:.2f} | {r['compress_s']:.1f} | {r['heal_s']:.1f} |"
         lines.append("")
+    if data.get("skipped"):
+        lines += [f"Left out of this regeneration (--skip, to fit the GPU budget): "
+                  f"{', '.join(data['skipped'])}.", ""]
     lines += ["![retention](benchmarks/results/results_table/retention.png)", ""]
     kv = data.get("kv")
     if kv:
@@ -391,27 +395,22 @@ def write_results_md(data: dict, res: Path) -> None:
         accs = [en["accuracy"][str(s)] for s in starts]
         theta = [g["theta"][s] for s in starts]
         best = max(starts, key=lambda s: en["accuracy"][str(s)])
+        total = data["base_metrics"]["config"]["layers"] - en["span"] + 1
         lines += [f"## GPPO's placement vs enumeration (M = {en['span']})", "",
-                  f"An ELM trained at every start ({en['steps']} SJFB steps each, {en['n_test']} test "
-                  f"problems): best start {best} ({en['accuracy'][str(best)]:.3f}); GPPO chose "
+                  f"An ELM trained at each start ({en['steps']} SJFB steps each, {en['n_test']} test "
+                  f"problems; {len(starts)} of the {total} starts enumerated within the budget): best start "
+                  f"{best} ({en['accuracy'][str(best)]:.3f}); GPPO chose "
                   f"{g['start']} ({en['accuracy'].get(str(g['start']), float('nan')):.3f} there); Spearman "
                   f"correlation of theta with the enumerated accuracies {_spearman(theta, accs):.2f}.", "",
                   "![gppo](benchmarks/results/results_table/gppo_theta.png)", ""]
     lines += ["## The seeds' headline claims, checked here", "", *claims(data), ""]
+    skip = f" --skip {','.join(data['skipped'])}" if data.get("skipped") else ""
     lines += ["## Commands", "", "```",
               "python benchmarks/results_table.py --run runs/results_table \\",
-              "    --out benchmarks/results/results_table",
+              f"    --out benchmarks/results/results_table{skip}",
               "# stops cleanly after --budget-s seconds (default 540); run it again to continue",
               "python benchmarks/results_table.py --report-only   # RESULTS.md from results.json", "```", ""]
     atomic_write_text(results_md(res), "\n".join(lines))
-
-
-class GppoDefaults:
-    @staticmethod
-    def steps() -> int:
-        from elmkit.methods.gppo import GppoConfig
-
-        return GppoConfig().steps
 
 
 def _stage_minutes(data: dict) -> dict:
@@ -468,9 +467,13 @@ def main() -> None:
     ap.add_argument("--base", default=None, help="a trained base testbed folder (default: train one)")
     ap.add_argument("--budget-s", type=float, default=540, help="stop cleanly after this many seconds")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--skip", default="", help="methods left out (comma-separated), named in RESULTS.md")
     ap.add_argument("--smoke", action="store_true",
                     help="check the plumbing on the tiny testbed with budgets of a few steps (CPU)")
     args = ap.parse_args()
+    global METHODS
+    skipped = [m for m in args.skip.split(",") if m]
+    METHODS = tuple(m for m in METHODS if m not in skipped)
     if args.smoke:
         global ENUM_TEST, N_TEST
         from elmkit.testbed import TINY_PATH
@@ -485,6 +488,7 @@ def main() -> None:
     _SAVE["path"] = js
     data = read_json(js) if js.exists() else {}
     data.setdefault("gpu_s", {})
+    data["skipped"] = skipped
     if not args.report_only:
         if not torch.cuda.is_available() and not args.smoke:
             raise SystemExit("results_table.py runs on a GPU; none is present")

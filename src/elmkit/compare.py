@@ -111,6 +111,8 @@ class CompareConfig:
     """Block evaluations per forward of the ELM."""
     elm_lr: float = 1e-3
     """Peak learning rate of the ELM block."""
+    gppo_steps: int = 200
+    """GPPO policy steps when --elm-start is auto."""
     n_train: int = 4000
     """Training examples: the testbed's train split, or the first n of --data."""
     n_test: int = 200
@@ -146,7 +148,7 @@ class CompareConfig:
         if self.heal not in ("none", "lora", "both"):
             raise ValueError("--heal must be none, lora or both")
         if min(self.train_steps, self.train_batch_size, self.n_train, self.n_test, self.max_new_tokens,
-               self.eval_batch_size, self.elm_max_iter) < 1:
+               self.eval_batch_size, self.elm_max_iter, self.gppo_steps) < 1:
             raise ValueError("--train-steps, --train-batch-size, --n-train, --n-test, --max-new-tokens, "
                              "--eval-batch-size and --elm-max-iter must be >= 1")
         if isinstance(self.elm_start, str) and self.elm_start != "auto":
@@ -298,8 +300,9 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
             from .methods import gppo
 
             thetas: list = []
-            found = gppo.plan(copy.deepcopy(dense), tok, train_ex, gppo.GppoConfig(span=k + 1, seed=cfg.seed),
-                              thetas=thetas, ckpt_dir=out / "gppo_checkpoints")
+            gcfg = gppo.GppoConfig(span=k + 1, steps=cfg.gppo_steps, seed=cfg.seed)
+            found = gppo.plan(copy.deepcopy(dense), tok, train_ex, gcfg, thetas=thetas,
+                              ckpt_dir=out / "gppo_checkpoints")
             start = found.start
             write_json(out / "gppo.json", {"start": start, "theta": list(found.theta),
                                            "theta_history": thetas})
@@ -370,7 +373,8 @@ def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) ->
     ident["data"] = _identity(data)
     if name in ELM_METHODS:
         own: dict = {"elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr,
-                     **({"elm_start": cfg.elm_start} if name == "elm" else {})}
+                     **({"elm_start": cfg.elm_start} if name == "elm" else {}),
+                     **({"gppo_steps": cfg.gppo_steps} if name == "elm" and cfg.elm_start == "auto" else {})}
     elif name in WIDTH:
         own = {"base": asdict(_width_base(name, cfg))}
     else:

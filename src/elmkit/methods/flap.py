@@ -99,7 +99,8 @@ def plan(model, calib: Calibration, cfg: FLAPConfig, progress: bool = False) -> 
     for i, (layer, st) in enumerate(zip(get_layers(model), stats)):
         for kind, lin in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
             mean, var = st[kind]
-            s = var * lin.weight.double().pow(2).sum(0).cpu()  # (channels,)
+            # (channels,); the statistics live on the model's device
+            s = var.double().cpu() * lin.weight.double().pow(2).sum(0).cpu()
             if kind == "attn" and cfg.attn_square:
                 s = s * s
             z = (s - s.mean()) / (s.std() + 1e-12)
