@@ -21,7 +21,6 @@ is written from results.json by the last stage, or with --report-only.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -277,27 +276,6 @@ def plot_gppo(data: dict, png: Path) -> None:
     save_figure(fig, png)
 
 
-def _spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den else float("nan")
-
-
 def _pct(x) -> str:
     return f"{x:.1%}" if x is not None else "n/a"
 
@@ -394,6 +372,7 @@ def write_results_md(data: dict, res: Path) -> None:
         starts = sorted(int(s) for s in en["accuracy"])
         accs = [en["accuracy"][str(s)] for s in starts]
         theta = [g["theta"][s] for s in starts]
+        from gppo_vs_enumeration import _spearman  # benchmarks/ is on the path of a script run
         best = max(starts, key=lambda s: en["accuracy"][str(s)])
         total = data["base_metrics"]["config"]["layers"] - en["span"] + 1
         lines += [f"## GPPO's placement vs enumeration (M = {en['span']})", "",
