@@ -270,8 +270,8 @@ def plot_gppo(data: dict, png: Path) -> None:
         ax.axvline(cos["start"], color="#c44e52", ls=":", label="cosine criterion's start")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
-    ax.set_title("GPPO's theta vs an ELM trained at every start")
+    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", framealpha=1.0)  # above both bar sets
+    ax.set_title("GPPO's theta vs an ELM trained at each start")
     fig.tight_layout()
     save_figure(fig, png)
 
