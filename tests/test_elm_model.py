@@ -144,3 +144,18 @@ def test_cache_bytes_counts_per_iteration_slots(make_model):
         dense_bytes = cache_bytes(ref(ids, use_cache=True).past_key_values)
         elm_bytes = cache_bytes(m(ids, use_cache=True).past_key_values)
     assert elm_bytes * 8 == dense_bytes * (8 - 4 + 3)
+
+
+@pytest.mark.parametrize("family,kw", [("qwen2", {}), ("mistral", {"sliding_window": 4})])
+def test_kv_bytes_at_equals_a_real_long_cache(make_model, family, kw):
+    """kv_bytes_at(T) = the cache of a T-token prefill in 16-bit, sliding windows and ELM slots too."""
+    from elmkit.eval.footprint import cache_bytes, kv_bytes_at
+
+    ids = torch.randint(1, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    dense = make_model(family, **kw)
+    for m in (dense, E.apply_(make_model(family, **kw), E.plan(dense, start=1, span=3, max_iter=2,
+                                                               kv_mode="per_iter"))):
+        with torch.no_grad():
+            real = cache_bytes(m(ids, use_cache=True).past_key_values)  # fp32: 4 bytes per value
+        assert kv_bytes_at(m, 40) == real // 2
+        assert kv_bytes_at(m, 40, bytes_per_value=4) == real

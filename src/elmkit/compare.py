@@ -150,7 +150,7 @@ class CompareConfig:
         if min(self.train_steps, self.train_batch_size, self.n_train, self.n_test, self.max_new_tokens,
                self.eval_batch_size, self.elm_max_iter, self.gppo_steps) < 1:
             raise ValueError("--train-steps, --train-batch-size, --n-train, --n-test, --max-new-tokens, "
-                             "--eval-batch-size and --elm-max-iter must be >= 1")
+                             "--eval-batch-size, --elm-max-iter and --gppo-steps must be >= 1")
         if isinstance(self.elm_start, str) and self.elm_start != "auto":
             raise ValueError(f"--elm-start must be a layer index or 'auto', got {self.elm_start!r}")
 
@@ -366,7 +366,8 @@ def _short(stats: dict) -> dict:
 
 def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) -> dict:
     """Everything a row's numbers depend on: a row is reused only while all of it is unchanged."""
-    ident = {"model": _identity(model_path), "test": _identity(test), "n_test": cfg.n_test,
+    # row_format: bumped when a row gains fields, so rows written before are measured again
+    ident = {"row_format": 2, "model": _identity(model_path), "test": _identity(test), "n_test": cfg.n_test,
              "max_new_tokens": cfg.max_new_tokens}
     if name == "dense":
         return ident

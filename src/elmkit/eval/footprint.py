@@ -27,12 +27,22 @@ def cache_bytes(cache) -> int:
 def kv_bytes_at(model, tokens: int = 4096, bytes_per_value: int = 2) -> int:
     """KV-cache bytes of one sequence of ``tokens`` tokens, at ``bytes_per_value`` (2: 16-bit).
 
-    Measured on a real cache of a short prefill (the cache grows linearly in the sequence), so
-    pruned KV heads, an ELM's one slot (or per-iteration slots) and removed layers all count.
+    Measured on a real cache of a one-token prefill, per cache layer: a full-attention layer holds
+    every token, a sliding-window layer the last window - 1 (as transformers' sliding layers keep).
+    So pruned KV heads, removed layers and an ELM's one slot (or per-iteration slots) all count.
     """
-    probe = 8
     device = next(model.parameters()).device
-    ids = torch.ones(1, probe, dtype=torch.long, device=device)
-    cache = model(input_ids=ids, use_cache=True).past_key_values
-    per_value = next(p for p in model.parameters()).element_size()
-    return cache_bytes(cache) // per_value * bytes_per_value * tokens // probe
+    cache = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device),
+                  use_cache=True).past_key_values
+    per_value = next(model.parameters()).element_size()
+
+    def held(c) -> int:  # bytes of one token's K and V, scaled to what each layer holds
+        total = 0
+        for layer in c.layers:
+            if not isinstance(getattr(layer, "keys", None), torch.Tensor):
+                continue
+            n = min(tokens, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else tokens
+            total += (layer.keys.nbytes + layer.values.nbytes) * n
+        return total + sum(held(x) for x in getattr(c, "_elm_iteration_slots", {}).values())
+
+    return held(cache) // per_value * bytes_per_value
