@@ -136,42 +136,35 @@ def test_kept_lora_merge_preserves_logits_and_skips_the_block(make_model, tokeni
 def test_recomputed_tail_and_chunked_ce_give_the_same_gradients(make_model, tokenizer):
     """recompute_tail and the chunked CE change memory, not the loss or the block's gradients."""
     from elmkit.models.adapters import head_logits
-    from elmkit.train.elm import answer_ce, sjfb_loss
+    from elmkit.train.elm import answer_ce
 
     elm, teacher = _setup(make_model, tokenizer)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (2, 40), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    labels = ids.clone()
-    labels[:, :10] = -100
-    params = list(elm.block.parameters())
-    grads = []
-    for recompute in (False, True):
-        for p in params:
-            p.grad = None
-            p.requires_grad_(True)
-        r = sjfb_loss(elm, teacher, ids, mask, labels, 1, 2, 1.0, 1.0, recompute_tail=recompute)
-        r.loss.backward()
-        grads.append((r.loss.detach(), [p.grad.clone() for p in params]))
+    grads = [_step_grads(elm, teacher, recompute=recompute) for recompute in (False, True)]
     assert torch.allclose(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+    labels = _step_batch()[2]
     h = torch.randn(2, 40, elm.config.hidden_size)
     full = torch.nn.functional.cross_entropy(head_logits(elm, h)[:, :-1].reshape(-1, elm.config.vocab_size),
                                              labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(answer_ce(elm, h, labels, chunk=7), full)
 
 
-def _step_grads(elm, teacher, compiled=None, recompute=False):
-    from elmkit.train.elm import sjfb_loss
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (2, 40), generator=g)
+def _step_batch():
+    """(ids, mask, labels): two sequences of 40, one left-padded by 5, the first 10 unlabelled."""
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     labels = ids.clone()
     labels[:, :10] = -100
+    return ids, mask, labels
+
+
+def _step_grads(elm, teacher, compiled=None, recompute=False):
+    """Loss and block gradients of one SJFB step (m = 1, n = 2) on _step_batch()."""
+    from elmkit.train.elm import sjfb_loss
+
+    ids, mask, labels = _step_batch()
     params = list(elm.block.parameters())
     for p in params:
         p.grad = None
