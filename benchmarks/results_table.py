@@ -96,16 +96,16 @@ def stage_compare(name: str, base: Path, run: Path, data: dict, budget: Budget) 
     """One method at a time into one compare folder (finished rows are reused); True when done."""
     layers = LAYERS["n"]
     removed = RATIOS[name]
-    for i in range(len(METHODS)):
+    done = data.setdefault("compare_done", {}).setdefault(name, [])
+    for method in METHODS:
+        if method in done:
+            continue
         if not budget.left():
             return False
-        done = data.setdefault("compare_done", {}).setdefault(name, [])
-        if METHODS[i] in done:
-            continue
         t0 = time.time()
-        compare(base, run / name, cfg=compare_config(removed, layers, (METHODS[i],)))
-        done.append(METHODS[i])
-        data["gpu_s"][f"{name}:{METHODS[i]}"] = time.time() - t0
+        compare(base, run / name, cfg=compare_config(removed, layers, (method,)))
+        done.append(method)
+        data["gpu_s"][f"{name}:{method}"] = time.time() - t0
         save(data)
     res = compare(base, run / name, cfg=compare_config(removed, layers, METHODS))  # all cached: the table
     data[name] = res
