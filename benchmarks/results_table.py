@@ -12,7 +12,9 @@ every method at two ratios, each measured before and after the same LoRA healing
 
 then, on the trained ELMs (GPPO start): one-step vs per-iteration KV (accuracy, KV MB at 4K); the
 solvers (naive / Anderson / Broyden x relative tolerance: evaluations per token, accuracy); and an
-ELM trained at every start of the M = 12 span with a smaller budget, against GPPO's theta.
+ELM trained at every start of the M = 7 span with a smaller budget, against GPPO's theta there.
+Generation stops after the longest test answer + 16 tokens (the testbed scorer's budget), so a
+model that never ends its answer costs no more than a correct one.
 Every stage and every method's row is saved as it finishes, so a run stopped by --budget-s (or
 killed) resumes where it stopped: run the same command again. RESULTS.md (at the repository root)
 is written from results.json by the last stage, or with --report-only.
@@ -41,9 +43,11 @@ METHODS = ("elm", "elm-cosine", "slm", "shortgpt", "shortened", "sleb", "laco", 
 RATIOS = {"m7": 6, "m12": 11}  # layers removed of 24: the block replaces removed + 1
 LAYERS = {"n": 24}
 SOLVER_TOLS = (0.1, 0.01)
-ENUM_STEPS, ENUM_TEST, N_TEST = 100, 100, 128
+ENUM_STEPS, N_TEST = 100, 128
+ENUM_RATIO = "m7"  # GPPO vs enumeration where an ELM learns within a small budget
 SEED = 0
 SMOKE = {"on": False}
+EVAL = {"max_new_tokens": 320}  # set from the base's test answers by stage_base
 
 
 def compare_config(removed: int, layers: int, methods: tuple[str, ...]) -> CompareConfig:
@@ -54,15 +58,19 @@ def compare_config(removed: int, layers: int, methods: tuple[str, ...]) -> Compa
             elm_start="auto", elm_max_iter=2, n_train=32, n_test=4, max_new_tokens=96, eval_batch_size=4,
             seed=SEED, calib=CalibConfig(samples=4, seq_len=128, seed=SEED),
             lora=FinetuneConfig(max_steps=2, batch_size=4),
-            darwinlm=DarwinLMConfig(generations=1, offspring=2, train_tokens=(0, 0, 0, 0), seed=SEED))
+            darwinlm=DarwinLMConfig(generations=1, offspring=2, train_tokens=(64, 64, 64, 64),
+                                    train_batch_size=2, seed=SEED))
     return CompareConfig(
         methods=methods, remove=removed / layers, heal="both", train_steps=400, train_batch_size=32,
         elm_start="auto", elm_max_iter=4, elm_lr=1e-3, gppo_steps=100, n_train=8000, n_test=N_TEST,
-        max_new_tokens=320, eval_batch_size=N_TEST, seed=SEED,
+        max_new_tokens=EVAL["max_new_tokens"], eval_batch_size=N_TEST, seed=SEED,
         calib=CalibConfig(samples=64, seq_len=256, seed=SEED),
         lora=FinetuneConfig(max_steps=100, lr=1e-3, batch_size=32),
-        darwinlm=DarwinLMConfig(generations=6, offspring=8, train_tokens=(2000, 5000, 10000, 20000),
-                                seed=SEED))
+        # DarwinLM: a short search (the paper runs 200 generations x 16 offspring); candidates are
+        # fine-tuned 16 sequences per step (10x the paper's lr for 16x its batch) so that the
+        # training-aware selection costs seconds per generation instead of minutes.
+        darwinlm=DarwinLMConfig(generations=12, offspring=8, train_tokens=(4000, 8000, 16000, 32000),
+                                train_batch_size=16, lr=1e-4, seed=SEED))
 
 
 class Budget:
@@ -71,8 +79,9 @@ class Budget:
     def __init__(self, seconds: float):
         self.t0, self.seconds = time.time(), seconds
 
-    def left(self) -> bool:
-        return time.time() - self.t0 < self.seconds
+    def left(self, need_s: float = 0.0) -> bool:
+        """True while a unit expected to take ``need_s`` seconds still ends inside the budget."""
+        return time.time() - self.t0 + need_s < self.seconds
 
 
 def stage_base(run: Path, data: dict, args) -> Path:
@@ -86,6 +95,9 @@ def stage_base(run: Path, data: dict, args) -> Path:
         t0 = time.time()
         testbed.train(model.parent, "base")
         data["gpu_s"]["base"] = time.time() - t0
+    if not SMOKE["on"]:
+        EVAL["max_new_tokens"] = answer_budget(model, N_TEST)
+    data["max_new_tokens"] = EVAL["max_new_tokens"]
     card = read_json(model / "card.json")
     data["base_metrics"] = {**card["training"], **card["evaluation"], "preset": card["preset"],
                             "config": card["config"]}
@@ -100,7 +112,9 @@ def stage_compare(name: str, base: Path, run: Path, data: dict, budget: Budget) 
     for method in METHODS:
         if method in done:
             continue
-        if not budget.left():
+        # expected cost: the same method at the other ratio if it ran, else 90 s
+        need = max([v for k, v in data["gpu_s"].items() if k.endswith(f":{method}")], default=90.0)
+        if not budget.left(need):
             return False
         t0 = time.time()
         compare(base, run / name, cfg=compare_config(removed, layers, (method,)))
@@ -115,6 +129,14 @@ def stage_compare(name: str, base: Path, run: Path, data: dict, budget: Budget) 
             if f.is_file():
                 data.setdefault("placement", {}).setdefault(name, {})[method] = read_json(f)
     return True
+
+
+def answer_budget(base: Path, n: int) -> int:
+    """New tokens that fit every one of the first ``n`` test answers, + 16 (the testbed scorer's)."""
+    from elmkit.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    return max(len(tok(ex.output)["input_ids"]) for ex in _test_split(base, n)) + 16
 
 
 def _test_split(base: Path, n: int):
@@ -139,7 +161,8 @@ def stage_kv(base: Path, run: Path, data: dict) -> None:
         for mode in ("one_step", "per_iter"):
             elm.config.kv_mode = mode
             acc = evaluate(elm, test, run / "kv" / f"{name}_{mode}",
-                           EvalConfig(task="gsm8k", batch_size=N_TEST, max_new_tokens=320), tok,
+                           EvalConfig(task="gsm8k", batch_size=N_TEST,
+                                      max_new_tokens=EVAL["max_new_tokens"]), tok,
                            progress=False)["accuracy"]
             rows.append({"ratio": name, "span": elm.config.span, "max_iter": elm.config.max_iter,
                          "kv_mode": mode, "accuracy": acc, "kv_mb_4k": kv_bytes_at(elm, 4096) / 1e6})
@@ -168,7 +191,7 @@ def stage_solvers(base: Path, run: Path, data: dict) -> None:
 
 
 def stage_enumerate(base: Path, run: Path, data: dict, budget: Budget) -> bool:
-    """An ELM at every start of the larger-ratio span, equal smaller budget, ENUM_TEST problems."""
+    """An ELM at every start of the ENUM_RATIO span, each with the same smaller training budget."""
     import copy
 
     from elmkit.eval import EvalConfig, evaluate
@@ -181,17 +204,19 @@ def stage_enumerate(base: Path, run: Path, data: dict, budget: Budget) -> bool:
     tok = load_tokenizer(base)
     r = read_recipe(base)
     train = make_split("train", 8000, r["problems"], r["seed"])
-    test = _test_split(base, ENUM_TEST)
-    span = RATIOS["m12"] + 1
+    test = _test_split(base, N_TEST)
+    span = RATIOS[ENUM_RATIO] + 1
     steps = 2 if SMOKE["on"] else ENUM_STEPS
-    acc = data.setdefault("enumeration", {"span": span, "steps": steps, "n_test": ENUM_TEST,
-                                          "accuracy": {}})["accuracy"]
+    acc = data.setdefault("enumeration", {"ratio": ENUM_RATIO, "span": span, "steps": steps,
+                                          "n_test": N_TEST, "accuracy": {}})["accuracy"]
     dense = load_model(base, dtype="float32")
+    need = 30.0  # seconds per start until one has been timed
     for start in range(LAYERS["n"] - span + 1):
         if str(start) in acc:
             continue
-        if not budget.left():
+        if not budget.left(need):
             return False
+        t0 = time.time()
         d = copy.deepcopy(dense)
         plan = elm_method.plan(d, start=start, span=span, max_iter=4)
         teacher = SpanTeacher(d, start, span)
@@ -200,9 +225,9 @@ def stage_enumerate(base: Path, run: Path, data: dict, budget: Budget) -> bool:
         train_elm(elm, teacher, tok, train, out,
                   ElmTrainConfig(steps=steps, batch_size=32, lr=1e-3, seed=SEED),
                   progress=False)
-        acc[str(start)] = evaluate(elm, test, out / "eval", EvalConfig(task="gsm8k", batch_size=ENUM_TEST,
-                                                                       max_new_tokens=320), tok,
-                                   progress=False)["accuracy"]
+        ecfg = EvalConfig(task="gsm8k", batch_size=N_TEST, max_new_tokens=EVAL["max_new_tokens"])
+        acc[str(start)] = evaluate(elm, test, out / "eval", ecfg, tok, progress=False)["accuracy"]
+        need = 1.5 * (time.time() - t0)
         save(data)
     return True
 
@@ -253,8 +278,8 @@ def plot_gppo(data: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = data["placement"]["m12"]["elm"]
     en = data["enumeration"]
+    g = data["placement"][en["ratio"]]["elm"]
     starts = sorted(int(s) for s in en["accuracy"])
     theta = torch.tensor(g["theta"])
     prob = torch.softmax(theta, 0).tolist()
@@ -265,7 +290,7 @@ def plot_gppo(data: dict, png: Path) -> None:
     ax2 = ax.twinx()
     ax2.bar([s + 0.2 for s in range(len(prob))], prob, 0.4, color="#4c72b0", label="GPPO softmax(theta)")
     ax2.set_ylabel("GPPO policy probability")
-    cos = data["placement"]["m12"].get("elm-cosine")
+    cos = data["placement"][en["ratio"]].get("elm-cosine")
     if cos:
         ax.axvline(cos["start"], color="#c44e52", ls=":", label="cosine criterion's start")
     h1, l1 = ax.get_legend_handles_labels()
@@ -309,7 +334,8 @@ def write_results_md(data: dict, res: Path) -> None:
         f"M = {m7} ({m7 - 1} layers removed) or M = {m12} ({m12 - 1} removed); deleting and merging "
         "methods remove as many layers; width methods remove the same fraction of the non-embedding "
         f"parameters. Accuracy: greedy exact match on {N_TEST} held-out test "
-        "problems; retention = accuracy / dense accuracy. Healing: the same LoRA budget for every "
+        f"problems, at most {data.get('max_new_tokens', 320)} new tokens (the longest answer + 16); "
+        "retention = accuracy / dense accuracy. Healing: the same LoRA budget for every "
         "method. KV: one sequence of 4,096 tokens in 16-bit. Perplexity on text is not reported: the "
         "base testbed is trained on arithmetic problems only.",
         "",
@@ -320,7 +346,10 @@ def write_results_md(data: dict, res: Path) -> None:
               f"tokens; methods that train (ELM's block, LLM-Streamline's layer) {c.train_steps} steps x "
               f"{c.train_batch_size} problems; ELM {c.elm_max_iter} block evaluations; GPPO "
               f"{c.gppo_steps} steps; DarwinLM {c.darwinlm.generations} generations x "
-              f"{c.darwinlm.offspring} offspring; LoRA healing r {c.lora.r}, {c.lora.max_steps} steps x "
+              f"{c.darwinlm.offspring} offspring (the paper: 200 x 16), candidates fine-tuned on "
+              f"{'/'.join(str(t) for t in c.darwinlm.train_tokens)} tokens per selection stage, "
+              f"{c.darwinlm.train_batch_size} sequences per step, lr {c.darwinlm.lr:g}; "
+              f"LoRA healing r {c.lora.r}, {c.lora.max_steps} steps x "
               f"{c.lora.batch_size}, lr {c.lora.lr:g}.", ""]
     for name, title in (("m7", f"M = {m7} of {n} (the seeds' 8 of 28)"),
                         ("m12", f"M = {m12} of {n} (the seeds' 14 of 28)")):
@@ -367,8 +396,8 @@ def write_results_md(data: dict, res: Path) -> None:
                          f"{r['accuracy']:.3f} |")
         lines.append("")
     en = data.get("enumeration")
-    if en and data.get("placement", {}).get("m12", {}).get("elm"):
-        g = data["placement"]["m12"]["elm"]
+    if en and data.get("placement", {}).get(en["ratio"], {}).get("elm"):
+        g = data["placement"][en["ratio"]]["elm"]
         starts = sorted(int(s) for s in en["accuracy"])
         accs = [en["accuracy"][str(s)] for s in starts]
         theta = [g["theta"][s] for s in starts]
@@ -454,10 +483,10 @@ def main() -> None:
     skipped = [m for m in args.skip.split(",") if m]
     METHODS = tuple(m for m in METHODS if m not in skipped)
     if args.smoke:
-        global ENUM_TEST, N_TEST
+        global N_TEST
         from elmkit.testbed import TINY_PATH
 
-        SMOKE["on"], ENUM_TEST, N_TEST = True, 4, 4
+        SMOKE["on"], N_TEST, EVAL["max_new_tokens"] = True, 4, 96
         RATIOS.update(m7=3, m12=6)
         LAYERS["n"] = 12
         args.base = args.base or str(TINY_PATH)
@@ -489,7 +518,7 @@ def main() -> None:
                 save(data)
         for stage, fn in (("kv", stage_kv), ("solvers", stage_solvers)):
             if finished and stage not in data:
-                if not budget.left():
+                if not budget.left(60.0):
                     finished = False
                     break
                 t0 = time.time()
