@@ -56,7 +56,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    optim = opt if isinstance(opt, dict) else opt.state_dict()  # a state dict gathered by the caller
+    torch.save({"optimizer": optim, "rng": rng}, tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **state})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -81,15 +82,20 @@ def check_fingerprint(path: Path, expected: str) -> None:
 
 
 def load_checkpoint(path: Path, opt) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore the optimizer and RNG state; returns (weights, state.json)."""
+    """Restore the optimizer (None: leave it to the caller, who finds its state dict under
+    state["optimizer"]) and the RNG state; returns (weights, state.json)."""
     # map to CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
     # optimizer's tensors to the parameters' device itself
     blob = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(blob["optimizer"])
+    if opt is not None:
+        opt.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["cpu"])
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return load_file(str(path / "weights.safetensors")), checkpoint_state(path)
+    state = checkpoint_state(path)
+    if opt is None:
+        state["optimizer"] = blob["optimizer"]
+    return load_file(str(path / "weights.safetensors")), state
 
 
 def plot_curves(png: Path, panels: list[tuple[str, list[float], list[float], dict]]) -> None:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..data.chat import encode_many
 from ..data.collate import pad_batch
 from ..data.formats import Example
-from ..io import RunDir
+from ..io import RunDir, write_json
 from ..models.adapters import (
     family_of,
     get_embed,
@@ -57,6 +57,7 @@ from ..models.adapters import (
 from .common import (
     batch_indices,
     check_fingerprint,
+    checkpoint_state,
     cosine_lr,
     fingerprint,
     latest_checkpoint,
@@ -288,18 +289,32 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
 
     Writes checkpoints, loss.png and metrics.json into ``out``; the trained model is saved to
     ``out/model`` with the tokenizer. Resumes from ``out/checkpoints`` when present.
+
+    Under ``accelerate launch`` / ``torchrun`` with N processes (see ``train.dist``) each rank
+    takes its share of every global batch of ``cfg.batch_size`` examples; the step is wrapped in
+    DDP or FSDP2 as the launch says, rank 0 writes the files, and the checkpoints resume with any
+    N. Under FSDP2 the in-memory ``elm`` is left sharded: the trained model is ``out/model``.
     """
-    run = RunDir(out)
+    from . import dist as dist_
+
+    d = dist_.current(find_unused=bool(cfg.kept_lora_r))  # LoRA above the block idles while lambda_ce = 0
+    run = RunDir(out) if d.main else Path(out)
     c = elm.config
     start, span = c.start, c.span
     settings = {"start": start, "span": span, "examples": len(data), **asdict(cfg)}
-    # how the step is computed (memory, speed) may change on resume; what it computes may not
+    # how the step is computed (memory, speed, processes) may change on resume; what it computes may not
     fp = fingerprint(settings, ignore=("save_every", "recompute_tail", "ce_chunk", "compile"))
-    ckpt_dir = run / "checkpoints"
+    ckpt_dir = Path(out) / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
         check_fingerprint(last, fp)
-    run.write_config("elm train", **settings)
+        if checkpoint_state(last).get("format") != CKPT_FORMAT:
+            raise ValueError(f"{last} was written by an older elmkit; delete {ckpt_dir} to start over")
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                         f"{d.world} processes")
+    if d.main:
+        run.write_config("elm train", **settings)
 
     device = next(elm.parameters()).device
     use_bf16 = cfg.precision == "bf16" or (
@@ -309,89 +324,156 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         p.requires_grad_(False)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    block = elm.block
     if cfg.kept_lora_r and any(a is b for a, b in zip(get_layers(teacher)[:start], get_layers(elm))):
         raise ValueError("kept-layer LoRA tunes the layers below the block, which this teacher shares "
                          "with the ELM; build it with SpanTeacher(dense, start, span, own_lower=True)")
+    if cfg.kept_lora_r and d.kind == "fsdp":
+        raise ValueError("kept-layer LoRA is not supported under FSDP; launch with DDP")
     lora = _add_kept_lora(elm, cfg) if cfg.kept_lora_r else {}
-    params = [p for p in block.parameters()] + list(lora.values())
+    params = list(elm.block.parameters()) + list(lora.values())
     for p in params:
         p.requires_grad_(True)
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    stepper = SjfbStep(elm, teacher, cfg, tune_kept=bool(lora))
+    if d.world > 1:
+        stepper, opt = d.accelerator.prepare(stepper, opt)
+        params = [p for g in opt.param_groups for p in g["params"]]  # FSDP2 swaps in sharded ones
     step, history = 0, []
-    trained = {**{f"block.{k}": v for k, v in block.named_parameters()}, **lora}
     if last is not None:
-        weights, state = load_checkpoint(last, opt)
-        with torch.no_grad():
-            for k, v in trained.items():
-                v.copy_(weights[k])
+        weights, state = load_checkpoint(last, None)
+        dist_.load_full_state(stepper, {_FQN + k: v for k, v in weights.items()}, opt, state["optimizer"])
         step, history = state["step"], state["history"]
 
-    elm.train()
-    teacher.eval()  # after elm.train(): a SpanTeacher shares the ELM's lower layers
-    compiled = compile_step(elm) if cfg.compile else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not progress)
+    stepper.train()
+    teacher.eval()  # after train(): a SpanTeacher shares the ELM's lower layers
+    if cfg.compile:
+        elm._elm_compiled = compile_step(elm)
+    bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not (progress and d.main))
     t0, tokens = time.time(), 0
     while step < cfg.steps:
         lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = pad_batch(_batch(feats, step, cfg), tokenizer.pad_token_id)
+        batch = pad_batch(d.shard(_batch(feats, step, cfg)), tokenizer.pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         m, n = iteration_draws(step, span, cfg)
         lam_ce = ce_weight(step, cfg)
+        # this rank's and the global batch's token counts: the loss is weighted so that the
+        # averaged gradient is the gradient of the one-process loss on the global batch
+        local = torch.stack([mask.sum(), (labels[:, 1:] != -100).sum()]).float()  # (2,)
+        total = d.sum(local)
+        w = d.world * local / total.clamp(min=1.0)  # (2,): distill, ce weights (1, 1 for one process)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            r = sjfb_loss(elm, teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
-                             tune_kept=bool(lora), recompute_tail=cfg.recompute_tail,
-                             ce_chunk=cfg.ce_chunk, compiled=compiled)
-        loss, ce, distill, z, x, kw, valid = r.loss, r.ce, r.distill, r.z, r.x, r.kw, r.valid
+            loss, ce, distill, res_sum = stepper(ids, mask, labels, m, n, lam_ce, w[0], w[1])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"ELM loss became {loss.item()} at step {step}; lower --lr")
-        with torch.no_grad():  # how far the trained output is from a fixed point: ||phi(z) - z||
-            residual = float((block.phi(z.detach(), x, **kw) - z).float().norm(dim=-1)[valid].mean())
-        tokens += int(valid.sum())
-        rec = {"step": step, "loss": round(loss.item(), 6), "ce": round(ce.item(), 6),
-               "distill": round(distill.item(), 6), "lambda_ce": round(lam_ce, 4),
+        # global means: (sum of local mean x local count) / global count
+        stats = d.sum(torch.stack([distill * local[0], ce * local[1], res_sum]).float()) \
+            / torch.stack([total[0], total[1].clamp(min=1.0), total[0]])
+        distill_g, ce_g, residual = (float(x) for x in stats)
+        loss_g = lam_ce * ce_g + cfg.lambda_distill * distill_g
+        if not math.isfinite(loss_g):
+            raise FloatingPointError(f"ELM loss became {loss_g} at step {step}; lower --lr")
+        tokens += int(total[0])
+        rec = {"step": step, "loss": round(loss_g, 6), "ce": round(ce_g, 6),
+               "distill": round(distill_g, 6), "lambda_ce": round(lam_ce, 4),
                "residual": round(residual, 6), "m": m, "n": n, "lr": lr}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(ce=f"{rec['ce']:.3f}", mse=f"{rec['distill']:.4f}", res=f"{residual:.3f}",
                         tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_dir, step, trained, opt, {"fingerprint": fp, "history": history})
+            _save(ckpt_dir, step, stepper, opt, {"fingerprint": fp, "history": history}, d)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, loss_g)
     bar.close()
+    train_time = time.time() - t0
+    elm._elm_compiled = None
     for p in params:
         p.requires_grad_(False)
     if lora:
         _merge_kept_lora(elm)
     elm.eval()
-    elm.save_pretrained(str(run / "model"))
-    tokenizer.save_pretrained(str(run / "model"))
+    _save_model(elm, stepper, tokenizer, Path(out) / "model", d)
     steps_ = [h["step"] for h in history]
-    plot_curves(run / "loss.png", [
-        ("distillation MSE", steps_, [h["distill"] for h in history], {"yscale": "log"}),
-        ("task CE (when weighted)", steps_, [h["ce"] for h in history], {}),
-        ("residual ||phi(z) - z||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
-    ])
     tail = history[-min(20, len(history)):]
     head = history[:min(3, len(history))]
     metrics = {"steps": step, "first_distill": sum(h["distill"] for h in head) / len(head),
                "final_distill": sum(h["distill"] for h in tail) / len(tail),
                "final_ce": sum(h["ce"] for h in tail) / len(tail),
                "final_residual": sum(h["residual"] for h in tail) / len(tail),
-               "train_time_s": round(time.time() - t0, 1)}
-    run.write_metrics(metrics)
+               "train_time_s": round(train_time, 1), "processes": d.world, "parallel": d.kind,
+               "tokens_per_s": round(tokens / max(train_time, 1e-9), 1)}
+    if d.main:
+        plot_curves(run / "loss.png", [
+            ("distillation MSE", steps_, [h["distill"] for h in history], {"yscale": "log"}),
+            ("task CE (when weighted)", steps_, [h["ce"] for h in history], {}),
+            ("residual ||phi(z) - z||", steps_, [h["residual"] for h in history], {"yscale": "log"}),
+        ])
+        run.write_metrics(metrics)
+        write_json(run / "history.json", history)  # per step: loss, ce, distill, residual, m, n, lr
+    d.barrier()
     return metrics
+
+
+CKPT_FORMAT = 2  # trained tensors by name and the optimizer state by parameter name (any N processes)
+_FQN = "elm."  # the trained tensors' names inside SjfbStep
+
+
+class SjfbStep(nn.Module):
+    """One SJFB step as a module, so that DDP / FSDP2 can wrap it: forward returns the loss to
+    backpropagate (each term scaled by ``w``, this rank's share of the global token counts times
+    N), the detached CE and MSE (local means) and the summed residual ||phi(z) - z|| of the valid
+    positions, computed here because FSDP2 gathers the block's weights only inside forward."""
+
+    def __init__(self, elm, teacher, cfg: ElmTrainConfig, tune_kept: bool = False):
+        super().__init__()
+        self.elm, self.teacher, self.cfg, self.tune_kept = elm, teacher, cfg, tune_kept
+
+    def forward(self, ids, mask, labels, m: int, n: int, lam_ce: float, w_distill, w_ce):
+        cfg = self.cfg
+        r = sjfb_loss(self.elm, self.teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
+                      tune_kept=self.tune_kept, recompute_tail=cfg.recompute_tail, ce_chunk=cfg.ce_chunk,
+                      compiled=getattr(self.elm, "_elm_compiled", None))
+        # with one process w = (1, 1) exactly, and this is r.loss to the bit
+        loss = lam_ce * r.ce * w_ce + cfg.lambda_distill * r.distill * w_distill
+        with torch.no_grad():
+            res = (self.elm.block.phi(r.z.detach(), r.x, **r.kw) - r.z).float().norm(dim=-1)[r.valid].sum()
+        return loss, r.ce.detach(), r.distill.detach(), res
+
+
+def _save(ckpt_dir: Path, step: int, stepper, opt, state: dict, d) -> None:
+    """Gather the trained tensors and optimizer state to rank 0, which writes the checkpoint."""
+    from .dist import full_state
+
+    weights, optim = full_state(stepper, opt)
+    if d.main:
+        tensors = {k[len(_FQN):]: v for k, v in weights.items()}
+        save_checkpoint(ckpt_dir, step, tensors, optim, {**state, "format": CKPT_FORMAT})
+    d.barrier()
+
+
+def _save_model(elm, stepper, tokenizer, folder: Path, d) -> None:
+    """Rank 0 saves the trained ELM; under FSDP2 its weights are gathered into a fresh copy first."""
+    if d.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(stepper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.main:
+            clean = type(elm)(elm.config)
+            clean.load_state_dict({k[len(_FQN):]: v for k, v in sd.items() if k.startswith(_FQN)})
+            clean.save_pretrained(str(folder))
+    elif d.main:
+        elm.save_pretrained(str(folder))
+    if d.main:
+        tokenizer.save_pretrained(str(folder))
+    d.barrier()
 
 
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
