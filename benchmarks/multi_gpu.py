@@ -61,8 +61,10 @@ def train(args) -> None:
     from elmkit.train import dist
     from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
 
-    if args.deterministic:
+    if args.deterministic:  # cuDNN / flash attention backward are not: the math kernel is
         torch.use_deterministic_algorithms(True, warn_only=True)
+        for backend in ("flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     d = dist.current()
     device = d.device or torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dense, tok, data = build(args.shape, args.seed)
@@ -125,14 +127,13 @@ def read_json(p: Path):
 
 
 def driver(args) -> None:
-    from elmkit.io import save_figure, write_json
-
     out, runs = Path(args.out), Path(args.work)
     kinds = ["single", "ddp"] + ([] if args.cpu else ["fsdp"])
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu
                  else "cpu", "torch": torch.__version__, "shape": dict(zip(
                      ("hidden", "layers", "heads", "kv_heads", "intermediate"), SHAPES[args.shape])),
-                 "steps": args.steps, "global_batch": args.batch_size, "seed": args.seed, "runs": {}}
+                 "steps": args.steps, "global_batch": args.batch_size, "seed": args.seed,
+                 "deterministic": args.deterministic, "runs": {}}
     for kind in list(kinds):
         if not (runs / kind / "metrics.json").is_file() and launch(kind, runs / kind, args):
             if kind != "fsdp":
@@ -145,12 +146,6 @@ def driver(args) -> None:
                              "tokens_per_s": m["tokens_per_s"], "train_time_s": m["train_time_s"],
                              "loss": [r["loss"] for r in h], "distill": [r["distill"] for r in h],
                              "ce": [r["ce"] for r in h]}
-    one = res["runs"]["single"]
-    for kind in kinds[1:]:
-        r = res["runs"][kind]
-        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["loss"], one["loss"])]
-        r["max_rel_loss_diff_vs_single"] = max(rel)
-        r["speedup_vs_single"] = r["tokens_per_s"] / one["tokens_per_s"]
 
     # resume: killed after the checkpoint at kill_at, then the same command again
     kill = runs / "ddp_kill"
@@ -166,6 +161,22 @@ def driver(args) -> None:
     res["resume"] = {"killed_at_step": args.kill_at, "block_tensors": len(a),
                      "bitwise_equal": all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff,
                      "history_equal": same_history}
+    report(res, out)
+
+
+def report(res: dict, out: Path) -> None:
+    """The 2-vs-1 figures, results.json and loss_curves.png from the runs' curves."""
+    from elmkit.io import save_figure, write_json
+
+    kinds = list(res["runs"])
+    one = res["runs"]["single"]
+    for kind in kinds[1:]:
+        r = res["runs"][kind]
+        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["loss"], one["loss"])]
+        r["max_rel_loss_diff_vs_single"] = max(rel)
+        r["max_rel_loss_diff_first_10_steps"] = max(rel[:10])
+        r["mean_rel_loss_diff_vs_single"] = sum(rel) / len(rel)
+        r["speedup_vs_single"] = r["tokens_per_s"] / one["tokens_per_s"]
     write_json(out / "results.json", res)
 
     import matplotlib
@@ -174,7 +185,7 @@ def driver(args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    steps = range(1, args.steps + 1)
+    steps = range(1, res["steps"] + 1)
     for kind, style in zip(kinds, ("-", "--", ":")):
         r = res["runs"][kind]
         label = f"{kind} ({r['processes']} proc., {r['tokens_per_s']:,.0f} tok/s)"
@@ -182,7 +193,7 @@ def driver(args) -> None:
         if kind != "single":
             axes[1].plot(steps, [x - y for x, y in zip(r["loss"], one["loss"])], style, label=kind)
     axes[0].set(xlabel="step", ylabel="SJFB loss (global batch)", yscale="log",
-                title=f"ELM training, global batch {args.batch_size}")
+                title=f"ELM training, global batch {res['global_batch']}")
     axes[1].set(xlabel="step", ylabel="loss - single-process loss", title="difference to 1 process")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -207,13 +218,17 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=40, help="step after which ddp_kill is killed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="2 CPU processes (gloo) instead of 2 GPUs")
-    ap.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic algorithms and the math attention kernel (bitwise resume on a GPU)")
+    ap.add_argument("--report-only", action="store_true", help="figures and plot from OUT/results.json")
     args = ap.parse_args()
     if args.mode == "driver" and (args.kill_at % args.save_every or not 0 < args.kill_at < args.steps):
         ap.error("--kill-at must be a multiple of --save-every inside (0, --steps)")
     sys.path.insert(0, str(ROOT / "src"))
     if args.mode == "train":
         train(args)
+    elif args.report_only:
+        report(read_json(Path(args.out) / "results.json"), Path(args.out))
     else:
         driver(args)
 
