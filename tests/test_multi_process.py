@@ -45,3 +45,75 @@ def test_batch_must_split_over_processes(monkeypatch):
 
 class _Tiny:
     config = type("C", (), {"start": 0, "span": 2})()
+
+
+def _torchrun(tmp_path: Path, code: str) -> None:
+    """Run ``code`` on 2 CPU processes (gloo); it writes its results under tmp_path."""
+    script = tmp_path / "job.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29600 + os.getpid() % 1000), str(script), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+DARWIN = """
+import json, sys, torch
+from elmkit.data.calibration import Calibration
+from elmkit.methods import darwinlm as dl
+from elmkit.models.tiny import tiny_model
+from elmkit.train import dist
+g = torch.Generator().manual_seed(0)
+calib = Calibration(torch.randint(0, 256, (8, 12), generator=g), torch.ones(8, 12, dtype=torch.long))
+torch.manual_seed(0)
+m = tiny_model("qwen2", num_layers=3, hidden_size=32).eval()
+cfg = dl.DarwinLMConfig(ratio=0.3, levels=5, generations=3, offspring=4, survivors=(2, 1),
+                        fitness_tokens=(30, 60), train_tokens=(24, 48), train_batch_size=2, lr=1e-3)
+p, _, stats = dl.plan(m, calib, cfg, folder=sys.argv[1] + "/darwin", progress=False)
+json.dump({"attn": p.attn_levels, "mlp": p.mlp_levels, "history": stats["history"]},
+          open(f"{sys.argv[1]}/rank{dist.current().rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_darwinlm_search_on_two_processes_selects_as_one(tmp_path):
+    _torchrun(tmp_path, DARWIN)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # every rank made the same selection
+    # the same search in this (one) process: offspring scored on two ranks select the same levels
+    exec_globals: dict = {}
+    one = tmp_path / "one"
+    one.mkdir()
+    exec(compile(DARWIN.replace("sys.argv[1]", repr(str(one))), "darwin", "exec"), exec_globals)
+    assert json.loads((one / "rank0.json").read_text()) == r0
+
+
+GPPO = """
+import json, sys, torch
+from pathlib import Path
+from elmkit.data import byte_tokenizer
+from elmkit.data.synthetic import arithmetic_examples
+from elmkit.methods import gppo
+from elmkit.models.tiny import tiny_model
+from elmkit.train import dist
+thetas = []
+cfg = gppo.GppoConfig(span=2, steps=4, group_size=2, batch_size=2, seed=0)
+plan = gppo.plan(tiny_model("qwen2", seed=0, num_layers=6, hidden_size=32), byte_tokenizer(),
+                 arithmetic_examples(32), cfg, progress=False, thetas=thetas,
+                 ckpt_dir=Path(sys.argv[1]) / "ckpt")
+out = open(f"{sys.argv[1]}/rank{dist.current().rank}.json", "w")
+json.dump({"theta": list(plan.theta), "thetas": thetas}, out)
+"""
+
+
+@pytest.mark.slow
+def test_gppo_pools_one_group_and_keeps_theta_identical(tmp_path):
+    _torchrun(tmp_path, GPPO)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and len(r0["thetas"]) == 2  # 4 steps, groups of 2: two updates, the same everywhere
+    assert any(abs(t) > 0 for t in r0["theta"])
+    state = json.loads((tmp_path / "ckpt" / "step_000004" / "state.json").read_text())
+    assert state["processes"] == 2 and len(state["policy_gen"]) == len(state["data_gen"]) == 2
+    _torchrun(tmp_path, GPPO)  # finished: a re-run resumes at the end and returns the same theta
+    assert json.loads((tmp_path / "rank0.json").read_text())["theta"] == r0["theta"]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ from ..data.calibration import Calibration
 from ..io import atomic_write_text, read_json, write_json
 from ..models.adapters import get_layers
 from ..models.slim import LayerKeep, to_slim
+from ..train.dist import current
 from .common import NO_TARGETS, input_hessians, non_embedding_parameters
 
 KINDS = ("attn", "mlp")
@@ -322,7 +324,7 @@ def _write_layer(path: Path, e: dict) -> None:
         for l, (kept, w) in enumerate(snaps):
             tensors[f"{kind}.{l}.kept"] = torch.tensor(kept, dtype=torch.long)
             tensors[f"{kind}.{l}.weight"] = w.clone()  # equal counts share one snapshot
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks of a multi-process run write alike
     save_file(tensors, str(tmp))
     tmp.replace(path)
 
@@ -481,7 +483,12 @@ def search(dense, db: Database, pool: FitnessPool, train: Calibration, cfg: Darw
     """Evolutionary search over per-layer levels from the uniform start; returns {"levels", "history"}.
 
     With ``folder``, the state is saved after every generation (search_state.json) and a re-run with
-    the same settings continues from it; the levels are also written as levels.txt."""
+    the same settings continues from it; the levels are also written as levels.txt.
+
+    On N processes (``accelerate launch`` / ``torchrun``) each selection stage's candidates are
+    fine-tuned and scored round-robin across the ranks and the scores gathered; every rank draws
+    the same offspring and minibatches (one seed), so all make the same selection. Rank 0 writes."""
+    d = current()
     n = len(get_layers(dense))
     top = db.levels - 1
     sums = level_sums(dense, cfg)
@@ -502,7 +509,7 @@ def search(dense, db: Database, pool: FitnessPool, train: Calibration, cfg: Darw
             v, inner, gauss = st["rng"]
             rng.setstate((v, tuple(inner), gauss))
     work = copy.deepcopy(dense)
-    bar = tqdm(range(start, cfg.generations), desc="DarwinLM search", disable=not progress,
+    bar = tqdm(range(start, cfg.generations), desc="DarwinLM search", disable=not (progress and d.main),
                initial=start, total=cfg.generations)
     for gen in bar:
         seen = {_key(parent)}
@@ -521,16 +528,20 @@ def search(dense, db: Database, pool: FitnessPool, train: Calibration, cfg: Darw
                 cands = cands + [parent]  # elitism: the parent competes in the last stage
             fit = pool.draw(ftok, rng)
             tr = _draw_train(train, ttok, rng) if ttok else []
-            scores = [_fitness(work, db, c, pool, fit, train, tr, cfg) for c in cands]
+            mine = {j: _fitness(work, db, cands[j], pool, fit, train, tr, cfg)
+                    for j in d.shard(list(range(len(cands))))}
+            pooled = {k: v for part in d.gather(mine) for k, v in part.items()}
+            scores = [pooled[j] for j in range(len(cands))]
             order = sorted(range(len(cands)), key=lambda j: (scores[j], j))[:keep]
             cands, best = [cands[j] for j in order], scores[order[0]]
         parent = cands[0]
         history.append(best)
         bar.set_postfix(kl=f"{best:.4f}")
-        if state_path is not None:
+        if state_path is not None and d.main:
             write_json(state_path, {"settings": settings, "generation": gen + 1, "parent": parent,
                                     "history": history, "rng": list(rng.getstate())})
             write_levels(Path(folder) / "levels.txt", parent)
+        d.barrier()
     return {"levels": parent, "history": history}
 
 
@@ -577,7 +588,7 @@ def plan(model, calib: Calibration, cfg: DarwinLMConfig, train: Calibration | No
     load_levels_(work, db, levels)
     fitness = pool.kl(work, list(range(len(calib))))
     del work
-    if folder is not None:
+    if folder is not None and current().main:
         write_levels(Path(folder) / "levels.txt", levels)
         _plot(Path(folder) / "search.png", levels, db, stats.get("history", []), cfg.mode)
     p = DarwinLMPlan(tuple(levels["attn"]), tuple(levels["mlp"]), tuple(db.counts["attn"]),

@@ -15,6 +15,14 @@ A = (R - mean R) / (std R + eps) and theta takes q PPO-clip steps on
 -mean(min(r A, clip(r, 1 - eps_clip, 1 + eps_clip) A)), r = pi_theta(a) / pi_old(a).
 The chosen start is argmax theta. (The reference code saved the policy under a key its loader did
 not read; here the plan carries theta and the choice directly.)
+
+On N processes (``accelerate launch`` / ``torchrun``) every step draws one candidate per rank, each
+on its own data; the reward model's gradients of a candidate are averaged over the ranks that drew
+it (a candidate no rank drew is not stepped, as with one process), and each rank's p samples join
+one global group of N x p before the advantages are normalised, so every rank makes the same
+policy update and theta stays identical. The reference code normalised per rank, which gives each
+rank's samples advantages relative to its own few draws (p = 10 rewards per mean and std) and makes
+the ranks' updates disagree; one group of N x p is the estimate the formula asks for.
 """
 
 from __future__ import annotations
@@ -142,18 +150,21 @@ class Policy:
 
 def run_bandit(reward_fn: Callable[[int], float], n_actions: int, cfg: GppoConfig,
                on_update: Callable[[Policy, int], None] | None = None,
-               policy: Policy | None = None, start_step: int = 0) -> Policy:
+               policy: Policy | None = None, start_step: int = 0, dist=None) -> Policy:
     """GPPO's policy loop on any reward function (used by the search and by the tests).
 
     ``on_update(policy, step)`` runs after every policy update; a run resumed from such a point
-    passes its restored ``policy`` and ``start_step``.
+    passes its restored ``policy`` and ``start_step``. With ``dist`` (a ``train.dist.Dist`` of N
+    processes) each rank samples with its own generator and the groups of all ranks are pooled.
     """
-    pol = policy or Policy(n_actions, cfg.policy_lr, cfg.seed)
+    pol = policy or Policy(n_actions, cfg.policy_lr, cfg.seed + 7919 * (dist.rank if dist else 0))
     group: list[tuple[int, float, float]] = []
     for step in range(start_step, cfg.steps):
         a, lp = pol.sample()
         group.append((a, reward_fn(a), lp))
         if len(group) == cfg.group_size:
+            if dist is not None and dist.world > 1:  # one global group, in rank order
+                group = [x for part in dist.gather(group) for x in part]
             acts, rews, lps = zip(*group)
             pol.update(list(acts), list(rews), list(lps), cfg.ppo_iters, cfg.clip)
             group = []
@@ -246,7 +257,9 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
 
     from ..data.chat import encode_many
     from ..data.collate import pad_batch
+    from ..train.dist import current
 
+    d = current()
     n = len(get_layers(dense))
     span = cfg.span if cfg.span is not None else max(1, round(cfg.ratio * n))
     if not 1 <= span < n:
@@ -255,7 +268,7 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
     opt = torch.optim.AdamW(rm.trainable(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     feats = encode_many(tokenizer, data, cfg.max_len)
     device = next(dense.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * d.rank)  # each rank its own batches
     step = [0]
 
     def reward(a: int) -> float:
@@ -265,7 +278,10 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
                           b["labels"].to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.trainable(), 1.0)
+        if d.world > 1:
+            _pool_candidate_grads(rm, a, d)
+        else:
+            torch.nn.utils.clip_grad_norm_(rm.trainable(), 1.0)
         opt.step()
         step[0] += 1
         if history is not None:
@@ -275,7 +291,7 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
 
     history = history if history is not None else []
     thetas = thetas if thetas is not None else []
-    pol = Policy(n - span + 1, cfg.policy_lr, cfg.seed)
+    pol = Policy(n - span + 1, cfg.policy_lr, cfg.seed + 7919 * d.rank)
     ids = {id(p) for p in rm.trainable()}
     trained = {n_: p for n_, p in rm.named_parameters() if id(p) in ids}
     fp = fingerprint(asdict(cfg) | {"examples": len(data)})
@@ -289,26 +305,52 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
                 v.copy_(weights[k])
             pol.theta.copy_(weights["policy.theta"])
         pol.opt.load_state_dict(_unpack(state["policy_opt"]))
-        pol.gen.set_state(torch.tensor(state["policy_gen"], dtype=torch.uint8))
-        gen.set_state(torch.tensor(state["data_gen"], dtype=torch.uint8))
+        if state.get("processes", 1) != d.world:
+            raise ValueError(f"{last} was written by {state.get('processes', 1)} processes; resume it "
+                             f"with as many (this run has {d.world})")
+        pick = (lambda g: g[d.rank]) if d.world > 1 else (lambda g: g)  # per-rank generator states
+        pol.gen.set_state(torch.tensor(pick(state["policy_gen"]), dtype=torch.uint8))
+        gen.set_state(torch.tensor(pick(state["data_gen"]), dtype=torch.uint8))
         start_step = step[0] = state["step"]
         history[:] = state["history"]
         thetas[:] = state["thetas"]
 
     def on_update(p: Policy, at: int) -> None:
         thetas.append(p.theta.detach().tolist())
-        if ckpt_dir is not None:
-            save_checkpoint(ckpt_dir, at, {**trained, "policy.theta": p.theta.detach()}, opt, {
-                "fingerprint": fp, "step": at, "history": history, "thetas": thetas,
-                "policy_opt": _pack(p.opt.state_dict()),
-                "policy_gen": p.gen.get_state().tolist(), "data_gen": gen.get_state().tolist()})
+        if ckpt_dir is not None:  # weights and theta are the same on every rank; generators are not
+            gens = d.gather((p.gen.get_state().tolist(), gen.get_state().tolist()))
+            pg, dg = ([g[0] for g in gens], [g[1] for g in gens]) if d.world > 1 else gens[0]
+            if d.main:
+                save_checkpoint(ckpt_dir, at, {**trained, "policy.theta": p.theta.detach()}, opt, {
+                    "fingerprint": fp, "step": at, "history": history, "thetas": thetas,
+                    "policy_opt": _pack(p.opt.state_dict()), "processes": d.world,
+                    "policy_gen": pg, "data_gen": dg})
+            d.barrier()
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="gppo", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="gppo", disable=not (progress and d.main))
     pol = run_bandit(reward, n - span + 1, cfg, on_update=on_update, policy=pol,
-                     start_step=start_step)
+                     start_step=start_step, dist=d)
     bar.close()
     theta = pol.theta.detach()
     return GppoPlan(span=span, start=int(theta.argmax()), theta=tuple(theta.tolist()))
+
+
+def _pool_candidate_grads(rm: RewardModel, a: int, d) -> None:
+    """Every rank drew one candidate: each drawn candidate's gradient becomes its mean over the
+    ranks that drew it (clipped to norm 1 per candidate, as one process clips its one), on every
+    rank, so the reward model stays identical everywhere."""
+    drawn = d.gather(a)
+    for c in sorted(set(drawn)):
+        # by name: peft leaves only the active candidate's adapter requires_grad
+        ps = [p for n_, p in rm.named_parameters()
+              if ("lora_" in n_ and f".cand{c}." in n_) or n_.startswith(f"proj.{c}.")]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ps])
+        if c == a:
+            flat = flat * min(1.0, 1.0 / (float(flat.norm()) + 1e-6))
+        flat = d.sum(flat) / drawn.count(c)
+        for p in ps:
+            p.grad = flat[:p.numel()].view_as(p).clone()
+            flat = flat[p.numel():]
 
 
 def _pack(state: dict) -> dict:
