@@ -117,3 +117,34 @@ def test_gppo_pools_one_group_and_keeps_theta_identical(tmp_path):
     assert state["processes"] == 2 and len(state["policy_gen"]) == len(state["data_gen"]) == 2
     _torchrun(tmp_path, GPPO)  # finished: a re-run resumes at the end and returns the same theta
     assert json.loads((tmp_path / "rank0.json").read_text())["theta"] == r0["theta"]
+
+
+LORA = """
+import sys
+from elmkit.data.synthetic import arithmetic_examples
+from elmkit.train.lora import FinetuneConfig, finetune
+finetune(sys.argv[1] + "/tiny", arithmetic_examples(16), sys.argv[1] + "/" + sys.argv[2],
+         FinetuneConfig(max_steps=3, batch_size=4, lr=1e-3, save_every=2, dropout=0.0),
+         progress=False)  # no dropout: its masks depend on how the batch is split
+"""
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_trains_the_adapter_one_process_trains(tmp_path, tiny_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    assert tiny_dir == tmp_path / "tiny"  # the scripts read it there
+    _torchrun(tmp_path, LORA.replace("sys.argv[2]", "'two'"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = tmp_path / "one.py"
+    script.write_text(LORA.replace("sys.argv[2]", "'one'"))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / k / "adapter" / "adapter_model.safetensors"))
+                for k in ("one", "two"))
+    assert one.keys() == two.keys() and len(one) > 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)  # summation order only
+    m1, m2 = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("one", "two"))
+    assert m2["loss_curve"] == pytest.approx(m1["loss_curve"], rel=1e-5)

@@ -141,8 +141,16 @@ def finetune(
     from peft import LoraConfig, get_peft_model
 
     from ..models.loading import load_model, load_tokenizer, resolve_device
+    from .dist import current
 
-    run = RunDir(out)
+    d = current()
+    if d.kind == "fsdp":
+        raise ValueError("the LoRA fine-tune runs under DDP (configs/accelerate/ddp.yaml), not FSDP: "
+                         "its trained adapters are small, and every rank holds the frozen model")
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global micro-batch) must be a multiple of "
+                         f"the {d.world} processes")
+    run = RunDir(out) if d.main else Path(out)
     data_desc = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} examples>"
     config = {"model": str(model), "data": data_desc, **asdict(cfg)}
     fp = fingerprint(config, ignore=("save_every", "keep_checkpoints", "device"))
@@ -150,7 +158,8 @@ def finetune(
     last = latest_checkpoint(ckpt_dir)
     if last is not None:  # refuse a different config before touching the run's files
         check_fingerprint(last, fp)
-    run.write_config("finetune", **config)
+    if d.main:
+        run.write_config("finetune", **config)
 
     tokenizer = load_tokenizer(model)
     examples = read_examples(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
@@ -160,7 +169,7 @@ def finetune(
     if not feats:
         raise ValueError("no example has an answer token within --max-len; raise --max-len")
 
-    device = resolve_device(cfg.device)
+    device = d.device or resolve_device(cfg.device)
     base = load_model(model, dtype="float32", device="cpu")
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(base, LoraConfig(
@@ -169,6 +178,7 @@ def finetune(
     )).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    inner = peft_model  # the unwrapped model: checkpoints, saving and merging read it
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -178,10 +188,13 @@ def finetune(
     step, history = 0, []
     if last is not None:
         step, history = _resume(last, peft_model, opt)
-        print(f"resuming from {last} (step {step}/{total})")
+        if d.main:
+            print(f"resuming from {last} (step {step}/{total})")
+    if d.world > 1:  # DDP through accelerate (after resume: the optimizer state is plain)
+        peft_model, opt = d.accelerator.prepare(peft_model, opt)
 
     peft_model.train()
-    bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="finetune", disable=not (progress and d.main))
     t0, tokens = time.time(), 0
     while step < total:
         lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
@@ -189,14 +202,19 @@ def finetune(
             g["lr"] = lr
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
-            batch = pad_batch(_micro_batch(feats, step * cfg.grad_accum + k, cfg, micro_per_epoch),
-                              tokenizer.pad_token_id)
+            micro = _micro_batch(feats, step * cfg.grad_accum + k, cfg, micro_per_epoch)
+            mine = d.shard(micro)
+            batch = pad_batch(mine or micro[:1], tokenizer.pad_token_id)  # an idle rank still steps
             batch = {n: t.to(device) for n, t in batch.items()}
+            # weight by this rank's share of the micro-batch's answer tokens, so the averaged
+            # gradient is the one-process gradient of the whole micro-batch
+            local = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() * bool(mine)
+            w = d.world * local / d.sum(local).clamp(min=1.0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = peft_model(**batch).loss / cfg.grad_accum
+                loss = peft_model(**batch).loss * w / cfg.grad_accum
             loss.backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += float(d.sum(loss.detach())) / d.world
+            tokens += int(d.sum(batch["attention_mask"].sum() * bool(mine)))
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower --lr")
         if cfg.clip > 0:
@@ -207,16 +225,20 @@ def finetune(
         history.append({"step": step, "loss": loss_sum, "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
-        if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(ckpt_dir, step, _trainable_state(peft_model), opt,
+        if (step % cfg.save_every == 0 or step == total) and d.main:  # DDP: the same on every rank
+            save_checkpoint(ckpt_dir, step, _trainable_state(inner), opt,
                             {"fingerprint": fp, "history": history}, cfg.keep_checkpoints)
+        d.barrier()
         if on_step is not None:
             on_step(step, loss_sum)
     bar.close()
 
-    peft_model.eval()
-    peft_model.save_pretrained(str(run / "adapter"))
-    merged = peft_model.merge_and_unload()
+    inner.eval()
+    if not d.main:
+        d.barrier()
+        return {"steps": step, "final_loss": history[-1]["loss"]}
+    inner.save_pretrained(str(run / "adapter"))
+    merged = inner.merge_and_unload()
     merged.save_pretrained(str(run / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(run / "model"))
     plot_curves(run / "loss.png", [("train loss (answer tokens)", [h["step"] for h in history],
@@ -229,6 +251,7 @@ def finetune(
         "lora_scale": cfg.alpha / cfg.r,
     }
     run.write_metrics(metrics)
+    d.barrier()
     return metrics
 
 
