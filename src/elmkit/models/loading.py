@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,8 +26,12 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto: the GPU if there is one, else the CPU; under a multi-process launch (LOCAL_RANK set)
+    auto and cuda mean this process's own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(device)
 
 
