@@ -450,10 +450,14 @@ def claims(data: dict) -> list[str]:
             best = max(base, key=lambda r: r[key])
             keep = elm.get(key)
             verdict = "yes" if keep is not None and keep >= 0.99 else "no"
+            depth = max((r for r in base if r["layers"] < n), key=lambda r: r[key])  # as few layers as ELM
             out.append(f"- {label}, {when}: does ELM (GPPO start) keep >= 99%? **{verdict}** "
                        f"({_pct(keep)}). Best baseline: {best['title']} {_pct(best[key])}; ELM "
                        f"{'beats it by' if keep >= best[key] else 'trails it by'} "
-                       f"{abs(keep - best[key]) * 100:.1f} points.")
+                       f"{abs(keep - best[key]) * 100:.1f} points. Best depth baseline (the same layers "
+                       f"and KV cache as ELM): {depth['title']} {_pct(depth[key])}; ELM "
+                       f"{'beats it by' if keep >= depth[key] else 'trails it by'} "
+                       f"{abs(keep - depth[key]) * 100:.1f} points.")
     kv = data.get("kv")
     if kv:
         for name in RATIOS:
