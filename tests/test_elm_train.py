@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -112,6 +113,12 @@ def test_kept_layer_lora_trains_merges_and_resumes(make_model, tokenizer, tmp_pa
     changed = {n.split(".")[2] for n, p in elm.named_parameters() if not torch.equal(p, before[n])}
     assert "1" in changed and len(changed) > 1  # the block and kept layers moved
     wa, wc = _uninterrupted_and_resumed(make_model, tokenizer, data, cfg, tmp_path, stop_at=3)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
+    # the official schedule: LoRA above the block has no optimizer state when the checkpoint is
+    # taken in the first half (lambda_ce = 0), and must have none after the resume either
+    off = dataclasses.replace(cfg, ce_schedule="official", steps=8)
+    wa, wc = _uninterrupted_and_resumed(make_model, tokenizer, data, off, tmp_path / "official", stop_at=3)
     for k in wa:
         torch.testing.assert_close(wa[k], wc[k], atol=0, rtol=0)
 

@@ -148,3 +148,26 @@ def test_lora_on_two_processes_trains_the_adapter_one_process_trains(tmp_path, t
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)  # summation order only
     m1, m2 = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("one", "two"))
     assert m2["loss_curve"] == pytest.approx(m1["loss_curve"], rel=1e-5)
+
+
+KEPT_LORA = """
+import sys, torch
+from elmkit.data import byte_tokenizer
+from elmkit.data.synthetic import arithmetic_examples
+from elmkit.methods import elm as E
+from elmkit.models.tiny import tiny_model
+from elmkit.train import dist
+from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
+dist.current()  # made earlier by someone else (GPPO does), without DDP's unused-parameter search
+dense = tiny_model("qwen2", seed=0, num_layers=4, hidden_size=32)
+teacher = SpanTeacher(dense, 1, 2, own_lower=True)
+elm = E.apply_(dense, E.plan(dense, start=1, span=2))
+train_elm(elm, teacher, byte_tokenizer(), arithmetic_examples(16), sys.argv[1] + "/elm",
+          ElmTrainConfig(steps=4, batch_size=4, max_len=64, kept_lora_r=2), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_kept_lora_on_two_processes_while_its_upper_layers_idle(tmp_path):
+    _torchrun(tmp_path, KEPT_LORA)  # lambda_ce = 0 for the first half: LoRA above the block unused
+    assert (tmp_path / "elm" / "model" / "config.json").is_file()

@@ -131,3 +131,9 @@ def load_full_state(model, weights: dict[str, torch.Tensor], opt=None, optim: di
     set_model_state_dict(model, weights, options=o)
     if opt is not None and optim is not None:
         set_optimizer_state_dict(model, opt, optim, options=o)
+        # torch first gives every parameter a state (a zero-gradient step); one that had none when
+        # saved (never stepped, e.g. LoRA above the ELM block while lambda_ce = 0) must have none
+        saved = set(optim.get("state", {}))
+        for name, p in model.named_parameters():
+            if name.removeprefix("module.") not in saved:
+                opt.state.pop(p, None)

@@ -297,7 +297,7 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     """
     from . import dist as dist_
 
-    d = dist_.current(find_unused=bool(cfg.kept_lora_r))  # LoRA above the block idles while lambda_ce = 0
+    d = dist_.current()
     run = RunDir(out) if d.main else Path(out)
     c = elm.config
     start, span = c.start, c.span
@@ -337,8 +337,17 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     rest = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    stepper = SjfbStep(elm, teacher, cfg, tune_kept=bool(lora))
+    # the residual is measured after the step, in fp32; FSDP2 gathers the block only inside
+    # forward, so there it is measured in the step's forward (before the update) instead
+    stepper = SjfbStep(elm, teacher, cfg, tune_kept=bool(lora), residual_inside=d.kind == "fsdp")
+    if cfg.batch_size > len(feats) and d.world > 1:
+        raise ValueError(f"{len(feats)} examples do not fill a global batch of {cfg.batch_size} on "
+                         f"{d.world} processes; use more examples or a smaller --batch-size")
     if d.world > 1:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # LoRA above the block idles while lambda_ce = 0: DDP must expect unused parameters
+        d.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(lora))
         stepper, opt = d.accelerator.prepare(stepper, opt)
         params = [p for g in opt.param_groups for p in g["params"]]  # FSDP2 swaps in sharded ones
     step, history = 0, []
@@ -367,17 +376,20 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         total = d.sum(local)
         w = d.world * local / total.clamp(min=1.0)  # (2,): distill, ce weights (1, 1 for one process)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, ce, distill, res_sum = stepper(ids, mask, labels, m, n, lam_ce, w[0], w[1])
+            loss, ce, distill, res_sum, z, x, kw, valid = stepper(ids, mask, labels, m, n, lam_ce, w[0], w[1])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if res_sum is None:  # how far the trained output is from a fixed point: ||phi(z) - z||
+            with torch.no_grad():
+                res_sum = (elm.block.phi(z, x, **kw) - z).float().norm(dim=-1)[valid].sum()
         # global means: (sum of local mean x local count) / global count
         stats = d.sum(torch.stack([distill * local[0], ce * local[1], res_sum]).float()) \
             / torch.stack([total[0], total[1].clamp(min=1.0), total[0]])
-        distill_g, ce_g, residual = (float(x) for x in stats)
-        loss_g = lam_ce * ce_g + cfg.lambda_distill * distill_g
+        distill_g, ce_g, residual = (float(v) for v in stats)
+        loss_g = float(d.sum(loss.detach())) / d.world  # the global loss (loss.item() for one process)
         if not math.isfinite(loss_g):
             raise FloatingPointError(f"ELM loss became {loss_g} at step {step}; lower --lr")
         tokens += int(total[0])
@@ -429,12 +441,15 @@ _FQN = "elm."  # the trained tensors' names inside SjfbStep
 class SjfbStep(nn.Module):
     """One SJFB step as a module, so that DDP / FSDP2 can wrap it: forward returns the loss to
     backpropagate (each term scaled by ``w``, this rank's share of the global token counts times
-    N), the detached CE and MSE (local means) and the summed residual ||phi(z) - z|| of the valid
-    positions, computed here because FSDP2 gathers the block's weights only inside forward."""
+    N), the detached CE and MSE (local means), the summed residual ||phi(z) - z|| of the valid
+    positions when ``residual_inside`` (FSDP2 gathers the block's weights only inside forward;
+    else None: the caller measures it after the update), and z, x, the layer arguments, the mask."""
 
-    def __init__(self, elm, teacher, cfg: ElmTrainConfig, tune_kept: bool = False):
+    def __init__(self, elm, teacher, cfg: ElmTrainConfig, tune_kept: bool = False,
+                 residual_inside: bool = False):
         super().__init__()
         self.elm, self.teacher, self.cfg, self.tune_kept = elm, teacher, cfg, tune_kept
+        self.residual_inside = residual_inside
 
     def forward(self, ids, mask, labels, m: int, n: int, lam_ce: float, w_distill, w_ce):
         cfg = self.cfg
@@ -443,9 +458,12 @@ class SjfbStep(nn.Module):
                       compiled=getattr(self.elm, "_elm_compiled", None))
         # with one process w = (1, 1) exactly, and this is r.loss to the bit
         loss = lam_ce * r.ce * w_ce + cfg.lambda_distill * r.distill * w_distill
-        with torch.no_grad():
-            res = (self.elm.block.phi(r.z.detach(), r.x, **r.kw) - r.z).float().norm(dim=-1)[r.valid].sum()
-        return loss, r.ce.detach(), r.distill.detach(), res
+        res = None
+        if self.residual_inside:
+            with torch.no_grad():
+                res = (self.elm.block.phi(r.z.detach(), r.x, **r.kw) - r.z).float().norm(dim=-1)
+                res = res[r.valid].sum()
+        return loss, r.ce.detach(), r.distill.detach(), res, r.z.detach(), r.x, r.kw, r.valid
 
 
 def _save(ckpt_dir: Path, step: int, stepper, opt, state: dict, d) -> None:
