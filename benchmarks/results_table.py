@@ -206,8 +206,6 @@ def stage_enumerate(base: Path, run: Path, data: dict, budget: Budget) -> bool:
     acc = data.setdefault("enumeration", {"ratio": ENUM_RATIO, "span": span, "steps": steps,
                                           "n_test": N_TEST, "accuracy": {}})["accuracy"]
     starts = range(LAYERS["n"] - span + 1)
-    if all(str(s) in acc for s in starts):
-        return True
     tok = load_tokenizer(base)
     r = read_recipe(base)
     train = make_split("train", 8000, r["problems"], r["seed"])
@@ -233,6 +231,12 @@ def stage_enumerate(base: Path, run: Path, data: dict, budget: Budget) -> bool:
         need = 1.5 * (time.time() - t0)
         save(data)
     return True
+
+
+def enumerated(data: dict) -> bool:
+    """Every start of the ENUM_RATIO span has its accuracy."""
+    acc = data.get("enumeration", {}).get("accuracy", {})
+    return all(str(s) in acc for s in range(LAYERS["n"] - RATIOS[ENUM_RATIO]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,9 +542,9 @@ def main() -> None:
                 fn(base, run, data)
                 data["gpu_s"][stage] = time.time() - t0
                 save(data)
-        if finished and not data.get("enumerated"):
+        if finished and not enumerated(data):
             t0 = time.time()
-            finished = data["enumerated"] = stage_enumerate(base, run, data, budget)
+            finished = stage_enumerate(base, run, data, budget)
             data["gpu_s"]["enumerate"] = data["gpu_s"].get("enumerate", 0.0) + time.time() - t0
             save(data)
         if not finished:

@@ -3,7 +3,7 @@
 
     accelerate launch --config_file configs/accelerate/ddp.yaml  -m elmkit elm ...   # DDP
     accelerate launch --config_file configs/accelerate/fsdp.yaml -m elmkit elm ...   # FSDP2
-    torchrun --nproc_per_node 2 -m elmkit elm ...                                    # DDP
+    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py train ...                    # DDP
 
 What the loops do with it (each says so where it matters):
 
@@ -82,19 +82,17 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def current(find_unused: bool = False) -> Dist:
+def current() -> Dist:
     """This process's Dist; the first call under a multi-process launch creates the accelerator
-    (DDP or FSDP2 as the launch configured it)."""
+    (DDP or FSDP2 as the launch configured it; a loop sets its DDP options before ``prepare``)."""
     if "dist" in _STATE:
         return _STATE["dist"]
     if not launched():
         d = Dist()
     else:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
 
-        acc = Accelerator(cpu=not torch.cuda.is_available(),
-                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+        acc = Accelerator(cpu=not torch.cuda.is_available())
         d = Dist(acc.process_index, acc.num_processes, acc)
     _STATE["dist"] = d
     return d

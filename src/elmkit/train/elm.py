@@ -339,7 +339,8 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     # the residual is measured after the step, in fp32; FSDP2 gathers the block only inside
     # forward, so there it is measured in the step's forward (before the update) instead
-    stepper = SjfbStep(elm, teacher, cfg, tune_kept=bool(lora), residual_inside=d.kind == "fsdp")
+    stepper = SjfbStep(elm, teacher, cfg, tune_kept=bool(lora), residual_inside=d.kind == "fsdp",
+                       compiled=compile_step(elm) if cfg.compile else None)
     if cfg.batch_size > len(feats) and d.world > 1:
         raise ValueError(f"{len(feats)} examples do not fill a global batch of {cfg.batch_size} on "
                          f"{d.world} processes; use more examples or a smaller --batch-size")
@@ -358,8 +359,6 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
 
     stepper.train()
     teacher.eval()  # after train(): a SpanTeacher shares the ELM's lower layers
-    if cfg.compile:
-        elm._elm_compiled = compile_step(elm)
     bar = tqdm(total=cfg.steps, initial=step, desc="elm", disable=not (progress and d.main))
     t0, tokens = time.time(), 0
     while step < cfg.steps:
@@ -382,14 +381,14 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if res_sum is None:  # how far the trained output is from a fixed point: ||phi(z) - z||
-            with torch.no_grad():
-                res_sum = (elm.block.phi(z, x, **kw) - z).float().norm(dim=-1)[valid].sum()
-        # global means: (sum of local mean x local count) / global count
-        stats = d.sum(torch.stack([distill * local[0], ce * local[1], res_sum]).float()) \
-            / torch.stack([total[0], total[1].clamp(min=1.0), total[0]])
-        distill_g, ce_g, residual = (float(v) for v in stats)
-        loss_g = float(d.sum(loss.detach())) / d.world  # the global loss (loss.item() for one process)
+        if res_sum is None:
+            res_sum = residual_sum(elm.block, z, x, kw, valid)
+        # global means: (sum of local mean x local count) / global count; the loss terms are
+        # weighted already, so their sum over ranks / N is the global loss (loss.item() for one)
+        sums = d.sum(torch.stack([distill * local[0], ce * local[1], res_sum, loss.detach()]).float())
+        distill_g, ce_g, residual = (float(v) for v in sums[:3] / torch.stack(
+            [total[0], total[1].clamp(min=1.0), total[0]]))
+        loss_g = float(sums[3]) / d.world
         if not math.isfinite(loss_g):
             raise FloatingPointError(f"ELM loss became {loss_g} at step {step}; lower --lr")
         tokens += int(total[0])
@@ -406,7 +405,6 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
             on_step(step, loss_g)
     bar.close()
     train_time = time.time() - t0
-    elm._elm_compiled = None
     for p in params:
         p.requires_grad_(False)
     if lora:
@@ -446,24 +444,27 @@ class SjfbStep(nn.Module):
     else None: the caller measures it after the update), and z, x, the layer arguments, the mask."""
 
     def __init__(self, elm, teacher, cfg: ElmTrainConfig, tune_kept: bool = False,
-                 residual_inside: bool = False):
+                 residual_inside: bool = False, compiled: CompiledStep | None = None):
         super().__init__()
         self.elm, self.teacher, self.cfg, self.tune_kept = elm, teacher, cfg, tune_kept
-        self.residual_inside = residual_inside
+        self.residual_inside, self.compiled = residual_inside, compiled
 
     def forward(self, ids, mask, labels, m: int, n: int, lam_ce: float, w_distill, w_ce):
         cfg = self.cfg
         r = sjfb_loss(self.elm, self.teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
                       tune_kept=self.tune_kept, recompute_tail=cfg.recompute_tail, ce_chunk=cfg.ce_chunk,
-                      compiled=getattr(self.elm, "_elm_compiled", None))
+                      compiled=self.compiled)
         # with one process w = (1, 1) exactly, and this is r.loss to the bit
         loss = lam_ce * r.ce * w_ce + cfg.lambda_distill * r.distill * w_distill
-        res = None
-        if self.residual_inside:
-            with torch.no_grad():
-                res = (self.elm.block.phi(r.z.detach(), r.x, **r.kw) - r.z).float().norm(dim=-1)
-                res = res[r.valid].sum()
+        res = residual_sum(self.elm.block, r.z.detach(), r.x, r.kw, r.valid) if self.residual_inside \
+            else None
         return loss, r.ce.detach(), r.distill.detach(), res, r.z.detach(), r.x, r.kw, r.valid
+
+
+@torch.no_grad()
+def residual_sum(block, z, x, kw: dict, valid) -> torch.Tensor:
+    """How far z is from a fixed point: the sum of ||phi(z) - z|| over the valid positions."""
+    return (block.phi(z, x, **kw) - z).float().norm(dim=-1)[valid].sum()
 
 
 def _save(ckpt_dir: Path, step: int, stepper, opt, state: dict, d) -> None:

@@ -213,8 +213,11 @@ def finetune(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = peft_model(**batch).loss * w / cfg.grad_accum
             loss.backward()
-            loss_sum += float(d.sum(loss.detach())) / d.world
-            tokens += int(d.sum(batch["attention_mask"].sum() * bool(mine)))
+            # the weighted losses sum over ranks to N x the micro-batch's loss (loss.item() for one)
+            seen = batch["attention_mask"].sum().float() * bool(mine)
+            sums = d.sum(torch.stack([loss.detach().float(), seen]))
+            loss_sum += float(sums[0]) / d.world
+            tokens += int(sums[1])
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower --lr")
         if cfg.clip > 0:
