@@ -25,6 +25,7 @@ import torch
 from gpu_shapes import gpu_info, random_model
 
 from elmkit.eval.footprint import cache_bytes
+from elmkit.models.adapters import output_cache
 from elmkit.infer import DecodeConfig, Decoder
 from elmkit.io import read_json, write_json
 from elmkit.methods import elm as elm_method
@@ -44,7 +45,7 @@ def measure(kind: str, span: int) -> dict:
     ids = torch.randint(1, 100000, (1, CONTEXT), device="cuda")
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    dynamic = cache_bytes(out.past_key_values)
+    dynamic = cache_bytes(output_cache(out))
     del out
     torch.cuda.empty_cache()
     torch.cuda.synchronize()

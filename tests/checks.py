@@ -7,6 +7,7 @@ import sys
 import torch
 
 from elmkit.models import get_layers
+from elmkit.models.adapters import cache_kw, output_cache
 
 
 def prompt_ids(B=1, T=5, seed=1):
@@ -21,11 +22,11 @@ def cached_and_full(model, prompt_len=5, new=6):
     assert seq.shape[1] == prompt_len + new
     full = model(seq).logits  # (1, T, V)
     out = model(seq[:, :prompt_len], use_cache=True)
-    steps, past = [out.logits[:, -1]], out.past_key_values
+    steps, past = [out.logits[:, -1]], output_cache(out)
     for t in range(prompt_len, seq.shape[1] - 1):
-        out = model(seq[:, t:t + 1], past_key_values=past, use_cache=True)
+        out = model(seq[:, t:t + 1], **cache_kw(past), use_cache=True)
         steps.append(out.logits[:, -1])
-        past = out.past_key_values
+        past = output_cache(out)
     return torch.stack(steps, dim=1), full[:, prompt_len - 1:-1], past
 
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from elmkit.methods import elm as E
 from elmkit.models import ElmConfig, layer_inputs, run_layers
+from elmkit.models.adapters import output_cache
 from elmkit.solvers import NonFiniteError
 
 
@@ -76,8 +77,8 @@ def test_kv_cache_bytes_are_n_minus_m_plus_one_over_n(make_model):
     ids = _ids(2, 11)
     with torch.no_grad():
         kv = lambda c: sum(l.keys.nbytes + l.values.nbytes for l in c.layers)  # noqa: E731
-        dense_bytes = kv(ref(ids, use_cache=True).past_key_values)
-        elm_bytes = kv(m(ids, use_cache=True).past_key_values)
+        dense_bytes = kv(output_cache(ref(ids, use_cache=True)))
+        elm_bytes = kv(output_cache(m(ids, use_cache=True)))
     assert elm_bytes * 8 == dense_bytes * (8 - 4 + 1)
 
 
@@ -141,8 +142,8 @@ def test_cache_bytes_counts_per_iteration_slots(make_model):
     ref, m = _elm(make_model, "qwen2", n=8, start=2, span=4, max_iter=3, kv_mode="per_iter")
     ids = _ids(2, 11)
     with torch.no_grad():
-        dense_bytes = cache_bytes(ref(ids, use_cache=True).past_key_values)
-        elm_bytes = cache_bytes(m(ids, use_cache=True).past_key_values)
+        dense_bytes = cache_bytes(output_cache(ref(ids, use_cache=True)))
+        elm_bytes = cache_bytes(output_cache(m(ids, use_cache=True)))
     assert elm_bytes * 8 == dense_bytes * (8 - 4 + 3)
 
 
@@ -156,6 +157,6 @@ def test_kv_bytes_at_equals_a_real_long_cache(make_model, family, kw):
     for m in (dense, E.apply_(make_model(family, **kw), E.plan(dense, start=1, span=3, max_iter=2,
                                                                kv_mode="per_iter"))):
         with torch.no_grad():
-            real = cache_bytes(m(ids, use_cache=True).past_key_values)  # fp32: 4 bytes per value
+            real = cache_bytes(output_cache(m(ids, use_cache=True)))  # fp32: 4 bytes per value
         assert kv_bytes_at(m, 40) == real // 2
         assert kv_bytes_at(m, 40, bytes_per_value=4) == real

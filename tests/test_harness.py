@@ -197,6 +197,7 @@ def test_unknown_suite_name_is_a_value_error(synthetic, tokenizer):
 
 def test_eval_command_perplexity_and_commonsense_suite(tiny_dir, tmp_path):
     import json
+    import math
 
     from elmkit import cli
 
@@ -207,7 +208,11 @@ def test_eval_command_perplexity_and_commonsense_suite(tiny_dir, tmp_path):
     m = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert m["window"] == 64 and m["stride"] == 32
     assert m["tokens"] == len("A small text to measure. " * 20) - 1
-    assert m["ppl"] > 1
+    assert m["ppl"] > 1 and m["windows"] == math.ceil((m["text_tokens"] - 64) / 32) + 1
+    assert cli.main(["eval", "--model", str(tiny_dir), "--task", "perplexity", "--data", str(text),
+                     "--window", "64", "--stride", "32", "--limit", "2", "--out", str(tmp_path / "p2")]) == 0
+    m = json.loads((tmp_path / "p2" / "metrics.json").read_text())
+    assert m["windows"] == 2 and m["tokens"] == 63 + 32  # --limit counts windows
     d = write_synthetic(tmp_path / "cs")
     assert cli.main(["eval", "--model", str(tiny_dir), "--suite", "commonsense", "--data-dir", str(d),
                      "--limit", "4", "--out", str(tmp_path / "c")]) == 0

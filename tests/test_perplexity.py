@@ -33,6 +33,22 @@ def test_strided_windows_score_every_token_once(make_model, tokenizer):
         perplexity(model, tokenizer, TEXT, window=16, stride=32)
 
 
+def test_max_windows_scores_exactly_the_first_windows(make_model, tokenizer):
+    model = make_model("llama", num_layers=2)
+    n = len(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    assert n > 3 * 32  # the text has more than the windows asked for
+    first2 = perplexity(model, tokenizer, TEXT, window=32, max_windows=2, progress=False)
+    cut = perplexity(model, tokenizer, TEXT, window=32, max_tokens=64, progress=False)  # the same 2 chunks
+    assert first2["windows"] == cut["windows"] == 2 and first2["tokens"] == 2 * 31
+    assert first2["ppl"] == pytest.approx(cut["ppl"], rel=1e-6)
+    strided = perplexity(model, tokenizer, TEXT, window=32, stride=8, max_windows=3, progress=False)
+    assert strided["windows"] == 3 and strided["tokens"] == 31 + 2 * 8
+    whole = perplexity(model, tokenizer, TEXT, window=32, max_windows=10_000, progress=False)
+    assert whole["windows"] == math.ceil(n / 32) and whole["tokens"] == n - math.ceil(n / 32)
+    with pytest.raises(ValueError, match="at least one window"):
+        perplexity(model, tokenizer, TEXT, window=32, max_windows=0)
+
+
 def test_wikitext2_normalisation(shared_data):
     text = read_wikitext2(shared_data / "wikitext2" / "wiki.test.raw")
     assert "\r" not in text and text.count("\n\n") == 2890  # 2,891 non-empty rows

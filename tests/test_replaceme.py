@@ -169,8 +169,8 @@ class _PlantedSpan(nn.Module):
         super().__init__()
         self.seen, self.A = seen, A
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kw):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kw):
         x = self.seen["x"]  # (B, T, d)
         return hidden_states + x @ (self.A - torch.eye(self.A.shape[0]))
 

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -252,7 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose deprecation notices name causes in their own code or in each other's.
+_THIRD_PARTY = r"(transformers|torch|peft|accelerate|lm_eval|datasets|evaluate|huggingface_hub)(\.|$)"
+
+
+def quiet_third_party() -> None:
+    """Keep a run's output to progress bars, tables and results.
+
+    Deprecation and future-change notices raised inside third-party libraries are dropped: their
+    causes are not the user's to fix. A notice attributed to elmkit's own code stays visible (the
+    test suite keeps elmkit's calls free of them), and ``-W`` / ``PYTHONWARNINGS`` turn all back on.
+    """
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

@@ -50,7 +50,7 @@ class EvalConfig:
     format: str = "auto"
     """Data format of --data for gsm8k/math: auto, alpaca, gsm8k, metamath or math."""
     limit: int | None = None
-    """Evaluate only the first N examples / problems / documents per task."""
+    """Evaluate only the first N examples / problems / documents per task (perplexity: N windows)."""
     batch_size: int = 8
     """Sequences generated or scored together."""
     max_new_tokens: int = 256
@@ -149,7 +149,7 @@ def evaluate(
 
         metrics = {"task": "perplexity", "data": str(data),
                    **perplexity(model, tokenizer, read_text_file(data), cfg.window, cfg.stride,
-                                progress=progress)}
+                                max_windows=cfg.limit, progress=progress)}
     elif cfg.task in CODE_TASKS:
         from .code import evaluate_code, read_problems
 

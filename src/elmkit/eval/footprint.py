@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data.collate import pad_batch
+from ..models.adapters import output_cache
 
 
 @torch.no_grad()
@@ -12,7 +13,7 @@ def kv_cache_bytes(model, tokenizer, prompts: list[list[int]]) -> int:
     """Bytes of K and V the cache holds after prefilling ``prompts`` (one left-padded batch)."""
     b = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     device = next(model.parameters()).device
-    cache = model(**{k: v.to(device) for k, v in b.items()}, use_cache=True).past_key_values
+    cache = output_cache(model(**{k: v.to(device) for k, v in b.items()}, use_cache=True))
     return cache_bytes(cache)
 
 
@@ -32,8 +33,8 @@ def kv_bytes_at(model, tokens: int = 4096, bytes_per_value: int = 2) -> int:
     So pruned KV heads, removed layers and an ELM's one slot (or per-iteration slots) all count.
     """
     device = next(model.parameters()).device
-    cache = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device),
-                  use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device),
+                               use_cache=True))
     per_value = next(model.parameters()).element_size()
 
     def held(c) -> int:  # bytes of one token's K and V, scaled to what each layer holds

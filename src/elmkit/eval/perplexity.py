@@ -47,13 +47,20 @@ def read_text_file(path: str | Path) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
-               max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Strided-window perplexity of ``text``; returns ppl, nll, tokens counted, window, stride."""
+               max_tokens: int | None = None, max_windows: int | None = None, progress: bool = True
+               ) -> dict:
+    """Strided-window perplexity of ``text``; returns ppl, nll, tokens counted, windows, window, stride.
+
+    ``max_tokens`` cuts the text after that many tokens; ``max_windows`` scores only the first that
+    many windows (``elmkit eval --task perplexity --limit N``).
+    """
     if window is None:
         window = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
     stride = stride or window
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window {window}, stride {stride}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"need at least one window, got {max_windows}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -64,6 +71,10 @@ def perplexity(model, tokenizer, text: str, window: int | None = None, stride: i
     model.eval()
     nll, counted, done = 0.0, 0, 1  # done: tokens [0, done) already predicted (token 0 never is)
     starts = range(0, max(ids.numel() - 1, 1), stride)
+    # a window that reaches the end is the last one, so count only up to it
+    last = next((i for i, b in enumerate(starts) if b + window >= ids.numel()), len(starts) - 1)
+    starts = starts[: min(last + 1, max_windows or len(starts))]
+    windows = 0
     for begin in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
         end = min(begin + window, ids.numel())
         chunk = ids[begin:end].to(device)[None]  # (1, W)
@@ -73,9 +84,7 @@ def perplexity(model, tokenizer, text: str, window: int | None = None, stride: i
         if first < targets.numel():
             nll += float(F.cross_entropy(logits[first:], targets[first:], reduction="sum"))
             counted += targets.numel() - first
-        done = end
-        if end == ids.numel():
-            break
+        done, windows = end, windows + 1
     model.train(was_training)
     return {"ppl": math.exp(nll / counted), "nll": nll / counted, "tokens": counted,
-            "text_tokens": int(ids.numel()), "window": window, "stride": stride}
+            "text_tokens": int(ids.numel()), "windows": windows, "window": window, "stride": stride}

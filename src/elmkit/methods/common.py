@@ -79,7 +79,7 @@ def run_modules(modules: Sequence[tuple[nn.Module, str]], h: torch.Tensor, ctx: 
     """Run (layer, layer type) pairs in order on h (B, T, d), without a cache."""
     for layer, kind in modules:
         h = layer(h, attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
-                  past_key_values=None, use_cache=False, position_embeddings=ctx.position_embeddings)
+                  use_cache=False, position_embeddings=ctx.position_embeddings)
     return h
 
 

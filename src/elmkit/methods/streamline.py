@@ -167,7 +167,7 @@ def _run_layer(layer: nn.Module, h: torch.Tensor, ctx: LayerContext, kind: str) 
     mask = ctx.masks[kind]
     if mask is not None and mask.is_floating_point():  # additive mask (eager attention)
         mask = mask.to(dt)
-    return layer(h.to(dt), attention_mask=mask, position_ids=ctx.position_ids, past_key_values=None,
+    return layer(h.to(dt), attention_mask=mask, position_ids=ctx.position_ids,
                  use_cache=False, position_embeddings=tuple(t.to(dt) for t in ctx.position_embeddings))
 
 

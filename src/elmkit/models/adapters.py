@@ -12,6 +12,10 @@ random re-initialisation on reload):
 * every kept layer's ``self_attn.layer_idx`` (the KV cache is indexed by it);
 * per-layer config lists such as ``config.layer_types`` (they select each layer's mask).
 
+Differences between transformers releases (the name of the KV-cache argument, renamed in 5.24)
+are decided in ``hf_compat`` and reach every call site through ``CACHE``; that module is separate
+only because ELM and slim checkpoints carry it as remote code.
+
 Example::
 
     ctx = layer_inputs(model, input_ids, attention_mask)
@@ -28,6 +32,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .hf_compat import CACHE, cache_kw, output_cache, pop_cache  # noqa: F401  (the adapter table's)
 
 
 class UnsupportedModelError(ValueError):
@@ -142,7 +148,7 @@ class LayerContext:
     """RoPE (cos, sin), each (B or 1, T, head_dim)."""
     masks: dict[str, torch.Tensor | None]
     """Mask per layer type; None means the sdpa is_causal fast path."""
-    past_key_values: object | None = None
+    cache: object | None = None
     """A transformers Cache, when running with one."""
 
 
@@ -151,7 +157,7 @@ def layer_inputs(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    past_key_values=None,
+    cache=None,
     inputs_embeds: torch.Tensor | None = None,
 ) -> LayerContext:
     """Build embeddings, RoPE and masks exactly as the model's own forward does."""
@@ -161,15 +167,15 @@ def layer_inputs(
     if inputs_embeds is None:
         inputs_embeds = get_embed(model)(input_ids)  # (B, T, d)
     if position_ids is None:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
         position_ids = position_ids.unsqueeze(0)
     kw = dict(
         config=config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
         position_ids=position_ids,
+        **cache_kw(cache),
     )
     types = {layer_type(config, i) for i in range(config.num_hidden_layers)} or {"full_attention"}
     masks: dict[str, torch.Tensor | None] = {}
@@ -178,7 +184,7 @@ def layer_inputs(
     if "sliding_attention" in types:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
     pos_emb = get_rotary(model)(inputs_embeds, position_ids)
-    return LayerContext(inputs_embeds, position_ids, pos_emb, masks, past_key_values)
+    return LayerContext(inputs_embeds, position_ids, pos_emb, masks, cache)
 
 
 def run_layers(
@@ -198,8 +204,8 @@ def run_layers(
             hidden,
             attention_mask=ctx.masks[layer_type(model.config, i)],
             position_ids=ctx.position_ids,
-            past_key_values=ctx.past_key_values,
             use_cache=use_cache,
+            **cache_kw(ctx.cache),
             position_embeddings=ctx.position_embeddings,
         )
     return hidden

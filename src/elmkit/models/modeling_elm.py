@@ -16,8 +16,8 @@ Stopping: per token on ||phi(z) - z|| (abs or rel) at any batch size; converged 
 while others iterate (see ``elm_solvers``). The block's last solve statistics are kept in
 ``block.last_info`` (per-token evaluation counts, residuals).
 
-This file, ``configuration_elm.py`` and ``elm_solvers.py`` are saved next to the weights, so a
-process without elmkit loads the model with ``trust_remote_code=True``.
+This file, ``configuration_elm.py``, ``elm_solvers.py`` and ``hf_compat.py`` are saved next to the
+weights, so a process without elmkit loads the model with ``trust_remote_code=True``.
 """
 
 import torch
@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_elm import ElmConfig
 from .elm_solvers import solve
+from .hf_compat import CACHE, output_cache, pop_cache
 
 _FIXED_POINT_CLASSES: dict = {}
 
@@ -53,12 +54,15 @@ def fixed_point_layer_class(base_cls: type) -> type:
         u = self.proj(torch.cat([z, h], dim=-1))
         return base_cls.forward(self, u, **kw)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kwargs):
         c = self.elm
         h = hidden_states  # (B, T, d): the input of the replaced span
         T = h.shape[1]
         idx = self.self_attn.layer_idx
+        # the cache arrives as `cache` or `past_key_values` by transformers release (hf_compat);
+        # it must leave kwargs, or the parent forward would take the uncropped one from there
+        cache = pop_cache(kwargs)
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                   position_embeddings=position_embeddings, **kwargs)
         calls = [0]
@@ -66,16 +70,15 @@ def fixed_point_layer_class(base_cls: type) -> type:
         def f(z):
             k = calls[0]
             calls[0] += 1
-            cache = past_key_values
             if cache is None or k == 0:
-                return self.phi(z, h, past_key_values=cache, **kw)
+                return self.phi(z, h, **{CACHE: cache}, **kw)
             if c.kv_mode == "one_step":
                 cache.layers[idx].crop(-T)  # overwrite this step's K/V instead of appending
-                return self.phi(z, h, past_key_values=cache, **kw)
+                return self.phi(z, h, **{CACHE: cache}, **kw)
             slots = _iteration_slots(cache, idx)  # per_iter: iteration k -> private slot k - 1
             self.self_attn.layer_idx = k - 1
             try:
-                return self.phi(z, h, past_key_values=slots, **kw)
+                return self.phi(z, h, **{CACHE: slots}, **kw)
             finally:
                 self.self_attn.layer_idx = idx
 
@@ -144,11 +147,12 @@ class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # the cache, if any, travels in kwargs under the installed release's name (hf_compat)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state  # (B, T, d)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
@@ -156,7 +160,7 @@ class ElmForCausalLM(ElmPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size,
                                       **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: output_cache(out)},
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
 

@@ -11,7 +11,7 @@ Attention reads K/V through the layer's query->KV map, ``k[:, q_to_kv]``: (B, n_
 zero width is a no-op (the residual passes through); a layer without attention still records one
 zero K/V head so that the cache length stays right. No weight is zero-masked: tensors are smaller.
 
-This file and configuration_slim.py are saved next to the weights, so a process without elmkit
+This file, configuration_slim.py and hf_compat.py are saved next to the weights, so a process without elmkit
 loads the model with ``trust_remote_code=True``.
 """
 
@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_slim import SlimConfig
+from .hf_compat import CACHE, output_cache, pop_cache
 
 _SLIM_ATTENTION: dict = {}
 
@@ -35,7 +36,8 @@ def slim_attention_class(base_cls: type) -> type:
         return _SLIM_ATTENTION[base_cls]
     family = sys.modules[base_cls.__module__]
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+        cache = pop_cache(kwargs)  # `cache` or `past_key_values` by transformers release
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -46,8 +48,8 @@ def slim_attention_class(base_cls: type) -> type:
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = family.apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, n_kv, S, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd)
         idx = self._kv_index.get(k.device)
         if idx is None:  # a plain list in the module (loading leaves no uninitialised buffer)
             idx = self._kv_index[k.device] = torch.tensor(self.q_to_kv, dtype=torch.long, device=k.device)
@@ -72,14 +74,14 @@ class NoAttention(nn.Module):
         self.layer_idx, self.head_dim = layer_idx, head_dim
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = pop_cache(kwargs)
         B, T, _ = hidden_states.shape
-        if past_key_values is not None:
+        if cache is not None:
             # one zero KV head, not zero heads: caches report an empty layer's length as 0, and
             # get_seq_length() reads layer 0 (head_dim values per token: the price of a right length)
             stub = hidden_states.new_zeros(B, 1, T, self.head_dim)  # (B, 1, T, hd)
-            past_key_values.update(stub, stub, self.layer_idx)
+            cache.update(stub, stub, self.layer_idx)
         out = torch.zeros_like(hidden_states)
         return (out + self.bias if self.bias is not None else out), None
 
@@ -162,18 +164,19 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # the cache, if any, travels in kwargs under the installed release's name (hf_compat)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state  # (B, T, d)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: output_cache(out)},
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
 
