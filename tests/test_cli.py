@@ -1,4 +1,6 @@
 import json
+import sys
+import warnings
 
 import pytest
 import torch
@@ -157,3 +159,20 @@ def test_compress_elm_with_start_auto_runs_gppo_first(tmp_path, capsys):
     assert cli.main(["elm", "--model", "testbed:tiny", "--data", "x", "--out", str(tmp_path / "f"),
                      "--start", "middle"]) == 2
     assert "--start must be a layer index or 'auto'" in capsys.readouterr().err
+
+
+def test_cli_hides_third_party_deprecations_but_not_ours(monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli.quiet_third_party()
+        for module in ("transformers.utils.deprecation", "peft.tuners", "torch.jit._script", "elmkit.api"):
+            warnings.warn_explicit(f"from {module}", FutureWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="transformers.x")
+    assert [str(w.message) for w in seen] == ["from elmkit.api", "a real problem"]
+    monkeypatch.setattr(sys, "warnoptions", ["default"])  # -W / PYTHONWARNINGS: the user decides
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli.quiet_third_party()
+        warnings.warn_explicit("shown", FutureWarning, "x.py", 1, module="transformers.x")
+    assert len(seen) == 1
