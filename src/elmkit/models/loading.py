@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .adapters import family_of
+from .sources import resolve
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -35,25 +36,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-ALIASES = {"testbed:tiny": "the trained tiny testbed model shipped inside elmkit"}
-
-
-def resolve_model_path(path: str | Path) -> str:
-    """Expand elmkit's aliases (``testbed:tiny``) to a folder; anything else is returned as is."""
-    if str(path) == "testbed:tiny":
-        from ..testbed import TINY_PATH
-
-        if not (TINY_PATH / "config.json").is_file():
-            raise FileNotFoundError(f"the shipped tiny testbed model is missing from {TINY_PATH}")
-        return str(TINY_PATH)
-    if str(path).startswith("testbed:"):
-        raise ValueError(f"unknown alias {path!r}; known: {', '.join(ALIASES)}")
-    return str(path)
-
-
 def check_model_path(path: str | Path) -> str:
-    """A local folder must hold a readable config.json; anything else is treated as a hub id."""
-    path = resolve_model_path(path)
+    """Resolve ``--model`` (models/sources.py); a local folder must hold a readable config.json,
+    anything else is treated as a hub id."""
+    path = resolve(path)
     p = Path(path)
     looks_local = p.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1
     if not looks_local:

