@@ -106,3 +106,56 @@ def test_saved_elm_keeps_one_embedding_and_loads_without_elmkit(dense, ids, tmp_
         keys = list(f.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
     assert_loads_with_remote_code_only(tmp_path / "elm", ids, want, tmp_path)
+
+
+# --- every compression method on the real shapes (9 heads, 3 KV heads, tied embeddings) ----------
+
+
+@pytest.fixture(scope="module")
+def calib(folder):
+    from elmkit.data.calibration import Calibration
+    from elmkit.models import load_tokenizer
+
+    sentences = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
+    return Calibration.from_texts(load_tokenizer(folder), sentences, max_len=32)
+
+
+DEPTH_SETTINGS = {"streamline": {"steps": 2, "train_batch_size": 2}}
+
+
+@pytest.mark.parametrize("name", ["slm", "laco", "shortgpt", "shortened", "shortened-taylor", "sleb",
+                                  "streamline", "replaceme"])
+def test_depth_method_removes_two_of_thirty_layers(name, dense, calib, ids):
+    import dataclasses
+
+    from elmkit.methods import DEPTH
+
+    spec = DEPTH[name]
+    cfg = dataclasses.replace(spec.base, n_remove=2, **DEPTH_SETTINGS.get(name, {}))
+    m = copy.deepcopy(dense)
+    spec.module.compress_(m, calib, cfg, calib if spec.trains else None, progress=False)
+    assert m.config.num_hidden_layers == len(get_layers(m)) == 28
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied
+    per_layer = count_parameters(get_layers(dense)[0])
+    assert count_parameters(m) == count_parameters(dense) - 2 * per_layer  # merged or replaced, not grown
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+
+
+# DarwinLM (and its ZipLM / uniform contrasts) builds a database of every layer at 11 sparsity
+# levels by second-order pruning: minutes per layer on a 2-core CPU for these widths, so it is left
+# to the GPU benchmarks; on CPU it is tested on tiny models (test_darwinlm.py).
+@pytest.mark.parametrize("name", ["flap", "llm-pruner", "slm-pruner"])
+def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
+
+    from elmkit.methods import WIDTH
+    from elmkit.methods.common import non_embedding_parameters
+
+    spec = WIDTH[name]
+    cfg = spec.module.for_target(spec.base, dense, 0.2)
+    slim, _, _ = spec.module.compress_(copy.deepcopy(dense), calib, cfg, calib if spec.trains else None,
+                                       progress=False, folder=tmp_path / "search")
+    removed = 1 - non_embedding_parameters(slim) / non_embedding_parameters(dense)
+    assert 0.15 < removed < 0.25, removed
+    cached, full, _ = cached_and_full(slim.eval(), prompt_len=6, new=3)
+    torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
