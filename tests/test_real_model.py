@@ -159,3 +159,103 @@ def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
     assert 0.15 < removed < 0.25, removed
     cached, full, _ = cached_and_full(slim.eval(), prompt_len=6, new=3)
     torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
+
+
+# --- ELM serving, training paths, evaluation and the fast decoder on the real model -------------
+
+
+@pytest.mark.parametrize("solver", ["naive", "anderson", "broyden"])
+def test_elm_adaptive_stopping_at_batch_above_one(dense, folder, solver):
+    from elmkit.models import load_tokenizer
+
+    m = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=12, tol=1e-3,
+                                               solver=solver)).eval()
+    tok = load_tokenizer(folder)
+    b = tok(["The capital of France is", "Two plus two", "Once upon a time, in a quiet village"],
+            return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = m.generate(**b, max_new_tokens=3, do_sample=False)
+    info = m.block.last_info
+    assert out.shape == (3, b["input_ids"].shape[1] + 3)
+    assert info.iterations.shape == (3, 1) and bool(info.converged.all())
+    assert int(info.iterations.max()) < 12
+
+
+def test_fast_decoder_gives_the_tokens_of_generate(folder, dense):
+    import contextlib
+    import io
+
+    from elmkit.models import load_tokenizer
+
+    prompt = "What is the capital of France?"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12",
+                         "--dtype", "float32", "--device", "cpu"]) == 0
+    got = json.loads(buf.getvalue()[buf.getvalue().index("{"):])
+    tok = load_tokenizer(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = dense.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    assert got["text"] == tok.decode(ref, skip_special_tokens=True)
+    assert "Paris" in got["text"]  # the published model answers as published
+
+
+def test_lora_finetune_merges_into_a_tied_stock_model(folder, tmp_path):
+    from elmkit.data.synthetic import arithmetic_examples
+    from elmkit.train import FinetuneConfig, finetune
+
+    finetune(str(folder), arithmetic_examples(8, seed=1), tmp_path / "lora",
+             FinetuneConfig(max_steps=2, batch_size=2))
+    merged = load_model(tmp_path / "lora" / "model", dtype="float32", device="cpu")
+    assert count_parameters(merged) == 134_515_008
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+def test_math_and_lm_eval_suite_run_on_the_real_tokenizer(folder, dense, tmp_path):
+    from test_harness import write_synthetic
+
+    from elmkit.data.synthetic import arithmetic_examples
+    from elmkit.eval import EvalConfig, evaluate
+    from elmkit.eval.harness import run_lm_eval
+    from elmkit.models import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    m = evaluate(dense, arithmetic_examples(4, seed=2), tmp_path / "math",
+                 EvalConfig(task="gsm8k", max_new_tokens=24, batch_size=4), tok, progress=False)
+    assert m["n"] == 4 and 0 <= m["accuracy"] <= 1
+    r = run_lm_eval(dense, tok, ["commonsense"], data_dir=write_synthetic(tmp_path / "cs"), limit=4,
+                    batch_size=4)
+    assert all(t["n"] == 4 and 0 <= t["acc"] <= 1 for t in r["tasks"].values())
+
+
+@pytest.mark.slow
+def test_efficientllm_cut_is_what_it_counted(dense, ids):
+    """Heads and MLP channels. Hidden-channel pruning is left out: on this tied-embedding model the
+    cut model's logits differ from the masked model's (by 0.8 after 3 steps), an open defect."""
+    from elmkit.methods import efficientllm as ef
+
+    m = copy.deepcopy(dense)
+    p0 = count_parameters(m)
+    pr = ef.Pruner(m, ef.EfficientLLMConfig(start=1, end=3, interval=1, types=("head", "channel")),
+                   int(0.95 * p0), 3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the pruning schedule, not learning, is under test
+    m.train()
+    recs = []
+    for step in range(1, 4):
+        m(input_ids=ids, labels=ids).loss.backward()
+        pr.after_backward()
+        opt.step()
+        opt.zero_grad()
+        pr.after_step()
+        rec = pr.step(step, ids, torch.ones_like(ids))
+        if rec:
+            recs.append(rec)
+    m.eval()
+    with torch.no_grad():
+        masked = m(ids).logits
+    cut = pr.finish()
+    assert count_parameters(cut) == ef.param_count(m, pr.state) == recs[-1]["params"] < p0
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, masked, atol=5e-4, rtol=1e-4)
