@@ -13,13 +13,15 @@ from elmkit.models import count_parameters, get_layers, load_model
 from elmkit.models.tiny import tiny_model
 
 
-def _train(m, pruner, steps, seed=0, lr=1e-3):
+def _train(m, pruner, steps, seed=0, lr=1e-3, ids=None):
+    """``steps`` steps of training with the pruner's hooks; random (4, 12) batches unless ``ids``."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(m.parameters(), lr=lr)
     m.train()
     recs = []
+    fixed = ids
     for step in range(1, steps + 1):
-        ids = torch.randint(0, 256, (4, 12), generator=g)
+        ids = fixed if fixed is not None else torch.randint(0, 256, (4, 12), generator=g)
         m(input_ids=ids, labels=ids).loss.backward()
         pruner.after_backward()
         opt.step()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from checks import assert_loads_with_remote_code_only, cached_and_full
 from safetensors import safe_open
+from test_efficientllm import _train
 from test_slim import _random_keep
 
 from elmkit import cli
@@ -240,19 +241,7 @@ def test_efficientllm_cut_is_what_it_counted(dense, ids):
     p0 = count_parameters(m)
     pr = ef.Pruner(m, ef.EfficientLLMConfig(start=1, end=3, interval=1, types=("head", "channel")),
                    int(0.95 * p0), 3)
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the pruning schedule, not learning, is under test
-    m.train()
-    recs = []
-    for step in range(1, 4):
-        m(input_ids=ids, labels=ids).loss.backward()
-        pr.after_backward()
-        opt.step()
-        opt.zero_grad()
-        pr.after_step()
-        rec = pr.step(step, ids, torch.ones_like(ids))
-        if rec:
-            recs.append(rec)
-    m.eval()
+    recs = _train(m, pr, 3, lr=0.0, ids=ids)  # the pruning schedule, not learning, is under test
     with torch.no_grad():
         masked = m(ids).logits
     cut = pr.finish()
