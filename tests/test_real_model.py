@@ -17,7 +17,15 @@ from test_slim import _random_keep
 
 from elmkit import cli
 from elmkit.methods import elm as E
-from elmkit.models import count_parameters, get_layers, layer_inputs, load_model, run_layers, to_slim
+from elmkit.models import (
+    count_parameters,
+    get_layers,
+    layer_inputs,
+    load_model,
+    load_tokenizer,
+    run_layers,
+    to_slim,
+)
 from elmkit.models.sources import FetchError, fetch, gguf_file
 
 NAME = "smollm2-135m"
@@ -42,10 +50,13 @@ def dense(folder):
 
 
 @pytest.fixture(scope="module")
-def ids(folder):
-    from elmkit.models import load_tokenizer
+def tok(folder):
+    return load_tokenizer(folder)
 
-    return load_tokenizer(folder)(TEXT, return_tensors="pt")["input_ids"][:, :12]  # (1, 12)
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return tok(TEXT, return_tensors="pt")["input_ids"][:, :12]  # (1, 12)
 
 
 def test_card_and_architecture_as_published(folder, dense):
@@ -113,12 +124,11 @@ def test_saved_elm_keeps_one_embedding_and_loads_without_elmkit(dense, ids, tmp_
 
 
 @pytest.fixture(scope="module")
-def calib(folder):
+def calib(tok):
     from elmkit.data.calibration import Calibration
-    from elmkit.models import load_tokenizer
 
     sentences = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
-    return Calibration.from_texts(load_tokenizer(folder), sentences, max_len=32)
+    return Calibration.from_texts(tok, sentences, max_len=32)
 
 
 DEPTH_SETTINGS = {"streamline": {"steps": 2, "train_batch_size": 2}}
@@ -166,12 +176,9 @@ def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
 
 
 @pytest.mark.parametrize("solver", ["naive", "anderson", "broyden"])
-def test_elm_adaptive_stopping_at_batch_above_one(dense, folder, solver):
-    from elmkit.models import load_tokenizer
-
+def test_elm_adaptive_stopping_at_batch_above_one(dense, tok, solver):
     m = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=12, tol=1e-3,
                                                solver=solver)).eval()
-    tok = load_tokenizer(folder)
     b = tok(["The capital of France is", "Two plus two", "Once upon a time, in a quiet village"],
             return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
@@ -182,11 +189,9 @@ def test_elm_adaptive_stopping_at_batch_above_one(dense, folder, solver):
     assert int(info.iterations.max()) < 12
 
 
-def test_fast_decoder_gives_the_tokens_of_generate(folder, dense):
+def test_fast_decoder_gives_the_tokens_of_generate(folder, dense, tok):
     import contextlib
     import io
-
-    from elmkit.models import load_tokenizer
 
     prompt = "What is the capital of France?"
     buf = io.StringIO()
@@ -194,7 +199,6 @@ def test_fast_decoder_gives_the_tokens_of_generate(folder, dense):
         assert cli.main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12",
                          "--dtype", "float32", "--device", "cpu"]) == 0
     got = json.loads(buf.getvalue()[buf.getvalue().index("{"):])
-    tok = load_tokenizer(folder)
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   tokenize=True, return_dict=True)["input_ids"]
     with torch.no_grad():
@@ -214,15 +218,13 @@ def test_lora_finetune_merges_into_a_tied_stock_model(folder, tmp_path):
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
 
 
-def test_math_and_lm_eval_suite_run_on_the_real_tokenizer(folder, dense, tmp_path):
+def test_math_and_lm_eval_suite_run_on_the_real_tokenizer(dense, tok, tmp_path):
     from test_harness import write_synthetic
 
     from elmkit.data.synthetic import arithmetic_examples
     from elmkit.eval import EvalConfig, evaluate
     from elmkit.eval.harness import run_lm_eval
-    from elmkit.models import load_tokenizer
 
-    tok = load_tokenizer(folder)
     m = evaluate(dense, arithmetic_examples(4, seed=2), tmp_path / "math",
                  EvalConfig(task="gsm8k", max_new_tokens=24, batch_size=4), tok, progress=False)
     assert m["n"] == 4 and 0 <= m["accuracy"] <= 1

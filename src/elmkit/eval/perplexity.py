@@ -74,7 +74,6 @@ def perplexity(model, tokenizer, text: str, window: int | None = None, stride: i
     # a window that reaches the end is the last one, so count only up to it
     last = next((i for i, b in enumerate(starts) if b + window >= ids.numel()), len(starts) - 1)
     starts = starts[: min(last + 1, max_windows or len(starts))]
-    windows = 0
     for begin in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
         end = min(begin + window, ids.numel())
         chunk = ids[begin:end].to(device)[None]  # (1, W)
@@ -84,7 +83,7 @@ def perplexity(model, tokenizer, text: str, window: int | None = None, stride: i
         if first < targets.numel():
             nll += float(F.cross_entropy(logits[first:], targets[first:], reduction="sum"))
             counted += targets.numel() - first
-        done, windows = end, windows + 1
+        done = end
     model.train(was_training)
     return {"ppl": math.exp(nll / counted), "nll": nll / counted, "tokens": counted,
-            "text_tokens": int(ids.numel()), "windows": windows, "window": window, "stride": stride}
+            "text_tokens": int(ids.numel()), "windows": len(starts), "window": window, "stride": stride}
