@@ -57,6 +57,27 @@ def test_each_group_type_cuts_exactly_what_is_counted(family, types):
     assert_cached_equals_full(cut)
 
 
+def test_hidden_pruning_is_exact_on_a_loaded_tied_model(tmp_path):
+    """A model loaded from a folder (transformers kernelizes its forwards on train()/eval()) with
+    tied embeddings: the masked model still normalises over the kept channels, so the cut model
+    computes what was trained (an earlier replaced ``forward`` was silently undone by train())."""
+    torch.manual_seed(0)
+    tiny_model("llama", num_layers=3, hidden_size=32, tie_word_embeddings=True).save_pretrained(tmp_path)
+    m = load_model(tmp_path, dtype="float32")
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    pr = ef.Pruner(m, ef.EfficientLLMConfig(start=2, end=8, interval=2, types=("hidden",), min_hidden=4),
+                   int(0.8 * count_parameters(m)), 10)
+    recs = _train(m, pr, 10)
+    assert sum(r["removed_hidden"] for r in recs) > 0
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked = m(ids).logits
+    cut = pr.finish()
+    assert cut.lm_head.weight is cut.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, masked, atol=1e-5, rtol=1e-5)
+
+
 def test_schedule_hits_the_target_at_the_target_step():
     torch.manual_seed(0)
     m = tiny_model("qwen2", num_layers=3, hidden_size=32)

@@ -260,185 +260,19 @@ def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None,
 
 
 def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
-    """The main job: compress a model into an ELM, train the block, and compare.
+    """The main job: compress a model into an ELM, train the block, and compare (``elmkit.demos``).
 
-    On ``model`` (default: the shipped tiny testbed model) and 200 held-out testbed problems:
-    dense accuracy; an ELM whose block replaces 25% of the layers, trained with SJFB on 4,000
-    training problems; and, for contrast, ShortGPT deletion of the same number of layers without
-    healing. Writes report.md (table + plots), metrics.json and the ELM model into ``out``.
-    About 3 minutes on a 2-core CPU for the tiny model.
+    On a testbed model (the default: the shipped tiny one): accuracy on 200 held-out problems of
+    dense, an ELM whose block replaces 25% of the layers (trained with SJFB on 4,000 problems) and
+    ShortGPT deleting as many layers without healing; about 3 minutes on a 2-core CPU. On any other
+    model (e.g. ``smollm2-135m``): perplexity on a shipped WikiText-2 slice of dense, the ELM
+    (trained by distillation on shipped C4 text) and ShortGPT at the same layer count; about 15
+    minutes on a 2-core CPU for a 135M model. Writes report.md (table + plots), metrics.json and
+    the ELM model into ``out``.
     """
-    import copy
+    from .demos import run
 
-    from .data.calibration import Calibration
-    from .data.chat import encode_prompt
-    from .eval import EvalConfig, evaluate
-    from .eval.footprint import kv_cache_bytes
-    from .io import write_json
-    from .methods import elm as elm_method
-    from .methods import shortgpt
-    from .models import count_parameters, load_model, load_tokenizer
-    from .models.sources import resolve
-    from .testbed.card import read_recipe
-    from .testbed.pretrain import PRESETS
-    from .testbed.problems import make_split
-    from .train.elm import ElmTrainConfig, train_elm
-
-    run = RunDir(out)
-    run.write_config("demo", model=model)
-    path = resolve(model)
-    if (Path(path) / "testbed.json").is_file():
-        recipe = read_recipe(Path(path))
-        problems, seed = recipe["problems"], recipe["seed"]
-    else:  # any other model is measured on the tiny preset's problems
-        problems, seed = PRESETS["tiny"].problems, PRESETS["tiny"].seed
-    test = make_split("test", 200, problems, seed)
-    train = make_split("train", 4_000, problems, seed)
-    calib_ex = make_split("validation", 64, problems, seed)
-    tok = load_tokenizer(path)
-    ecfg = EvalConfig(task="gsm8k", batch_size=64, max_new_tokens=160)
-    dense = load_model(path, dtype="float32")
-    prompts = [encode_prompt(tok, ex) for ex in test[:16]]
-
-    rows = []
-
-    def measure(name, m, tag):
-        iters = _IterationMeter(m)
-        metrics = evaluate(m, test, run / f"eval_{tag}", ecfg, tok, progress=False)
-        rows.append({"model": name, "layers": m.config.num_hidden_layers,
-                     "params": count_parameters(m), "accuracy": metrics["accuracy"],
-                     "kv_bytes": kv_cache_bytes(m, tok, prompts), "iterations_per_token": iters.mean()})
-        iters.close()
-
-    measure("dense", dense, "dense")
-    n = dense.config.num_hidden_layers
-
-    # ELM: M = 25% of the layers become one block, trained against the dense model
-    teacher = copy.deepcopy(dense)
-    elm_plan = elm_method.plan(dense, ratio=0.25, max_iter=4)
-    write_json(run / "elm" / "plan.json", elm_plan)
-    elm = elm_method.apply_(dense, elm_plan)  # dense is not needed again: teacher is its copy
-    fit = train_elm(elm, teacher, tok, train, run / "elm", ElmTrainConfig(steps=800, lr=2e-3))
-    measure(f"ELM: layers {elm_plan.start}-{elm_plan.start + elm_plan.span - 1} -> 1 block "
-            f"(x{elm_plan.max_iter})", elm, "elm")
-    # the same block with per-token adaptive stopping: each token stops once ||phi(z)-z|| < 1e-2
-    elm.config.max_iter, elm.config.tol = 8, 1e-2
-    measure("ELM, adaptive stop (tol 1e-2, at most 8)", elm, "elm_adaptive")
-    elm.config.max_iter, elm.config.tol = elm_plan.max_iter, elm_plan.tol
-
-    # ShortGPT: delete as many layers as the ELM replaced, no healing
-    calib = Calibration.from_examples(tok, calib_ex)
-    sg_plan = shortgpt.plan(teacher, calib, shortgpt.ShortGPTConfig(n_remove=elm_plan.span))
-    short = shortgpt.apply_(copy.deepcopy(teacher), sg_plan)
-    measure(f"ShortGPT: layers {list(sg_plan.drop)} deleted, no healing", short, "shortgpt")
-
-    # Residual vs iteration for the trained block: naive vs Anderson, same inputs
-    traces = _residual_traces(elm, tok, test[:16])
-
-    dense_acc = rows[0]["accuracy"]
-    for r in rows:
-        r["retained"] = r["accuracy"] / dense_acc if dense_acc else None
-        r["kv_ratio"] = r["kv_bytes"] / rows[0]["kv_bytes"]
-    _plot_demo(run / "accuracy.png", run / "residuals.png", rows, traces)
-    table = ["| model | layers | params | accuracy | retained | KV bytes (16 prompts) | iterations / token |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kept = f"{r['retained']:.1%}" if r["retained"] is not None else "n/a"
-        table.append(f"| {r['model']} | {r['layers']} | {r['params']:,} | {r['accuracy']:.3f} | {kept} "
-                     f"| {r['kv_bytes']:,} ({r['kv_ratio']:.3f}) | {r['iterations_per_token']:.2f} |")
-    report = "\n".join([
-        "# elmkit demo",
-        "",
-        f"Model: `{model}` ({n} layers). Accuracy: greedy exact match on 200 held-out arithmetic word",
-        f"problems. The ELM block replaces {elm_plan.span} of {n} layers and was trained with SJFB for",
-        f"{fit['steps']} steps ({fit['train_time_s']:.0f} s); ShortGPT deletes {elm_plan.span} layers",
-        "by block influence without healing.",
-        "",
-        *table,
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        "Residual ||phi(z) - z|| per iteration of the trained block (max over 16 prompts' tokens):",
-        "",
-        "![residuals](residuals.png)",
-        "",
-    ])
-    atomic_write_text(run / "report.md", report)
-    metrics = {"model": model, "rows": rows, "elm_plan": elm_plan, "shortgpt_removed": list(sg_plan.drop),
-               "elm_training": fit, "residual_traces": traces}
-    run.write_metrics(metrics)
-    print(report)
-    return metrics
-
-
-class _IterationMeter:
-    """Mean block evaluations per token over every forward pass of an ELM (1 for other models)."""
-
-    def __init__(self, model):
-        self.total, self.count, self.handle = 0.0, 0, None
-        block = getattr(model, "block", None) if model.config.model_type == "elm" else None
-        if block is not None:
-            self.handle = block.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        it = module.last_info.iterations
-        self.total += float(it.float().sum())
-        self.count += it.numel()
-
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 1.0
-
-    def close(self):
-        if self.handle is not None:
-            self.handle.remove()
-
-
-def _residual_traces(elm, tok, examples, iterations: int = 20) -> dict:
-    import torch
-
-    from .data.chat import encode_prompt
-    from .data.collate import pad_batch
-    from .models.adapters import layer_inputs, layer_type, run_layers
-    from .solvers import solve
-
-    b = pad_batch([{"input_ids": encode_prompt(tok, ex)} for ex in examples], tok.pad_token_id)
-    c = elm.config
-    block = elm.block
-    out = {}
-    with torch.no_grad():
-        ctx = layer_inputs(elm, b["input_ids"], b["attention_mask"])
-        x = run_layers(elm, ctx.hidden, ctx, 0, c.start)
-        kw = dict(attention_mask=ctx.masks[layer_type(c, c.start)], position_ids=ctx.position_ids,
-                  position_embeddings=ctx.position_embeddings)
-        for name in ("naive", "anderson"):
-            _, info = solve(lambda z: block.phi(z, x, **kw), torch.zeros_like(x), solver=name,
-                            max_iter=iterations, tol=0.0)
-            out[name] = info.trace
-    return out
-
-
-def _plot_demo(acc_png: Path, res_png: Path, rows: list[dict], traces: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3))
-    names = ["dense", "ELM", "ELM adaptive", "ShortGPT"][:len(rows)]
-    ax.bar(names, [r["accuracy"] for r in rows],
-           color=["#4c72b0", "#55a868", "#8fbc8f", "#c44e52"][:len(rows)])
-    for i, r in enumerate(rows):
-        ax.text(i, r["accuracy"] + 0.02, f"{r['accuracy']:.2f}", ha="center")
-    ax.set(ylabel="test accuracy", ylim=(0, 1.1))
-    fig.tight_layout()
-    save_figure(fig, acc_png)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for name, trace in traces.items():
-        ax.plot(range(1, len(trace) + 1), trace, marker="o", ms=3, label=name)
-    ax.set(xlabel="block evaluation", ylabel="max residual ||phi(z) - z||", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, res_png)
+    return run(out, model)
 
 
 def generate(model: str | Path, prompt: str, cfg=None, dtype: str = "auto", device: str = "auto",

@@ -53,3 +53,24 @@ def pack(features: Sequence[dict[str, list[int]]], seq_len: int) -> list[dict[st
         {"input_ids": ids[i * seq_len:(i + 1) * seq_len], "labels": labels[i * seq_len:(i + 1) * seq_len]}
         for i in range(n)
     ]
+
+
+def text_features(tokenizer, texts: Sequence[str], seq_len: int) -> list[dict[str, list[int]]]:
+    """Plain text as training features: each document cut into windows of ``seq_len`` tokens
+    (BOS first when the tokenizer has one; a short last window is kept if it has 2+ tokens);
+    every token is a target."""
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2")
+    if not texts:
+        raise ValueError("no texts to train on")
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    n = seq_len - len(bos)
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        for i in range(0, len(ids), n):
+            w = bos + ids[i:i + n]
+            if len(w) >= 2:
+                out.append({"input_ids": w, "labels": list(w)})
+    if not out:
+        raise ValueError("the texts hold no window of 2 or more tokens")
+    return out

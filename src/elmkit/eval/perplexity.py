@@ -61,7 +61,8 @@ def perplexity(model, tokenizer, text: str, window: int | None = None, stride: i
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window {window}, stride {stride}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"need at least one window, got {max_windows}")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # the whole text at once: verbose=False, the "longer than the maximum length" warning is moot here
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:

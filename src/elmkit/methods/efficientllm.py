@@ -173,8 +173,8 @@ class Pruner:
         self.acc_n = 0
         self.history: list[dict] = []
         self._zero: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        for norm in self._hidden_norms():
-            norm.forward = _kept_rms(norm, self)
+        self._norm_hooks = [norm.register_forward_hook(_kept_rms(self)) for norm in self._hidden_norms()] \
+            if "hidden" in cfg.types else []
 
     # ---- the training-loop hooks -----------------------------------------------------------------
 
@@ -427,14 +427,16 @@ def _remove_(s: PruneState, kind: str, key, group: int) -> None:
         s.hidden.remove(key)
 
 
-def _kept_rms(norm: nn.Module, pruner: Pruner):
-    """RMSNorm over the kept hidden channels (the removed ones are zero): the cut model's norm."""
-    def forward(x):
-        dtype = x.dtype
+def _kept_rms(pruner: Pruner):
+    """A forward hook giving RMSNorm over the kept hidden channels (the removed ones are zero): the
+    cut model's norm. A hook, not a replaced ``forward``: transformers re-kernelizes a loaded
+    model's forwards on ``train()`` / ``eval()``, which would silently undo the replacement."""
+    def hook(norm, args, output):
+        x = args[0]
         h = x.float()
         var = h.pow(2).sum(-1, keepdim=True) / len(pruner.state.hidden)
-        return norm.weight * (h * torch.rsqrt(var + norm.variance_epsilon)).to(dtype)
-    return forward
+        return norm.weight * (h * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
+    return hook
 
 
 @torch.no_grad()

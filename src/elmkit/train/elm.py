@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..data.chat import encode_many
-from ..data.collate import pad_batch
+from ..data.collate import pad_batch, text_features
 from ..data.formats import Example
 from ..io import RunDir, write_json
 from ..models.adapters import (
@@ -96,7 +96,11 @@ class ElmTrainConfig:
     lambda_ce: float = 1.0
     """Weight of the task cross-entropy."""
     lambda_distill: float = 1.0
-    """Weight of the MSE to the teacher's hidden state after the span."""
+    """Weight of the distillation loss to the teacher's hidden state after the span."""
+    distill_loss: Literal["mse", "relative", "channel"] = "mse"
+    """mse: mean squared error (the paper); relative: per token, ||z - h||^2 / ||h||^2; channel:
+    each channel's squared error divided by the teacher's mean square of that channel in the batch.
+    The last two keep a real model's massive activations from dominating the loss."""
     ce_schedule: Literal["official", "constant"] = "official"
     """official: lambda_ce is 0 for the first half, then a sine ramp; constant: always lambda_ce."""
     max_len: int = 512
@@ -133,6 +137,9 @@ class ElmTrainConfig:
             raise ValueError("the loss weights must be >= 0 and not both 0")
         if self.ce_chunk < 1:
             raise ValueError("--ce-chunk must be >= 1")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, "
+                             f"got {self.distill_loss!r}")
         if self.kept_lora_r < 0 or self.kept_lora_alpha <= 0:
             raise ValueError("--kept-lora-r must be >= 0 and --kept-lora-alpha > 0")
 
@@ -219,7 +226,8 @@ def compile_step(elm) -> CompiledStep:
 
 def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
               lambda_distill: float, tune_kept: bool = False, recompute_tail: bool = False,
-              ce_chunk: int = 1024, compiled: CompiledStep | None = None) -> StepLoss:
+              ce_chunk: int = 1024, compiled: CompiledStep | None = None,
+              distill_loss: str = "mse") -> StepLoss:
     """m evaluations without gradient, n with; CE (when weighted) + MSE to the teacher's state.
 
     The teacher's layers before the block give x (the ELM's kept layers are the same weights unless
@@ -247,7 +255,7 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
     for _ in range(n):
         z = phi(z, x, **kw)
     valid = mask.bool()
-    distill = ((z.float() - target.float()) ** 2).mean(-1)[valid].mean()
+    distill = distillation(z, target, valid, distill_loss)
     if lambda_ce > 0:
         h = z
         layers = compiled.tail if compiled is not None else get_layers(elm)[start + 1:]
@@ -263,6 +271,24 @@ def sjfb_loss(elm, teacher, ids, mask, labels, m: int, n: int, lambda_ce: float,
         ce = torch.zeros((), device=x.device)
     loss = lambda_ce * ce + lambda_distill * distill
     return StepLoss(loss, ce, distill, z, x, kw, valid)
+
+
+DISTILL_LOSSES = ("mse", "relative", "channel")
+
+
+def distillation(z: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "mse"
+                 ) -> torch.Tensor:
+    """Mean over the valid tokens of the block output's error to the teacher's state (see
+    ``ElmTrainConfig.distill_loss``); z, target (B, T, d), valid (B, T) bool."""
+    err = (z.float() - target.float())[valid] ** 2  # (n, d)
+    t = target.float()[valid]  # (n, d)
+    if kind == "mse":
+        return err.mean()
+    if kind == "relative":
+        return (err.sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    if kind == "channel":
+        return (err / t.pow(2).mean(0).clamp_min(1e-6)).mean()
+    raise ValueError(f"unknown distillation loss {kind!r}; choose one of {', '.join(DISTILL_LOSSES)}")
 
 
 def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -281,14 +307,16 @@ def answer_ce(model, h: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -
     return total / len(y)
 
 
-def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
+def train_elm(elm, teacher, tokenizer, data: list[Example] | list[str], out: str | Path,
               cfg: ElmTrainConfig = ElmTrainConfig(), progress: bool = True,
               on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train ``elm``'s block in place against ``teacher`` (the dense model it came from, or that
     model's ``SpanTeacher``).
 
-    Writes checkpoints, loss.png and metrics.json into ``out``; the trained model is saved to
-    ``out/model`` with the tokenizer. Resumes from ``out/checkpoints`` when present.
+    ``data`` is instruction examples (the CE is on their answers) or plain texts (cut into windows
+    of ``cfg.max_len`` tokens; every token is a CE target). Writes checkpoints, loss.png and
+    metrics.json into ``out``; the trained model is saved to ``out/model`` with the tokenizer.
+    Resumes from ``out/checkpoints`` when present.
 
     Under ``accelerate launch`` / ``torchrun`` with N processes (see ``train.dist``) each rank
     takes its share of every global batch of ``cfg.batch_size`` examples; the step is wrapped in
@@ -301,7 +329,13 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     run = RunDir(out) if d.main else Path(out)
     c = elm.config
     start, span = c.start, c.span
+    text = bool(data) and isinstance(data[0], str)
     settings = {"start": start, "span": span, "examples": len(data), **asdict(cfg)}
+    # settings added later enter the fingerprint only when used, so earlier checkpoints resume
+    if text:
+        settings["data"] = "text"
+    if cfg.distill_loss == "mse":
+        del settings["distill_loss"]
     # how the step is computed (memory, speed, processes) may change on resume; what it computes may not
     fp = fingerprint(settings, ignore=("save_every", "recompute_tail", "ce_chunk", "compile"))
     ckpt_dir = Path(out) / "checkpoints"
@@ -319,7 +353,12 @@ def train_elm(elm, teacher, tokenizer, data: list[Example], out: str | Path,
     device = next(elm.parameters()).device
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    feats = encode_many(tokenizer, data, cfg.max_len)
+    if not data:
+        raise ValueError("no training data")
+    if text:
+        feats = text_features(tokenizer, data, cfg.max_len)
+    else:
+        feats = encode_many(tokenizer, data, cfg.max_len)
     for p in elm.parameters():
         p.requires_grad_(False)
     for p in teacher.parameters():
@@ -453,7 +492,7 @@ class SjfbStep(nn.Module):
         cfg = self.cfg
         r = sjfb_loss(self.elm, self.teacher, ids, mask, labels, m, n, lam_ce, cfg.lambda_distill,
                       tune_kept=self.tune_kept, recompute_tail=cfg.recompute_tail, ce_chunk=cfg.ce_chunk,
-                      compiled=self.compiled)
+                      compiled=self.compiled, distill_loss=cfg.distill_loss)
         # with one process w = (1, 1) exactly, and this is r.loss to the bit
         loss = lam_ce * r.ce * w_ce + cfg.lambda_distill * r.distill * w_distill
         res = residual_sum(self.elm.block, r.z.detach(), r.x, r.kw, r.valid) if self.residual_inside \
