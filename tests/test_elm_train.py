@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from elmkit.data.synthetic import arithmetic_examples
+from elmkit.io import read_json
 from elmkit.methods import elm as E
 from elmkit.train.elm import ElmTrainConfig, ce_weight, iteration_draws, train_elm
 
@@ -244,3 +245,49 @@ def test_compiled_step_gives_the_same_gradients(make_model, tokenizer):
         for a, b in zip(got[1], want[1]):
             torch.testing.assert_close(a, b)
     torch._dynamo.reset()
+
+
+def test_distillation_losses_and_their_invariances():
+    from elmkit.train.elm import distillation
+
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 3:] = False
+    mse = ((z - t) ** 2).mean(-1)[valid].mean()  # the paper's loss, as it was computed before
+    torch.testing.assert_close(distillation(z, t, valid, "mse"), mse)
+    # relative: one token scaled by 1e3 (a massive activation) keeps its share of the loss
+    z2, t2 = z.clone(), t.clone()
+    z2[0, 0] *= 1e3
+    t2[0, 0] *= 1e3
+    torch.testing.assert_close(distillation(z2, t2, valid, "relative"), distillation(z, t, valid, "relative"))
+    assert distillation(z2, t2, valid, "mse") > 100 * mse
+    # channel: one channel scaled by 1e3 likewise
+    z3, t3 = z.clone(), t.clone()
+    z3[..., 2] *= 1e3
+    t3[..., 2] *= 1e3
+    torch.testing.assert_close(distillation(z3, t3, valid, "channel"), distillation(z, t, valid, "channel"))
+    for kind in ("mse", "relative", "channel"):  # padding does not count; zero at the target
+        z4 = z.clone()
+        z4[~valid] = 1e6
+        torch.testing.assert_close(distillation(z4, t, valid, kind), distillation(z, t, valid, kind))
+        assert distillation(t, t, valid, kind) == 0
+    with pytest.raises(ValueError, match="--distill-loss"):
+        ElmTrainConfig(distill_loss="l1")
+
+
+def test_plain_text_trains_every_token_and_resumes(make_model, tokenizer, tmp_path):
+    """Text records train the block (distillation and CE on every token); an interrupted run
+    resumes to the same block."""
+    texts = [f"{a} plus {b} is {a + b}. " * 3 for a in range(10) for b in range(4)]
+    cfg = dataclasses.replace(CFG, distill_loss="relative", ce_schedule="constant", max_len=32)
+    a, b = _uninterrupted_and_resumed(make_model, tokenizer, texts, cfg, tmp_path, stop_at=3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = read_json(tmp_path / "a" / "history.json")
+    assert all(h["ce"] > 0 for h in history)
+    from elmkit.data.collate import text_features
+
+    feats = text_features(tokenizer, texts[:2], 32)
+    assert all(f["labels"] == f["input_ids"] and 2 <= len(f["input_ids"]) <= 32 for f in feats)
+    with pytest.raises(ValueError, match="no texts"):
+        text_features(tokenizer, [], 32)
