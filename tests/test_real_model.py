@@ -7,6 +7,7 @@ models are built once per module, so the whole file costs about a minute after t
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -105,6 +106,17 @@ def test_cached_generation_equals_full_recomputation(dense):
         assert all(past.get_seq_length(i) == 6 + 4 - 1 for i in range(len(past.layers)))
 
 
+def test_one_step_cache_matches_full_recomputation_once_converged(dense):
+    """The one-step cache keeps each past token's last-iteration K/V: exact once the block has
+    converged (an untrained block contracts on the real layers too)."""
+    elm = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=60, tol=1e-6)).eval()
+    cached, full, past = cached_and_full(elm, prompt_len=6, new=4)
+    assert bool(elm.block.last_info.converged.all())
+    torch.testing.assert_close(cached, full, atol=1e-3, rtol=1e-4)
+    assert torch.equal(cached.argmax(-1), full.argmax(-1))
+    assert {layer.keys.shape[-2] for layer in past.layers} == {6 + 4 - 1}  # the slot was overwritten
+
+
 def test_saved_elm_keeps_one_embedding_and_loads_without_elmkit(dense, ids, tmp_path):
     span = 4
     per_layer = count_parameters(get_layers(dense)[0])
@@ -153,9 +165,6 @@ def test_depth_method_removes_two_of_thirty_layers(name, dense, calib, ids):
         assert torch.isfinite(m(ids).logits).all()
 
 
-# DarwinLM (and its ZipLM / uniform contrasts) builds a database of every layer at 11 sparsity
-# levels by second-order pruning: minutes per layer on a 2-core CPU for these widths, so it is left
-# to the GPU benchmarks; on CPU it is tested on tiny models (test_darwinlm.py).
 @pytest.mark.parametrize("name", ["flap", "llm-pruner", "slm-pruner"])
 def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
 
@@ -170,6 +179,48 @@ def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
     assert 0.15 < removed < 0.25, removed
     cached, full, _ = cached_and_full(slim.eval(), prompt_len=6, new=3)
     torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["search", "ziplm", "uniform"])
+def test_darwinlm_and_its_contrasts_hit_the_target(mode, dense, calib, tmp_path):
+    """DarwinLM's database at 3 levels (dense, half, none) instead of 11 and a two-generation
+    search without fine-tuning: the real shapes (9 query heads in 3 KV groups, tied embeddings),
+    not the paper's budget."""
+    from elmkit.methods import darwinlm
+    from elmkit.methods.common import non_embedding_parameters
+
+    cfg = darwinlm.DarwinLMConfig(ratio=0.2, mode=mode, levels=3, generations=2, offspring=2,
+                                  survivors=(1,), fitness_tokens=(64,), train_tokens=(0,), batch_size=4)
+    slim, plan, _ = darwinlm.compress_(copy.deepcopy(dense), calib, cfg, None, progress=False,
+                                       folder=tmp_path / "search")
+    removed = 1 - non_embedding_parameters(slim) / non_embedding_parameters(dense)
+    assert 0.1 < removed < 0.3, removed
+    assert slim.lm_head.weight is slim.model.embed_tokens.weight
+    cached, full, _ = cached_and_full(slim.eval(), prompt_len=6, new=3)
+    torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
+
+
+def test_gppo_search_on_the_real_layers_is_deterministic(dense, tok):
+    """A short GPPO search over the 23 starts of an 8-layer block: the candidates train LoRA and
+    projections on one frozen copy of the model, and a seed fixes the result."""
+    from elmkit.data.synthetic import arithmetic_examples
+    from elmkit.methods import gppo
+
+    data = arithmetic_examples(16, seed=1)
+    cfg = gppo.GppoConfig(span=8, steps=4, group_size=2, batch_size=2, max_len=48, seed=0)
+    n0 = count_parameters(dense)
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(dense)
+        hist = []
+        plan = gppo.plan(m, tok, data, cfg, progress=False, history=hist)
+        assert sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n) == n0
+        runs.append((plan, hist))
+    (plan, hist), (plan2, hist2) = runs
+    assert plan == plan2 and hist == hist2 and len(hist) == 4
+    assert len(plan.theta) == 30 - 8 + 1 and plan.start == max(range(23), key=lambda i: plan.theta[i])
+    assert all(math.isfinite(h["reward"]) for h in hist)
 
 
 # --- ELM serving, training paths, evaluation and the fast decoder on the real model -------------
