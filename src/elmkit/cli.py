@@ -160,7 +160,9 @@ def _commands() -> dict[str, Command]:
     out = ("out", "run folder to write into", True)
     return {
         "demo": Command(demo, (("out", "run folder (default: runs/demo)", False),
-                               ("model", "model folder or hub id (default: testbed:tiny)", False))),
+                               ("model", "testbed:tiny (default; accuracy on held-out problems) or any "
+                                         "other model: folder, .gguf file, named model such as "
+                                         "smollm2-135m (perplexity on shipped WikiText-2)", False))),
         "info": Command(info, (model,)),
         "fetch": Command(fetch, (
             ("name", f"the named model to fetch: {', '.join(NAMED)}", True),
