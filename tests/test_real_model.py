@@ -109,7 +109,8 @@ def test_cached_generation_equals_full_recomputation(dense):
 def test_one_step_cache_matches_full_recomputation_once_converged(dense):
     """The one-step cache keeps each past token's last-iteration K/V: exact once the block has
     converged (an untrained block contracts on the real layers too)."""
-    elm = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=60, tol=1e-6)).eval()
+    # tol: the residual bottoms out near 1e-5 in fp32 at these activation sizes
+    elm = E.apply_(copy.deepcopy(dense), E.plan(dense, start=10, span=4, max_iter=60, tol=1e-4)).eval()
     cached, full, past = cached_and_full(elm, prompt_len=6, new=4)
     assert bool(elm.block.last_info.converged.all())
     torch.testing.assert_close(cached, full, atol=1e-3, rtol=1e-4)
@@ -181,20 +182,34 @@ def test_width_method_hits_the_parameter_target(name, dense, calib, tmp_path):
     torch.testing.assert_close(cached, full, atol=5e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def shallow(dense):
+    """The real model's first 4 layers: its real widths and weights at a seventh of the depth, so
+    DarwinLM's second-order database (about 16 s per layer on 2 CPU cores) costs a minute."""
+    from elmkit.models.adapters import remove_layers_
+
+    return remove_layers_(copy.deepcopy(dense), range(4, 30))
+
+
+@pytest.fixture(scope="module")
+def darwin_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("darwinlm")  # one database, built once, read by search and ZipLM
+
+
 @pytest.mark.parametrize("mode", ["search", "ziplm", "uniform"])
-def test_darwinlm_and_its_contrasts_hit_the_target(mode, dense, calib, tmp_path):
-    """DarwinLM's database at 3 levels (dense, half, none) instead of 11 and a two-generation
-    search without fine-tuning: the real shapes (9 query heads in 3 KV groups, tied embeddings),
-    not the paper's budget."""
+def test_darwinlm_and_its_contrasts_hit_the_target(mode, shallow, calib, darwin_folder):
+    """A 3-level database (dense, half, none) instead of 11 and a two-generation search without
+    fine-tuning: the real shapes (9 query heads in 3 KV groups, tied embeddings), not the paper's
+    budget."""
     from elmkit.methods import darwinlm
     from elmkit.methods.common import non_embedding_parameters
 
     cfg = darwinlm.DarwinLMConfig(ratio=0.2, mode=mode, levels=3, generations=2, offspring=2,
                                   survivors=(1,), fitness_tokens=(64,), train_tokens=(0,), batch_size=4)
-    slim, plan, _ = darwinlm.compress_(copy.deepcopy(dense), calib, cfg, None, progress=False,
-                                       folder=tmp_path / "search")
-    removed = 1 - non_embedding_parameters(slim) / non_embedding_parameters(dense)
+    folder = darwin_folder / ("obs" if mode != "uniform" else "uniform")
+    slim, plan, _ = darwinlm.compress_(copy.deepcopy(shallow), calib, cfg, None, progress=False,
+                                       folder=folder)
+    removed = 1 - non_embedding_parameters(slim) / non_embedding_parameters(shallow)
     assert 0.1 < removed < 0.3, removed
     assert slim.lm_head.weight is slim.model.embed_tokens.weight
     cached, full, _ = cached_and_full(slim.eval(), prompt_len=6, new=3)
