@@ -54,8 +54,20 @@ def test_text_demo_compares_at_one_layer_budget_and_resumes(plain_model, tmp_pat
     assert "trained in an earlier run" in printed and printed.count("measured in an earlier run") == 5
     assert again["rows"] == m["rows"]
 
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="another demo run"):
         text_demo(out, str(plain_model), plain_model, TextDemoConfig(windows=3))
+
+
+def test_a_folder_of_another_demo_is_refused_before_any_work(plain_model, tmp_path):
+    """e.g. `elmkit demo` (the task demo) then `elmkit demo --model M`, both into runs/demo: the
+    testbed's trained ELM must not be picked up as M's."""
+    from elmkit.io import write_json
+
+    out = tmp_path / "demo"
+    write_json(out / "config.json", {"command": "demo", "model": "testbed:tiny"})
+    with pytest.raises(ValueError, match="another demo run"):
+        text_demo(out, str(plain_model), plain_model, SMALL)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_bad_demo_settings_say_what_to_fix():

