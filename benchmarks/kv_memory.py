@@ -25,10 +25,10 @@ import torch
 from gpu_shapes import gpu_info, random_model
 
 from elmkit.eval.footprint import cache_bytes
-from elmkit.models.adapters import output_cache
 from elmkit.infer import DecodeConfig, Decoder
 from elmkit.io import read_json, write_json
 from elmkit.methods import elm as elm_method
+from elmkit.models.adapters import output_cache
 
 CONTEXT = 4096
 SHAPE = "qwen2.5-1.5b"

@@ -176,3 +176,25 @@ def test_cli_hides_third_party_deprecations_but_not_ours(monkeypatch):
         cli.quiet_third_party()
         warnings.warn_explicit("shown", FutureWarning, "x.py", 1, module="transformers.x")
     assert len(seen) == 1
+
+
+def test_plain_text_data_trains_an_elm_with_gppo_and_a_lora(tmp_path):
+    """`--data` may be plain-text JSONL for the trainers (every token a target): GPPO's search, the
+    block's SJFB training and the LoRA fine-tune; evaluation still asks for instruction data."""
+    from elmkit.io import read_json
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{a} plus {b} makes {a + b}. " * 4}) + "\n"
+                            for a in range(8) for b in range(2)))
+    assert cli.main(["elm", "--model", "testbed:tiny", "--data", str(data), "--out", str(tmp_path / "elm"),
+                     "--start", "auto", "--search-steps", "2", "--train.steps", "2",
+                     "--train.batch-size", "2", "--train.max-len", "32", "--train.distill-loss",
+                     "relative"]) == 0
+    m = read_json(tmp_path / "elm" / "metrics.json")
+    assert m["steps"] == 2 and (tmp_path / "elm" / "gppo.json").is_file()
+    assert (tmp_path / "elm" / "model" / "config.json").is_file()
+    assert cli.main(["finetune", "--model", "testbed:tiny", "--data", str(data), "--out",
+                     str(tmp_path / "lora"), "--max-steps", "2", "--batch-size", "2", "--max-len", "32"]) == 0
+    assert read_json(tmp_path / "lora" / "metrics.json")["steps"] == 2
+    ev = ["eval", "--model", "testbed:tiny", "--data", str(data), "--out", str(tmp_path / "ev")]
+    assert cli.main(ev) == 2

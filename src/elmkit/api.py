@@ -80,7 +80,8 @@ class ElmCompressConfig:
     kv_mode: Literal["one_step", "per_iter"] = "one_step"
     """One K/V slot per position for the block, or one per iteration (needs tol 0)."""
     format: str = "auto"
-    """Format of --data (auto, alpaca, gsm8k, metamath)."""
+    """Format of --data (auto, alpaca, gsm8k, metamath, math, or text: plain-text JSONL, every token
+    a target of the block's distillation and CE)."""
     limit: int | None = None
     """Train on the first N examples only."""
     device: str = "auto"
@@ -104,7 +105,7 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     """
     import copy
 
-    from .data.formats import read_examples
+    from .data.formats import read_training
     from .io import write_json
     from .methods import elm as elm_method
     from .models import count_parameters, load_model, load_tokenizer
@@ -113,7 +114,7 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     run = RunDir(out)
     run.write_config("elm", model=str(model), data=str(data), **asdict(cfg))
     tok = load_tokenizer(model)
-    examples = read_examples(data, cfg.format)
+    examples = read_training(data, cfg.format)  # instruction examples or plain texts
     examples = examples[: cfg.limit] if cfg.limit else examples
     dense = load_model(model, dtype="float32", device=cfg.device)
     n, p0 = dense.config.num_hidden_layers, count_parameters(dense)

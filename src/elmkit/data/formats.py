@@ -197,6 +197,18 @@ def read_examples(path: str | Path, format: str = "auto") -> list[Example]:
     return examples
 
 
+def read_training(path: str | Path, format: str = "auto") -> list[Example] | list[str]:
+    """Training data: instruction examples, or the texts of a plain-text JSONL (``{"text": ...}``),
+    which the trainers cut into windows where every token is a target."""
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "text":
+        texts = [t for t in read_text(path) if t.strip()]
+        if not texts:
+            raise DataFormatError(f"{path} holds no text")
+        return texts
+    return read_examples(path, fmt)
+
+
 def _final_answer(text: str) -> str | None:
     """The gold answer stated by a reference solution, if it states one."""
     if "The answer is:" in text:

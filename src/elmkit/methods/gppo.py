@@ -246,7 +246,8 @@ class RewardModel(nn.Module):
 def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool = True,
          history: list | None = None, thetas: list | None = None,
          ckpt_dir: Path | None = None) -> GppoPlan:
-    """Search the start layer with GPPO on ``data`` (instruction examples).
+    """Search the start layer with GPPO on ``data`` (instruction examples, or plain texts whose
+    every token is a CE target).
 
     ``history`` collects {step, action, reward} per reward-model step; ``thetas`` collects theta
     after every policy update. With ``ckpt_dir`` the search checkpoints after every policy update
@@ -256,7 +257,7 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
     from tqdm.auto import tqdm
 
     from ..data.chat import encode_many
-    from ..data.collate import pad_batch
+    from ..data.collate import pad_batch, text_features
     from ..train.dist import current
 
     d = current()
@@ -266,7 +267,10 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
         raise ValueError(f"span M = {span} must be in 1..{n - 1}")
     rm = RewardModel(dense, span, cfg)
     opt = torch.optim.AdamW(rm.trainable(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    feats = encode_many(tokenizer, data, cfg.max_len)
+    if not data:
+        raise ValueError("GPPO needs training data")
+    feats = text_features(tokenizer, data, cfg.max_len) if isinstance(data[0], str) else \
+        encode_many(tokenizer, data, cfg.max_len)
     device = next(dense.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * d.rank)  # each rank its own batches
     step = [0]

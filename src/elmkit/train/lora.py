@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.chat import IGNORE_INDEX, encode
-from ..data.collate import pad_batch
-from ..data.formats import Example, read_examples
+from ..data.collate import pad_batch, text_features
+from ..data.formats import Example, read_training
 from ..io import RunDir
 from .common import (
     batch_indices,
@@ -90,7 +90,8 @@ class FinetuneConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast where the GPU supports it, else fp32."""
     format: str = "auto"
-    """Data format of --data (auto, alpaca, gsm8k, metamath)."""
+    """Data format of --data (auto, alpaca, gsm8k, metamath, math, or text: plain-text JSONL, cut
+    into --max-len windows, every token a target)."""
     limit: int | None = None
     """Train on the first N examples only."""
     system: str | None = None
@@ -130,7 +131,8 @@ def finetune(
 
     Args:
         model: model folder or hub id (Llama, Qwen2, Qwen3, Mistral families).
-        data: instruction data file (alpaca, gsm8k, metamath) or a list of examples.
+        data: instruction data file (alpaca, gsm8k, metamath, math), plain-text JSONL, or a list
+            of examples or of texts.
         out: run folder; the merged model is written to ``out/model``.
         cfg: the training settings.
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
@@ -162,9 +164,12 @@ def finetune(
         run.write_config("finetune", **config)
 
     tokenizer = load_tokenizer(model)
-    examples = read_examples(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
+    examples = read_training(data, cfg.format) if isinstance(data, (str, Path)) else list(data)
     examples = examples[: cfg.limit] if cfg.limit else examples
-    feats = [encode(tokenizer, ex, cfg.max_len, cfg.system) for ex in examples]
+    if examples and isinstance(examples[0], str):  # plain text: every token is a target
+        feats = text_features(tokenizer, examples, cfg.max_len)
+    else:
+        feats = [encode(tokenizer, ex, cfg.max_len, cfg.system) for ex in examples]
     feats = [f for f in feats if any(t != IGNORE_INDEX for t in f["labels"])]
     if not feats:
         raise ValueError("no example has an answer token within --max-len; raise --max-len")
