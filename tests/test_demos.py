@@ -70,6 +70,16 @@ def test_a_folder_of_another_demo_is_refused_before_any_work(plain_model, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+def test_each_model_gets_its_own_default_folder():
+    from elmkit.demos import default_out
+
+    assert default_out("testbed:tiny").as_posix() == "runs/demo"
+    assert default_out("smollm2-135m").as_posix() == "runs/demo-smollm2-135m"
+    assert default_out("/models/My Model/").as_posix() == "runs/demo-My-Model"
+    gguf = "x/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert default_out(gguf).as_posix() == "runs/demo-SmolLM2-135M-Instruct.Q4_1"
+
+
 def test_bad_demo_settings_say_what_to_fix():
     with pytest.raises(ValueError, match="ratio"):
         TextDemoConfig(ratio=1.0)

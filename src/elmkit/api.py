@@ -260,7 +260,7 @@ def pretrain(out: str | Path, preset: str = "tiny", prune_to: str | None = None,
     return metrics
 
 
-def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
+def demo(out: str | Path | None = None, model: str = "testbed:tiny") -> dict:
     """The main job: compress a model into an ELM, train the block, and compare (``elmkit.demos``).
 
     On a testbed model (the default: the shipped tiny one): accuracy on 200 held-out problems of
@@ -269,7 +269,7 @@ def demo(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
     model (e.g. ``smollm2-135m``): perplexity on a shipped WikiText-2 slice of dense, the ELM
     (trained by distillation on shipped C4 text) and ShortGPT at the same layer count; about 15
     minutes on a 2-core CPU for a 135M model. Writes report.md (table + plots), metrics.json and
-    the ELM model into ``out``.
+    the ELM model into ``out`` (default: runs/demo for testbed:tiny, runs/demo-<model> otherwise).
     """
     from .demos import run
 

@@ -159,7 +159,8 @@ def _commands() -> dict[str, Command]:
                       f"({', '.join(NAMED)}) or hub id", True)
     out = ("out", "run folder to write into", True)
     return {
-        "demo": Command(demo, (("out", "run folder (default: runs/demo)", False),
+        "demo": Command(demo, (("out", "run folder (default: runs/demo, runs/demo-<model> for another "
+                                       "model)", False),
                                ("model", "testbed:tiny (default; accuracy on held-out problems) or any "
                                          "other model: folder, .gguf file, named model such as "
                                          "smollm2-135m (perplexity on shipped WikiText-2)", False))),

@@ -71,13 +71,24 @@ class TextDemoConfig:
                               save_every=25, warmup=min(20, self.steps // 10))
 
 
-def run(out: str | Path = "runs/demo", model: str = "testbed:tiny") -> dict:
+def run(out: str | Path | None = None, model: str = "testbed:tiny") -> dict:
     from .models.sources import resolve
 
+    out = out if out is not None else default_out(model)
     path = resolve(model)
     if (Path(path) / "testbed.json").is_file():
         return task_demo(out, model, path)
     return text_demo(out, model, path, TextDemoConfig())
+
+
+def default_out(model: str) -> Path:
+    """runs/demo for the shipped testbed model, runs/demo-<name> for any other: one model's run
+    never lands in (and is never refused by) another's folder."""
+    if model == "testbed:tiny":
+        return Path("runs/demo")
+    name = Path(model.rstrip("/\\")).name.removesuffix(".gguf") if not model.startswith("testbed:") else model
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+    return Path("runs") / f"demo-{slug}"
 
 
 def _check_folder(out: str | Path, config: dict) -> None:
