@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_table import Budget  # this script's folder is on sys.path
 
 from elmkit.io import atomic_write_text, read_json, save_figure, write_json
 
@@ -44,16 +45,6 @@ EVAL_AT = (250, 500, 1000, 2000)  # steps: 4k, 8k, 16k, 32k sequences
 EVALUATIONS = (1, 2, 4, 8)
 VAL_WINDOW, VAL_WINDOWS = 512, 64
 SMOKE = {"on": False}
-
-
-class Budget:
-    """Stops the run cleanly between units once --budget-s seconds would be exceeded."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.t0 = seconds, time.time()
-
-    def left(self, need_s: float) -> bool:
-        return time.time() - self.t0 + need_s <= self.seconds
 
 
 def texts(data: Path) -> dict[str, list[str]]:

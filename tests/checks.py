@@ -1,8 +1,10 @@
-"""Checks several test files share: cache consistency, surgery bookkeeping, remote-code loading."""
+"""Checks several test files share: cache consistency, surgery bookkeeping, remote-code loading,
+benchmark scripts run as a user runs them."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -70,3 +72,14 @@ print("ok")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 900) -> str:
+    """Run ``benchmarks/<script>`` in a fresh process (src and benchmarks importable); returns its
+    stdout, or fails the test with the end of its stderr."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'benchmarks'}"}
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

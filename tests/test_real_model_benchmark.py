@@ -1,26 +1,18 @@
 """benchmarks/real_model.py --smoke: the plumbing of the real-model benchmark on the tiny testbed."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from checks import run_benchmark
 
 from elmkit.data.corpora import c4_head
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _run(tmp_path: Path, *extra: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_model.py"), "--smoke",
-                        "--model", "testbed:tiny", "--data", str(tmp_path / "data"),
-                        "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *extra],
-                       capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+    return run_benchmark("real_model.py", "--smoke", "--model", "testbed:tiny", "--data",
+                         str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--out",
+                         str(tmp_path / "out"), *extra)
 
 
 @pytest.mark.slow

@@ -3,23 +3,18 @@ its time budget resumes, every method gets a row at both ratios, every start is 
 RESULTS.md is written from the JSON alone."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from checks import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path: Path, *extra: str) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_table.py"), "--smoke",
-                        "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *extra],
-                       capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+    return run_benchmark("results_table.py", "--smoke", "--run", str(tmp_path / "run"),
+                         "--out", str(tmp_path / "out"), *extra)
 
 
 @pytest.mark.slow

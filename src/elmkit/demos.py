@@ -298,7 +298,7 @@ def text_demo(out: str | Path, model: str, path: Path, cfg: TextDemoConfig = Tex
     _plot_curve(run / "evaluations.png", curve, rows[0]["ppl"], done["shortgpt"]["ppl"])
     plot_residuals(run / "residuals.png", traces)
     wall = round(time.time() - t0, 1)
-    report = _text_report(model, cfg, n, elm_plan, sg_plan, fit, rows, curve, wall)
+    report = _text_report(model, cfg, n, len(docs), elm_plan, sg_plan, fit, rows, curve, wall)
     atomic_write_text(run / "report.md", report)
     metrics = {"model": model, "settings": settings, "rows": rows, "evaluations_curve": curve,
                "elm_plan": elm_plan, "shortgpt_removed": list(sg_plan.drop), "elm_training": fit,
@@ -314,9 +314,7 @@ def _resume_rows(run: RunDir) -> dict:
     return dict(read_json(saved)["rows"]) if saved.is_file() else {}
 
 
-def _text_report(model, cfg: TextDemoConfig, n, elm_plan, sg_plan, fit, rows, curve, wall) -> str:
-    from .data.corpora import c4_head
-
+def _text_report(model, cfg: TextDemoConfig, n, n_docs, elm_plan, sg_plan, fit, rows, curve, wall) -> str:
     m_span = elm_plan.span
     table = ["| model | layers | params | perplexity | × dense | KV bytes, 4K tokens (16-bit) | "
              "block evaluations / token |", "|---|---|---|---|---|---|---|"]
@@ -340,7 +338,7 @@ def _text_report(model, cfg: TextDemoConfig, n, elm_plan, sg_plan, fit, rows, cu
         "by block influence,",
         f"so both keep {n - m_span + 1} layers and the same KV cache. Calibration: {cfg.calib_samples} "
         f"sequences of {cfg.calib_len} tokens",
-        f"from the shipped C4 slice ({len(c4_head())} documents). The block trained with SJFB on that slice "
+        f"from the shipped C4 slice ({n_docs} documents). The block trained with SJFB on that slice "
         f"for {fit['steps']} steps",
         f"of {cfg.batch_size} × {cfg.max_len} tokens ({fit['train_time_s']:.0f} s), distillation only "
         f"({cfg.distill_loss} loss, lr {cfg.lr});",
@@ -417,15 +415,14 @@ def residual_traces(elm, tok, prompts: list[list[int]], iterations: int = 20) ->
     return out
 
 
-def _plot_bars(png: Path, rows: list[dict], key: str, ylabel: str, ylim, labels=None,
-               log: bool = False) -> None:
+def _plot_bars(png: Path, rows: list[dict], key: str, ylabel: str, ylim, log: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3))
-    names = (labels or ["dense", "ELM", "ELM adaptive", "ShortGPT"])[:len(rows)]
+    names = ["dense", "ELM", "ELM adaptive", "ShortGPT"][:len(rows)]
     vals = [r[key] for r in rows]
     ax.bar(names, vals, color=["#4c72b0", "#55a868", "#8fbc8f", "#c44e52"][:len(rows)])
     for i, v in enumerate(vals):

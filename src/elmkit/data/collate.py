@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .chat import IGNORE_INDEX
+from .chat import IGNORE_INDEX, encode_many
 
 
 def pad_batch(
@@ -53,6 +53,16 @@ def pack(features: Sequence[dict[str, list[int]]], seq_len: int) -> list[dict[st
         {"input_ids": ids[i * seq_len:(i + 1) * seq_len], "labels": labels[i * seq_len:(i + 1) * seq_len]}
         for i in range(n)
     ]
+
+
+def training_features(tokenizer, data: Sequence, max_len: int) -> list[dict[str, list[int]]]:
+    """Features of training data: instruction examples (targets: their answers) or plain texts
+    (``text_features``: every token a target)."""
+    if not data:
+        raise ValueError("no training data")
+    if isinstance(data[0], str):
+        return text_features(tokenizer, data, max_len)
+    return encode_many(tokenizer, data, max_len)
 
 
 def text_features(tokenizer, texts: Sequence[str], seq_len: int) -> list[dict[str, list[int]]]:

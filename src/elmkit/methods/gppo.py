@@ -256,8 +256,7 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
     """
     from tqdm.auto import tqdm
 
-    from ..data.chat import encode_many
-    from ..data.collate import pad_batch, text_features
+    from ..data.collate import pad_batch, training_features
     from ..train.dist import current
 
     d = current()
@@ -267,10 +266,7 @@ def plan(dense, tokenizer, data, cfg: GppoConfig = GppoConfig(), progress: bool 
         raise ValueError(f"span M = {span} must be in 1..{n - 1}")
     rm = RewardModel(dense, span, cfg)
     opt = torch.optim.AdamW(rm.trainable(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if not data:
-        raise ValueError("GPPO needs training data")
-    feats = text_features(tokenizer, data, cfg.max_len) if isinstance(data[0], str) else \
-        encode_many(tokenizer, data, cfg.max_len)
+    feats = training_features(tokenizer, data, cfg.max_len)
     device = next(dense.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * d.rank)  # each rank its own batches
     step = [0]

@@ -40,8 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..data.chat import encode_many
-from ..data.collate import pad_batch, text_features
+from ..data.collate import pad_batch, training_features
 from ..data.formats import Example
 from ..io import RunDir, write_json
 from ..models.adapters import (
@@ -354,12 +353,7 @@ def train_elm(elm, teacher, tokenizer, data: list[Example] | list[str], out: str
     device = next(elm.parameters()).device
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not data:
-        raise ValueError("no training data")
-    if text:
-        feats = text_features(tokenizer, data, cfg.max_len)
-    else:
-        feats = encode_many(tokenizer, data, cfg.max_len)
+    feats = training_features(tokenizer, data, cfg.max_len)
     for p in elm.parameters():
         p.requires_grad_(False)
     for p in teacher.parameters():
