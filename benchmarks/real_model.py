@@ -11,15 +11,24 @@ Stages so far:
 
   recipe  General retention at M = 8 of 30 (the block replaces layers placed by the cosine
           criterion): the ELM's distillation loss (mse, the paper's; relative; channel) x peak
-          learning rate. The block trains by SJFB on the shared C4 sample 1 (sequences of 256
-          tokens, 16 per step) and is scored on held-out text only: perplexity on C4 sample 2
-          (validation), after 4k, 8k, 16k and 32k training sequences, from one training run per
-          recipe; the final block also at 1, 2, 4 and 8 evaluations per token. Dense and ShortGPT
+          learning rate. The block trains by SJFB on the shared C4 samples (sequences of 256
+          tokens, 16 per step, constant learning rate after a short warm-up, so a checkpoint of a
+          long run is what a shorter run would give) and is scored on held-out text only:
+          perplexity on C4 validation documents, after 4k, 8k, 16k and 32k training sequences,
+          from one training run per recipe; the final block also at 1, 2, 4 and 8 evaluations
+          per token.
+  screen  General retention at one budget (25.6k sequences, M = 8): every method of
+          `compare --methods all` plus reverse-order pruning, and dense + LoRA as the ceiling.
+          Each method compresses the model and then spends the budget as its authors do: ELM's
+          block (the recipe stage's winner), LLM-Streamline's replacement layer, partial-layer
+          fine-tuning for reverse-order pruning, LoRA healing for the rest. Validation perplexity
+          at 6.4k, 12.8k and 25.6k sequences of the same run, WikiText-2 test perplexity at the
+          end. Dense and ShortGPT
           (7 layers deleted: the same layer count and KV cache) without training are the
           reference rows.
 
-The report (recipe.md, recipe.json, recipe.png under --out) is rewritten after every unit, and
-with --report-only from the saved units.
+Each stage's report (<stage>.md, .json, .png under --out/<stage>) is rewritten after every unit,
+and with --report-only from the saved units.
 """
 
 from __future__ import annotations
@@ -44,15 +53,19 @@ BATCH, SEQ = 16, 256
 EVAL_AT = (250, 500, 1000, 2000)  # steps: 4k, 8k, 16k, 32k sequences
 EVALUATIONS = (1, 2, 4, 8)
 VAL_WINDOW, VAL_WINDOWS = 512, 64
+VAL_DOCS = 200
 SMOKE = {"on": False}
 
 
 def texts(data: Path) -> dict[str, list[str]]:
-    """C4 sample 1 trains and calibrates; sample 2 is validation text, never trained on."""
+    """The shared C4 samples (1,000 documents each, about 0.5M tokens): the first VAL_DOCS of
+    sample 2 are validation text, never trained on; the rest (about 3,500 windows of 256 tokens)
+    trains and calibrates. Budgets beyond that repeat it: the reports give epochs."""
     from elmkit.data.formats import read_text
 
-    train = read_text(data / "calibration" / "redpajama_c4_sample1.jsonl")
-    val = read_text(data / "calibration" / "redpajama_c4_sample2.jsonl")[:200]
+    second = read_text(data / "calibration" / "redpajama_c4_sample2.jsonl")
+    train = read_text(data / "calibration" / "redpajama_c4_sample1.jsonl") + second[VAL_DOCS:]
+    val = second[:VAL_DOCS]
     if SMOKE["on"]:
         train, val = train[:40], val[:4]
     return {"train": train, "val": val}
@@ -78,7 +91,7 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
     s = settings()
     folder = out / "recipe"
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [(loss, lr) for loss in LOSSES for lr in LRS if not (folder / unit_name(loss, lr)).is_file()]
+    todo = [(loss, lr) for lr in LRS for loss in LOSSES if not (folder / unit_name(loss, lr)).is_file()]
     if not todo and (folder / "reference.json").is_file():
         return True
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,7 +139,7 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
         on_step = _checkpoint_evals(elm, curve, s, val_ppl)
 
         cfg = ElmTrainConfig(steps=s["eval_at"][-1], batch_size=s["batch"], max_len=s["seq"], lr=lr,
-                             lambda_ce=0.0, distill_loss=loss, save_every=10**9, seed=0)
+                             min_lr=lr, lambda_ce=0.0, distill_loss=loss, save_every=10**9, seed=0)
         work = run / unit_name(loss, lr).removesuffix(".json")  # checkpoints and model: not committed
         fit = train_elm(elm, teacher, tok, t["train"], work, cfg, progress=False, on_step=on_step)
         per_k = {}
@@ -146,6 +159,187 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
             torch.cuda.empty_cache()
     report(out)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# screen: every method at one budget
+# ---------------------------------------------------------------------------------------------
+
+BUDGETS = (6_400, 12_800, 25_600, 51_200, 102_400)  # training sequences (windows of up to SEQ tokens)
+SCREEN_TOP = 25_600
+HEAL_LR = 2e-4  # LoRA healing (r 16, all seven projections): FinetuneConfig's default
+PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer fine-tuning
+
+
+def screen_methods() -> list[str]:
+    from elmkit.compare import GROUPS
+
+    return ["dense", *GROUPS["all"]]
+
+
+def screen_settings() -> dict:
+    small = SMOKE["on"]
+    top = 8 if small else SCREEN_TOP
+    return {"span": 3 if small else SPAN, "batch": 2 if small else BATCH, "seq": 32 if small else SEQ,
+            "budgets": [b for b in ((2, 4, 8) if small else BUDGETS) if b <= top],
+            "val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
+            "heal_lr": HEAL_LR, "partial": PARTIAL, "smoke": small}
+
+
+def elm_recipe(out: Path) -> dict:
+    """The recipe stage's winner (lowest validation perplexity at its last checkpoint); the
+    relative loss at lr 1e-3 until that stage has results."""
+    units = [read_json(p) for p in (out / "recipe").glob("unit_*.json")]
+    if not units:
+        return {"loss": "relative", "lr": 1e-3, "chosen_by": "default (no recipe results yet)"}
+    best = min(units, key=lambda u: u["curve"][-1]["ppl"])
+    return {"loss": best["loss"], "lr": best["lr"], "chosen_by": "recipe stage (validation)"}
+
+
+def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
+                 methods: list[str] | None = None) -> bool:
+    """Every method of ``methods`` (default: all) not yet saved; False when the budget stopped it."""
+    from elmkit.compare import CompareConfig, compress_copy
+    from elmkit.data.calibration import CalibConfig
+    from elmkit.eval.perplexity import perplexity, read_wikitext2
+    from elmkit.methods.common import non_embedding_parameters
+    from elmkit.models import count_parameters, load_model, load_tokenizer
+
+    s = screen_settings()
+    folder = out / "screen"
+    folder.mkdir(parents=True, exist_ok=True)
+    methods = methods or screen_methods()
+    todo = [m for m in methods if not (folder / f"unit_{m}.json").is_file()]
+    if not todo:
+        report_screen(out)
+        return True
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(model)
+    master = load_model(model, dtype="float32", device="cpu")
+    n = master.config.num_hidden_layers
+    k = s["span"] - 1
+    t = texts(data)
+    val = "\n\n".join(t["val"])
+    wiki = read_wikitext2(data / "wikitext2" / "wiki.test.raw")
+    calib = CalibConfig(samples=64 if not SMOKE["on"] else 4, seq_len=256 if not SMOKE["on"] else 32,
+                        seed=0).build(tok, t["train"])
+    top = s["budgets"][-1]
+    steps = top // s["batch"]
+    recipe = elm_recipe(out)
+    e0, p0 = non_embedding_parameters(master), count_parameters(master)
+
+    def val_ppl(m) -> float:
+        return round(perplexity(m, tok, val, window=s["val_window"], max_windows=s["val_windows"],
+                                progress=False)["ppl"], 4)
+
+    def wiki_ppl(m) -> dict:
+        r = perplexity(m, tok, wiki, window=s["val_window"], max_windows=None if not SMOKE["on"] else 2,
+                       progress=False)
+        return {"ppl": round(r["ppl"], 4), "tokens": r["tokens"]}
+
+    def scorer(curve: list):
+        """``(step, model)`` callback: the validation perplexity at every budget (in sequences)."""
+        def score(step: int, m) -> None:
+            if step * s["batch"] in s["budgets"]:
+                curve.append({"sequences": step * s["batch"], "ppl": val_ppl(m)})
+        return score
+
+    for name in todo:
+        need = max([read_json(p)["seconds"] for p in folder.glob("unit_*.json")] or [300.0])
+        if not budget.left(need):
+            print(f"stopped at the time budget before {name}; run again to continue")
+            return False
+        print(f"== screen {name}", flush=True)
+        t0 = time.time()
+        work = run / "screen" / name
+        dense = copy.deepcopy(master).to(device)
+        # Streamline trains on windows of 512 tokens: half as many per step keeps the tokens equal
+        ccfg = CompareConfig(methods=("elm",), remove=k / n, train_steps=steps,
+                             train_batch_size=max(1, s["batch"] * s["seq"] // 512),
+                             elm_max_iter=s["span"], elm_lr=recipe["lr"], device=device, seed=0,
+                             calib=CalibConfig(samples=len(calib), seq_len=calib.input_ids.shape[1]))
+        curve: list[dict] = []
+        unit = {"method": name, "removed_layers": k if name != "dense" else 0}
+        try:
+            if name == "dense":
+                m, trainer = dense, "lora"
+            elif name in ("elm", "elm-cosine"):
+                m, trainer = _screen_elm(dense, tok, calib, t["train"], s, recipe, work, scorer(curve)), "elm"
+                unit["recipe"] = recipe
+            else:
+                m, plan, stats = compress_copy(name, dense, tok, calib, t["train"], k, work, ccfg)
+                unit["plan"] = _jsonable(plan)
+                trainer = {"streamline": "own", "reverse": "partial"}.get(name, "lora")
+            del dense
+        except ValueError as e:  # the method cannot reach the target on this model
+            unit.update(error=str(e), seconds=round(time.time() - t0, 1))
+            write_json(folder / f"unit_{name}.json", unit)
+            print(f"== {name} failed: {e}")
+            continue
+        compress_s = time.time() - t0
+        if trainer in ("lora", "partial"):
+            m = _heal(m, tok, t["train"], s, trainer, steps, work, scorer(curve), device)
+        elif not curve:  # Streamline's layer trained on the whole budget; one point
+            curve.append({"sequences": top, "ppl": val_ppl(m)})
+        ne = non_embedding_parameters(m)
+        unit.update(trainer=trainer, curve=curve, wikitext2=wiki_ppl(m), params=count_parameters(m) / p0,
+                    removed_non_embedding=round(1 - ne / e0, 4), layers=m.config.num_hidden_layers,
+                    compress_s=round(compress_s, 1), seconds=round(time.time() - t0, 1),
+                    device=_device_name())
+        write_json(folder / f"unit_{name}.json", unit)
+        print(f"{name}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in curve)
+              + f"  wikitext2 {unit['wikitext2']['ppl']:.2f}  ({unit['seconds']:.0f} s)", flush=True)
+        report_screen(out)
+        del m
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report_screen(out)
+    return True
+
+
+def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
+    """The ELM block placed by the cosine criterion, trained on the whole budget with the recipe."""
+    from elmkit.methods import elm as elm_method
+    from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
+
+    start, _ = elm_method.cosine_start(dense, calib, s["span"])
+    plan = elm_method.plan(dense, start=start, span=s["span"], max_iter=s["span"])
+    teacher = SpanTeacher(dense, plan.start, plan.span)
+    elm = elm_method.apply_(dense, plan)
+    cfg = ElmTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"], max_len=s["seq"],
+                         lr=recipe["lr"], min_lr=recipe["lr"], lambda_ce=0.0, distill_loss=recipe["loss"],
+                         save_every=10**9, seed=0)
+    train_elm(elm, teacher, tok, train, work, cfg, progress=False, on_step=lambda step, _: score(step, elm))
+    return elm
+
+
+def _heal(m, tok, train, s, trainer, steps, work, score, device):
+    """LoRA healing (or Lu et al.'s partial-layer fine-tuning) for ``steps``, scored at the budgets."""
+    import dataclasses
+
+    from elmkit.compare import save_model
+    from elmkit.models import load_model
+    from elmkit.train.lora import FinetuneConfig, finetune
+
+    save_model(m, tok, work / "model")
+    del m
+    if trainer == "partial":
+        cfg = FinetuneConfig(mode="partial", partial_layers=PARTIAL["layers"], tied_head="train",
+                             lr=PARTIAL["lr"], min_lr=PARTIAL["lr"], warmup_steps=PARTIAL["warmup"])
+    else:
+        cfg = FinetuneConfig(lr=HEAL_LR, min_lr=HEAL_LR, warmup_steps=20)
+    cfg = dataclasses.replace(cfg, batch_size=s["batch"], max_len=s["seq"], max_steps=steps, format="text",
+                              save_every=10**9, device=device, seed=0)
+    finetune(work / "model", train, work / "heal", cfg, progress=False, on_model=score)
+    return load_model(work / "heal" / "model", dtype="float32", device=device)
+
+
+def _jsonable(plan) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(plan):
+        return json.loads(json.dumps(dataclasses.asdict(plan), default=str))
+    return {"repr": repr(plan)[:500]}
 
 
 def _checkpoint_evals(elm, curve: list, s: dict, val_ppl):
@@ -180,7 +374,7 @@ def report(out: Path) -> None:
         "",
         f"`{ref['model']}`: the block replaces layers {ref['start']}-"
         f"{ref['start'] + ref['settings']['span'] - 1} ({ref['settings']['span']} of {ref['layers']}, "
-        "cosine criterion); SJFB on C4 sample 1, "
+        "cosine criterion); SJFB on C4 (constant lr after 20 warm-up steps), "
         f"{ref['settings']['batch']} x {ref['settings']['seq']} tokens per step, distillation only; "
         f"perplexity on held-out C4 (sample 2, {ref['dense']['tokens']:,} tokens, windows of "
         f"{ref['settings']['val_window']}). One seed per recipe. Device: {units[0]['device']}.",
@@ -221,6 +415,72 @@ def _plot(png: Path, ref: dict, units: list[dict]) -> None:
     save_figure(fig, png)
 
 
+def report_screen(out: Path) -> None:
+    """screen.md / screen.json / screen.png from the saved units."""
+    folder = out / "screen"
+    units = [read_json(p) for p in folder.glob("unit_*.json")]
+    if not units:
+        return
+    order = {m: i for i, m in enumerate(screen_methods())}
+    units.sort(key=lambda u: order.get(u["method"], len(order)))
+    ok = [u for u in units if "error" not in u]
+    write_json(folder / "screen.json", {"settings": screen_settings(), "units": units})
+    if ok:
+        _plot_screen(folder / "screen.png", ok)
+    budgets = screen_settings()["budgets"]
+    ref = next((u for u in ok if u["method"] == "dense"), None)
+    lines = [
+        "## General retention at one budget: every method, M = 8 of 30 (screening)",
+        "",
+        "SmolLM2-135M-Instruct. Depth methods leave 23 of 30 layers (ELM: a block replaces 8, "
+        "evaluated 8 times; deleting and merging methods remove 7); width methods remove the same "
+        "fraction of the non-embedding parameters. After compression each method spends the same "
+        f"budget, {budgets[-1]:,} training sequences of up to {SEQ} tokens of C4 (16 per step, constant "
+        "learning rate after warm-up), as its authors do: ELM's block (distillation, the recipe "
+        "stage's winner), LLM-Streamline's replacement layer, partial-layer fine-tuning (last 3 layers "
+        f"and head, lr {PARTIAL['lr']:g}) for reverse-order pruning, LoRA healing (r 16, lr {HEAL_LR:g}) "
+        "for the rest; dense + LoRA is the ceiling. Validation: perplexity on held-out C4 "
+        f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; WikiText-2: "
+        f"the whole test set in windows of {VAL_WINDOW}. One seed.",
+        "",
+        "| method | layers | params | removed non-emb. | " + " | ".join(f"C4 @ {b:,}" for b in budgets)
+        + " | WikiText-2 | s |",
+        "|---|---|---|---|" + "---|" * (len(budgets) + 2),
+    ]
+    for u in units:
+        if "error" in u:
+            lines.append(f"| {u['method']} | failed: {u['error'][:120]} |")
+            continue
+        pts = {c["sequences"]: c["ppl"] for c in u["curve"]}
+        lines.append(f"| {u['method']} | {u['layers']} | {u['params']:.3f} | "
+                     f"{u['removed_non_embedding']:.3f} | "
+                     + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
+                     + f" | {u['wikitext2']['ppl']:.2f} | {u['seconds']:.0f} |")
+    if ref is not None:
+        lines += ["", f"Dense + LoRA reaches {ref['curve'][-1]['ppl']:.2f} on C4 validation and "
+                  f"{ref['wikitext2']['ppl']:.2f} on WikiText-2 at {budgets[-1]:,} sequences."]
+    lines += ["", "![screen](screen.png)", ""]
+    atomic_write_text(folder / "screen.md", "\n".join(lines))
+
+
+def _plot_screen(png: Path, units: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for u in units:
+        xs, ys = [c["sequences"] for c in u["curve"]], [c["ppl"] for c in u["curve"]]
+        style = {"ls": ":", "color": "k"} if u["method"] == "dense" else {}
+        ax.plot(xs, ys, marker="o", label=u["method"], **style)
+    ax.set(xscale="log", yscale="log", xlabel="training sequences after compression",
+           ylabel="validation perplexity (C4)")
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    save_figure(fig, png)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or named model")
@@ -231,17 +491,33 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540, help="stop cleanly after this many seconds")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved units")
     ap.add_argument("--smoke", action="store_true", help="check the plumbing with a few steps (CPU)")
+    ap.add_argument("--stages", default="recipe,screen", help="stages to run, in order (recipe, screen)")
+    ap.add_argument("--methods", default=None, help="screen: only these methods (comma-separated)")
     args = ap.parse_args()
     SMOKE["on"] = args.smoke
     out = Path(args.out)
+    stages = [x for x in args.stages.split(",") if x]
+    if set(stages) - {"recipe", "screen"}:
+        raise SystemExit(f"unknown --stages {args.stages}; choose from recipe, screen")
     if args.report_only:
-        report(out)
+        if (out / "recipe" / "reference.json").is_file():
+            report(out)
+        report_screen(out)
         return
     data = Path(args.data)
     if not (data / "calibration").is_dir():
         raise SystemExit(f"{data}/calibration not found: pass --data with the C4 samples")
-    done = stage_recipe(args.model, data, out, Path(args.run), Budget(args.budget_s))
-    print(json.dumps({"recipe": "done" if done else "stopped at the budget"}))
+    budget, state = Budget(args.budget_s), {}
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    for stage in stages:
+        if stage == "recipe":
+            done = stage_recipe(args.model, data, out, Path(args.run), budget)
+        else:
+            done = stage_screen(args.model, data, out, Path(args.run), budget, methods)
+        state[stage] = "done" if done else "stopped at the budget"
+        if not done:
+            break
+    print(json.dumps(state))
     sys.exit(0)
 
 

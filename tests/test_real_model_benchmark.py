@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from checks import run_benchmark
 
-from elmkit.data.corpora import c4_head
+from elmkit.data.corpora import c4_head, wikitext2_head
 
 
 def _run(tmp_path: Path, *extra: str) -> str:
@@ -15,19 +15,26 @@ def _run(tmp_path: Path, *extra: str) -> str:
                          str(tmp_path / "out"), *extra)
 
 
-@pytest.mark.slow
-def test_recipe_stage_stops_resumes_and_reports(tmp_path):
-    docs = c4_head()  # the shipped C4 slice stands in for the shared samples
+def _data(tmp_path: Path) -> None:
+    """The shipped C4 and WikiText-2 slices stand in for the shared samples."""
+    docs = c4_head()
     (tmp_path / "data" / "calibration").mkdir(parents=True)
     for i, part in ((1, docs[:200]), (2, docs[200:])):
         (tmp_path / "data" / "calibration" / f"redpajama_c4_sample{i}.jsonl").write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in part))
+    (tmp_path / "data" / "wikitext2").mkdir()
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(wikitext2_head())
+
+
+@pytest.mark.slow
+def test_recipe_stage_stops_resumes_and_reports(tmp_path):
+    _data(tmp_path)
     recipe = tmp_path / "out" / "recipe"
 
-    assert "stopped at the time budget" in _run(tmp_path, "--budget-s", "0")
+    assert "stopped at the time budget" in _run(tmp_path, "--budget-s", "0", "--stages", "recipe")
     assert (recipe / "reference.json").is_file() and not list(recipe.glob("unit_*.json"))
 
-    assert '"recipe": "done"' in _run(tmp_path)
+    assert '"recipe": "done"' in _run(tmp_path, "--stages", "recipe")
     units = sorted(p.name for p in recipe.glob("unit_*.json"))
     assert len(units) == 6  # 3 losses x 2 learning rates
     data = json.loads((recipe / "recipe.json").read_text())
@@ -35,9 +42,34 @@ def test_recipe_stage_stops_resumes_and_reports(tmp_path):
     assert "| relative |" in (recipe / "recipe.md").read_text() and (recipe / "recipe.png").is_file()
 
     before = {p.name: p.read_text() for p in recipe.glob("unit_*.json")}
-    out = _run(tmp_path)  # everything saved: nothing is trained again
+    out = _run(tmp_path, "--stages", "recipe")  # everything saved: nothing is trained again
     assert '"recipe": "done"' in out and " lr " not in out
     assert before == {p.name: p.read_text() for p in recipe.glob("unit_*.json")}
     (recipe / "recipe.md").unlink()
     _run(tmp_path, "--report-only")
     assert (recipe / "recipe.md").is_file()
+
+
+@pytest.mark.slow
+def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
+    _data(tmp_path)
+    screen = tmp_path / "out" / "screen"
+    methods = "dense,elm,shortgpt,streamline,reverse"
+    out = _run(tmp_path, "--stages", "screen", "--methods", methods)
+    assert '"screen": "done"' in out
+    units = {u["method"]: u for u in json.loads((screen / "screen.json").read_text())["units"]}
+    assert set(units) == set(methods.split(","))
+    budgets = json.loads((screen / "screen.json").read_text())["settings"]["budgets"]
+    for name, u in units.items():
+        assert "error" not in u, u
+        # one training run scored at every budget; Streamline's layer only at the end
+        want = budgets[-1:] if name == "streamline" else budgets
+        assert [c["sequences"] for c in u["curve"]] == want and all(c["ppl"] > 0 for c in u["curve"])
+        assert u["wikitext2"]["ppl"] > 0
+    assert units["dense"]["layers"] == units["elm"]["layers"] + 2  # span 3 -> 1 block in the smoke run
+    assert units["shortgpt"]["layers"] == units["reverse"]["layers"] == units["dense"]["layers"] - 2
+    assert (units["dense"]["trainer"], units["reverse"]["trainer"], units["streamline"]["trainer"]) == (
+        "lora", "partial", "own")
+    assert "| reverse |" in (screen / "screen.md").read_text() and (screen / "screen.png").is_file()
+    again = _run(tmp_path, "--stages", "screen", "--methods", methods)  # all saved: nothing reruns
+    assert "== screen" not in again

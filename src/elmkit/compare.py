@@ -79,7 +79,7 @@ def compress_method(model: str | Path, data: str | Path, out: str | Path, method
         plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True)
     wall = time.time() - t0
     write_json(run / "plan.json", plan)
-    _save(m, tok, run / "model")
+    save_model(m, tok, run / "model")
     metrics = {"method": method, "plan": plan, "stats": _short(stats), "layers_before": n0,
                "layers_after": m.config.num_hidden_layers, "params_before": p0,
                "params_after": count_parameters(m),
@@ -211,7 +211,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
             _claim(run / name, fps[name])
             t0 = time.time()
             try:
-                m, plan, stats = _compress(name, dense, tok, calib, train_ex, k, run / name, cfg)
+                m, plan, stats = compress_copy(name, dense, tok, calib, train_ex, k, run / name, cfg)
             except ValueError as e:  # the method cannot reach k here (e.g. its protected layers)
                 print(f"== {name} failed: {e}")
                 rows.append(_finish(run / name, fps[name], {"method": name, "title": title, "error": str(e)}))
@@ -221,7 +221,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
             heal_s, before = 0.0, {}
             if cfg.heal != "none":
                 if name not in ELM_METHODS:  # the ELM trainer has saved its model already
-                    _save(m, tok, run / name / "model")
+                    save_model(m, tok, run / name / "model")
                 if cfg.heal == "both":
                     before = measure(m, name)
                 del m
@@ -233,7 +233,7 @@ def compare(model: str | Path, out: str | Path, data: str | Path | None = None,
                 heal_s = time.time() - t0
                 m = load_model(run / name / "heal" / "model", dtype="float32", device=cfg.device)
             elif name not in ELM_METHODS:
-                _save(m, tok, run / name / "model")
+                save_model(m, tok, run / name / "model")
             after = measure(m, f"{name}/healed" if before else name)
             measured = {**before, "healed_accuracy": after["accuracy"]} if before else after
             row = _finish(run / name, fps[name], {
@@ -286,8 +286,14 @@ def _data(path: str, data, test, cfg: CompareConfig):
     return read_examples(data)[:cfg.n_train], str(data), read_examples(test)[:cfg.n_test]
 
 
-def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: Path, cfg: CompareConfig):
-    """A compressed copy of ``dense`` -> (model, plan, stats)."""
+def compress_copy(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: Path,
+                  cfg: CompareConfig) -> tuple:
+    """A compressed copy of ``dense`` by method ``name`` -> (model, plan, stats).
+
+    ``k``: layers a depth method removes (ELM and LLM-Streamline replace k + 1 by one); width
+    methods remove ``cfg.remove`` of the non-embedding parameters. ``train_ex`` (instruction
+    examples or plain texts) is what the training methods train on; ``out`` holds their work.
+    """
     if name in ELM_METHODS:
         from .methods import elm as elm_method
         from .train.elm import ElmTrainConfig, train_elm
@@ -314,7 +320,7 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
     if name in WIDTH:
         spec = WIDTH[name]
         base = _width_base(name, cfg)
-        train = Calibration.from_examples(tok, train_ex, 512) if spec.trains else None
+        train = Calibration.from_training(tok, train_ex, 512) if spec.trains else None
         mcfg = spec.module.for_target(base, dense, cfg.remove)
         return spec.module.compress_(copy.deepcopy(dense), calib, mcfg, train, progress=True,
                                      folder=out / "search")
@@ -324,7 +330,7 @@ def _compress(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: 
     if spec.trains:
         mcfg = dataclasses.replace(mcfg, steps=cfg.train_steps, train_batch_size=cfg.train_batch_size,
                                    seed=cfg.seed)
-        train = Calibration.from_examples(tok, train_ex, 512)
+        train = Calibration.from_training(tok, train_ex, 512)
     m = copy.deepcopy(dense)
     plan, stats = spec.module.compress_(m, calib, mcfg, train, progress=True)
     return m, plan, stats
@@ -350,7 +356,8 @@ def _width_base(name: str, cfg: CompareConfig):
     return dataclasses.replace(cfg.darwinlm, mode=spec.base.mode) if spec.module is darwinlm else spec.base
 
 
-def _save(model, tok, folder: Path) -> None:
+def save_model(model, tok, folder: Path) -> None:
+    """``model`` and ``tok`` as a HF folder (safetensors), written atomically."""
     from .io import atomic_replace_dir
 
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -384,7 +391,19 @@ def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) ->
         own.update(train_steps=cfg.train_steps, train_batch_size=cfg.train_batch_size, n_train=cfg.n_train)
     return {**ident, "method": name, **own, "remove": cfg.remove, "calib": asdict(cfg.calib),
             "heal": cfg.heal, "seed": cfg.seed,
-            **({"lora": asdict(cfg.lora), "n_train": cfg.n_train} if cfg.heal != "none" else {})}
+            **({"lora": _heal_settings(cfg.lora), "n_train": cfg.n_train} if cfg.heal != "none" else {})}
+
+
+def _heal_settings(lora: FinetuneConfig) -> dict:
+    """The healing config without the partial mode's fields in LoRA mode, so rows healed before
+    those fields existed are still reused."""
+    from .train.lora import PARTIAL_FIELDS
+
+    d = asdict(lora)
+    if lora.mode == "lora":
+        for f in ("mode", *PARTIAL_FIELDS):
+            d.pop(f)
+    return d
 
 
 def _identity(path) -> object:

@@ -45,6 +45,21 @@ class Calibration:
         return _from_ids(tokenizer, [f["input_ids"][cut] for f in feats],
                          [[int(t != IGNORE_INDEX) for t in f["labels"][cut]] for f in feats])
 
+    @classmethod
+    def from_training(cls, tokenizer, data: Sequence, max_len: int = 512) -> Calibration:
+        """Training data in calibration form, for the methods that train on it (a replacement
+        layer, DarwinLM's candidates): instruction examples as ``from_examples``, plain texts as
+        every window of ``max_len`` tokens of every document (``text_features``), all tokens
+        targets."""
+        if not data:
+            raise ValueError("no training data")
+        if not isinstance(data[0], str):
+            return cls.from_examples(tokenizer, data, max_len)
+        from .collate import text_features
+
+        seqs = [f["input_ids"] for f in text_features(tokenizer, data, max_len)]
+        return _from_ids(tokenizer, seqs, [[1] * len(q) for q in seqs])
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

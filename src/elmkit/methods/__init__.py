@@ -20,6 +20,7 @@ from . import (
     laco,
     llm_pruner,
     replaceme,
+    reverse,
     shortened,
     shortgpt,
     sleb,
@@ -57,6 +58,7 @@ DEPTH: dict[str, Method] = {
     "streamline": Method("LLM-Streamline", streamline, streamline.StreamlineConfig(n_remove=0),
                               trains=True),
     "replaceme": Method("ReplaceMe", replaceme, replaceme.ReplaceMeConfig(n_remove=0)),
+    "reverse": Method("Reverse-order (Lu et al.)", reverse, reverse.ReverseConfig(n_remove=0)),
 }
 
 
@@ -70,5 +72,5 @@ WIDTH: dict[str, Method] = {
     "uniform": Method("Uniform", darwinlm, darwinlm.DarwinLMConfig(mode="uniform"), command=False),
 }
 
-__all__ = ["DEPTH", "WIDTH", "DepthTarget", "Method", "darwinlm", "flap", "laco",
-           "llm_pruner", "replaceme", "shortened", "shortgpt", "sleb", "slm", "slm_pruner", "streamline"]
+__all__ = ["DEPTH", "WIDTH", "DepthTarget", "Method", "darwinlm", "flap", "laco", "llm_pruner",
+           "replaceme", "reverse", "shortened", "shortgpt", "sleb", "slm", "slm_pruner", "streamline"]

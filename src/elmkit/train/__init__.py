@@ -1,5 +1,5 @@
-"""Training loops: LoRA task fine-tuning (merged at the end)."""
+"""Training loops: task fine-tuning, LoRA (merged at the end) or partial-layer."""
 
-from .lora import ALL_PROJECTIONS, FinetuneConfig, finetune
+from .lora import ALL_PROJECTIONS, FinetuneConfig, finetune, set_partial_trainable_
 
-__all__ = ["ALL_PROJECTIONS", "FinetuneConfig", "finetune"]
+__all__ = ["ALL_PROJECTIONS", "FinetuneConfig", "finetune", "set_partial_trainable_"]
