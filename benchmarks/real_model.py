@@ -169,12 +169,15 @@ BUDGETS = (6_400, 12_800, 25_600, 51_200, 102_400)  # training sequences (window
 SCREEN_TOP = 25_600
 HEAL_LR = 2e-4  # LoRA healing (r 16, all seven projections): FinetuneConfig's default
 PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer fine-tuning
+# retrofitted recurrence: 7 layers deleted (23 kept, as ELM), a core of 4 iterated 3 times: 31 layer
+# evaluations per token (ELM: 30); AdamW at the authors' AdamW-only lr, everything trains
+RECURRENCE = {"core": 4, "r": 3, "lr": 5e-5, "warmup": 20}
 
 
 def screen_methods() -> list[str]:
     from elmkit.compare import GROUPS
 
-    return ["dense", *GROUPS["all"]]
+    return ["dense", *GROUPS["all"], "recurrence"]
 
 
 def screen_settings() -> dict:
@@ -183,7 +186,7 @@ def screen_settings() -> dict:
     return {"span": 3 if small else SPAN, "batch": 2 if small else BATCH, "seq": 32 if small else SEQ,
             "budgets": [b for b in ((2, 4, 8) if small else BUDGETS) if b <= top],
             "val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
-            "heal_lr": HEAL_LR, "partial": PARTIAL, "smoke": small}
+            "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE, "smoke": small}
 
 
 def elm_recipe(out: Path) -> dict:
@@ -266,6 +269,8 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             elif name in ("elm", "elm-cosine"):
                 m, trainer = _screen_elm(dense, tok, calib, t["train"], s, recipe, work, scorer(curve)), "elm"
                 unit["recipe"] = recipe
+            elif name == "recurrence":
+                m, trainer = _screen_recurrence(dense, tok, t["train"], s, k, work, scorer(curve)), "own"
             else:
                 m, plan, stats = compress_copy(name, dense, tok, calib, t["train"], k, work, ccfg)
                 unit["plan"] = _jsonable(plan)
@@ -311,6 +316,24 @@ def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
                          save_every=10**9, seed=0)
     train_elm(elm, teacher, tok, train, work, cfg, progress=False, on_step=lambda step, _: score(step, elm))
     return elm
+
+
+def _screen_recurrence(dense, tok, train, s, k, work, score):
+    """Retrofitted recurrence at ELM's layer budget: k layers deleted where ELM's span lies, the
+    next RECURRENCE["core"] layers iterated, trained on the whole budget by the authors' objective."""
+    from elmkit.methods import recurrence
+    from elmkit.train.recurrence import RecurrenceTrainConfig, train_recurrent
+
+    r = RECURRENCE
+    core = 1 if SMOKE["on"] else r["core"]
+    cfg = recurrence.for_target(recurrence.RecurrenceConfig(core_len=core, mean_recurrence=r["r"],
+                                                            backprop_depth=r["r"]), dense, n_remove=k)
+    rec = recurrence.apply_(dense, recurrence.plan(dense, cfg))
+    tcfg = RecurrenceTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"],
+                                 max_len=s["seq"], lr=r["lr"], min_lr=r["lr"], warmup=r["warmup"],
+                                 decay_frac=0.0, save_every=10**9, seed=0)
+    train_recurrent(rec, tok, train, work, tcfg, progress=False, on_step=lambda step, _: score(step, rec))
+    return rec
 
 
 def _heal(m, tok, train, s, trainer, steps, work, score, device):

@@ -54,7 +54,7 @@ def test_recipe_stage_stops_resumes_and_reports(tmp_path):
 def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
     _data(tmp_path)
     screen = tmp_path / "out" / "screen"
-    methods = "dense,elm,shortgpt,streamline,reverse"
+    methods = "dense,elm,shortgpt,streamline,reverse,recurrence"
     out = _run(tmp_path, "--stages", "screen", "--methods", methods)
     assert '"screen": "done"' in out
     units = {u["method"]: u for u in json.loads((screen / "screen.json").read_text())["units"]}
@@ -68,6 +68,7 @@ def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
         assert u["wikitext2"]["ppl"] > 0
     assert units["dense"]["layers"] == units["elm"]["layers"] + 2  # span 3 -> 1 block in the smoke run
     assert units["shortgpt"]["layers"] == units["reverse"]["layers"] == units["dense"]["layers"] - 2
+    assert units["recurrence"]["layers"] == units["dense"]["layers"] - 2  # the same layers kept as ELM
     assert (units["dense"]["trainer"], units["reverse"]["trainer"], units["streamline"]["trainer"]) == (
         "lora", "partial", "own")
     assert "| reverse |" in (screen / "screen.md").read_text() and (screen / "screen.png").is_file()

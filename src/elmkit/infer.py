@@ -125,10 +125,11 @@ class Decoder:
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graphs: bool = True,
                  fuse: bool = True):
-        fam = family_of(model).name
-        if fam == "slim":
+        family = family_of(model)
+        fam = family.name
+        if fam == "slim" or not family.sequential:
             raise UnsupportedModelError("the fast decoder supports dense and ELM models; decode a "
-                                        "slim model with model.generate")
+                                        f"{fam} model with model.generate")
         if batch_size < 1 or max_len < 2:
             raise ValueError("batch_size must be >= 1 and max_len >= 2")
         cfg = model.config

@@ -22,9 +22,11 @@ from .adapters import (
     run_layers,
 )
 from .configuration_elm import ElmConfig
+from .configuration_recurrent import RecurrentConfig
 from .configuration_slim import SlimConfig
 from .loading import load_model, load_tokenizer
 from .modeling_elm import ElmForCausalLM
+from .modeling_recurrent import RecurrentForCausalLM
 from .modeling_slim import SlimForCausalLM
 from .slim import LayerKeep, full_keep, to_slim
 
@@ -32,7 +34,8 @@ from .slim import LayerKeep, full_keep, to_slim
 def _register() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for name, config, model in (("elm", ElmConfig, ElmForCausalLM), ("slim", SlimConfig, SlimForCausalLM)):
+    for name, config, model in (("elm", ElmConfig, ElmForCausalLM), ("slim", SlimConfig, SlimForCausalLM),
+                                ("recurrent", RecurrentConfig, RecurrentForCausalLM)):
         try:
             AutoConfig.register(name, config)
             AutoModelForCausalLM.register(config, model)
@@ -46,6 +49,8 @@ __all__ = [
     "ElmConfig",
     "ElmForCausalLM",
     "LayerKeep",
+    "RecurrentConfig",
+    "RecurrentForCausalLM",
     "SlimConfig",
     "SlimForCausalLM",
     "full_keep",

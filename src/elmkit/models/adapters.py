@@ -60,6 +60,9 @@ class Family:
     """Rotary embedding module: ``rotary(h, position_ids) -> (cos, sin)``."""
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     """Config fields holding one entry per decoder layer; surgery filters them."""
+    sequential: bool = True
+    """Whether the model's forward runs ``layers`` once each, in order (False: a recurrent model,
+    whose core repeats; ``layer_inputs`` and the fast decoder refuse it)."""
 
 
 # The four families share the same layout in transformers 5.x; the table is explicit so that a
@@ -69,9 +72,10 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
     "mistral": Family("mistral"),
-    # elmkit's ELM and slim models keep their base family's layout (models/modeling_*.py)
+    # elmkit's ELM, slim and recurrent models keep their base family's layout (models/modeling_*.py)
     "elm": Family("elm"),
     "slim": Family("slim"),
+    "recurrent": Family("recurrent", sequential=False),
 }
 
 
@@ -82,8 +86,8 @@ def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; elmkit supports "
-            f"{', '.join(sorted(set(FAMILIES) - {'elm', 'slim'}))} (Llama, Qwen2/2.5, Qwen3, Mistral "
-            "families) and their ELM and slim forms"
+            f"{', '.join(sorted(set(FAMILIES) - {'elm', 'slim', 'recurrent'}))} (Llama, Qwen2/2.5, Qwen3, "
+            "Mistral families) and their ELM, slim and recurrent forms"
         )
     return FAMILIES[model_type]
 
@@ -163,6 +167,9 @@ def layer_inputs(
     """Build embeddings, RoPE and masks exactly as the model's own forward does."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if not family_of(model).sequential:
+        raise UnsupportedModelError(f"a {model.config.model_type} model does not run its layers one "
+                                    "after another (its core repeats); use the model's own forward")
     config = model.config
     if inputs_embeds is None:
         inputs_embeds = get_embed(model)(input_ids)  # (B, T, d)
