@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import sys
 import time
@@ -59,7 +60,7 @@ SMOKE = {"on": False}
 
 def texts(data: Path) -> dict[str, list[str]]:
     """The shared C4 samples (1,000 documents each, about 0.5M tokens): the first VAL_DOCS of
-    sample 2 are validation text, never trained on; the rest (about 3,500 windows of 256 tokens)
+    sample 2 are validation text, never trained on; the rest (4,461 windows of up to 256 tokens)
     trains and calibrates. Budgets beyond that repeat it: the reports give epochs."""
     from elmkit.data.formats import read_text
 
@@ -190,13 +191,25 @@ def screen_settings() -> dict:
 
 
 def elm_recipe(out: Path) -> dict:
-    """The recipe stage's winner (lowest validation perplexity at its last checkpoint); the
-    relative loss at lr 1e-3 until that stage has results."""
+    """The recipe stage's winner; the relative loss at lr 3e-4 until that stage has results."""
     units = [read_json(p) for p in (out / "recipe").glob("unit_*.json")]
     if not units:
-        return {"loss": "relative", "lr": 1e-3, "chosen_by": "default (no recipe results yet)"}
-    best = min(units, key=lambda u: u["curve"][-1]["ppl"])
+        return {"loss": "relative", "lr": 3e-4, "chosen_by": "default (no recipe results yet)"}
+    best = min(units, key=recipe_score)
     return {"loss": best["loss"], "lr": best["lr"], "chosen_by": "recipe stage (validation)"}
+
+
+def model_label(model: str) -> str:
+    """A named model as itself, a folder by its last part (the GPU run converts the GGUF into a
+    scratch folder)."""
+    return Path(model).name if "/" in model else model
+
+
+def recipe_score(unit: dict) -> float:
+    """Geometric mean of the validation perplexity at the last two checkpoints: a recipe that
+    spikes between checkpoints (an unstable learning rate) does not win on one lucky point."""
+    last = [c["ppl"] for c in unit["curve"][-2:]]
+    return math.exp(sum(math.log(x) for x in last) / len(last))
 
 
 def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
@@ -240,11 +253,15 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                        progress=False)
         return {"ppl": round(r["ppl"], 4), "tokens": r["tokens"]}
 
+    clock = {"eval": 0.0}  # seconds spent scoring, apart from compressing and training
+
     def scorer(curve: list):
         """``(step, model)`` callback: the validation perplexity at every budget (in sequences)."""
         def score(step: int, m) -> None:
             if step * s["batch"] in s["budgets"]:
+                t1 = time.time()
                 curve.append({"sequences": step * s["batch"], "ppl": val_ppl(m)})
+                clock["eval"] += time.time() - t1
         return score
 
     for name in todo:
@@ -253,7 +270,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             print(f"stopped at the time budget before {name}; run again to continue")
             return False
         print(f"== screen {name}", flush=True)
-        t0 = time.time()
+        t0, clock["eval"] = time.time(), 0.0
         work = run / "screen" / name
         dense = copy.deepcopy(master).to(device)
         # Streamline trains on windows of 512 tokens: half as many per step keeps the tokens equal
@@ -287,9 +304,13 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         elif not curve:  # Streamline's layer trained on the whole budget; one point
             curve.append({"sequences": top, "ppl": val_ppl(m)})
         ne = non_embedding_parameters(m)
-        unit.update(trainer=trainer, curve=curve, wikitext2=wiki_ppl(m), params=count_parameters(m) / p0,
+        t1 = time.time()
+        wiki_result = wiki_ppl(m)
+        clock["eval"] += time.time() - t1
+        unit.update(trainer=trainer, curve=curve, wikitext2=wiki_result, params=count_parameters(m) / p0,
                     removed_non_embedding=round(1 - ne / e0, 4), layers=m.config.num_hidden_layers,
-                    compress_s=round(compress_s, 1), seconds=round(time.time() - t0, 1),
+                    compress_s=round(compress_s, 1), eval_s=round(clock["eval"], 1),
+                    seconds=round(time.time() - t0, 1),
                     device=_device_name())
         write_json(folder / f"unit_{name}.json", unit)
         print(f"{name}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in curve)
@@ -391,11 +412,11 @@ def report(out: Path) -> None:
     write_json(folder / "recipe.json", {"reference": ref, "units": units})
     _plot(folder / "recipe.png", ref, units)
     seqs = [c["sequences"] for c in units[0]["curve"]]
-    best = min(units, key=lambda u: u["curve"][-1]["ppl"])
+    best = min(units, key=recipe_score)
     lines = [
         "## ELM recipe on the real model: distillation loss x learning rate (validation only)",
         "",
-        f"`{ref['model']}`: the block replaces layers {ref['start']}-"
+        f"`{model_label(ref['model'])}`: the block replaces layers {ref['start']}-"
         f"{ref['start'] + ref['settings']['span'] - 1} ({ref['settings']['span']} of {ref['layers']}, "
         "cosine criterion); SJFB on C4 (constant lr after 20 warm-up steps), "
         f"{ref['settings']['batch']} x {ref['settings']['seq']} tokens per step, distillation only; "
@@ -413,9 +434,10 @@ def report(out: Path) -> None:
         lines.append(f"| {u['loss']} | {u['lr']:g} | " + " | ".join(f"{c['ppl']:.2f}" for c in u["curve"])
                      + " | " + " | ".join(f"{v:.2f}" for v in u["evaluations"].values())
                      + f" | {u['first_distill']:.4g} -> {u['final_distill']:.4g} | {u['seconds']:.0f} |")
-    lines += ["", f"Lowest validation perplexity at {seqs[-1]:,} sequences: {best['loss']}, "
-              f"lr {best['lr']:g} ({best['curve'][-1]['ppl']:.2f}). Columns xk: the final block at k "
-              "evaluations per token.",
+    lines += ["", f"Chosen (geometric mean of the last two checkpoints, {seqs[-2]:,} and {seqs[-1]:,} "
+              f"sequences, so that a spike between checkpoints does not win on one point): "
+              f"{best['loss']}, lr {best['lr']:g} ({recipe_score(best):.2f}). Columns xk: the final block "
+              "at k evaluations per token.",
               "", "![recipe](recipe.png)", ""]
     atomic_write_text(folder / "recipe.md", "\n".join(lines))
 
@@ -479,6 +501,12 @@ def report_screen(out: Path) -> None:
                      f"{u['removed_non_embedding']:.3f} | "
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
                      + f" | {u['wikitext2']['ppl']:.2f} | {u['seconds']:.0f} |")
+    untrained = out / "recipe" / "reference.json"
+    if untrained.is_file():
+        r = read_json(untrained)
+        lines += ["", f"Without training (the recipe stage's reference, same validation windows): dense "
+                  f"{r['dense']['ppl']:.2f}, ShortGPT deleting {len(r['shortgpt']['removed'])} layers "
+                  f"{r['shortgpt']['ppl']:.2f}."]
     if ref is not None:
         lines += ["", f"Dense + LoRA reaches {ref['curve'][-1]['ppl']:.2f} on C4 validation and "
                   f"{ref['wikitext2']['ppl']:.2f} on WikiText-2 at {budgets[-1]:,} sequences."]
@@ -504,6 +532,48 @@ def _plot_screen(png: Path, units: list[dict]) -> None:
     save_figure(fig, png)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_results_section(out: Path) -> None:
+    """The real-model section of RESULTS.md (the repository's; out/RESULTS.md for a smoke run or
+    another --out) from the stage reports, with what is not measured yet said plainly."""
+    from md_sections import put
+
+    parts = []
+    for stage in ("recipe", "screen"):
+        md = out / stage / f"{stage}.md"
+        if md.is_file():
+            rel = f"{out.as_posix()}/{stage}/"
+            body = md.read_text().replace(f"]({stage}.png)", f"]({rel}{stage}.png)")
+            parts.append(body.replace("## ", "### ", 1).strip())
+    if not parts:
+        return
+    screened = sorted(p.stem.removeprefix("unit_") for p in (out / "screen").glob("unit_*.json"))
+    missing = [m for m in screen_methods() if m not in screened]
+    section = "\n\n".join([
+        "## A real pretrained model: SmolLM2-135M-Instruct (work in progress)",
+        "Generated by `python benchmarks/real_model.py` (stages saved as they finish under "
+        f"[{out.as_posix()}]({out.as_posix()}), resumable across GPU runs); do not edit by hand. "
+        "General retention only so far: perplexity on held-out C4 and on WikiText-2; training text is "
+        "the shared C4 samples (1,800 documents, 0.9M tokens in 4,461 windows of up to 256 tokens "
+        "with the SmolLM2 tokenizer, so a budget of 25.6k sequences is about 6 passes over it).",
+        *parts,
+        "### Not measured yet",
+        "- The screen at 25.6k sequences for: " + (", ".join(missing) if missing else "none") + ".\n"
+        "- Budget curves to 102k sequences for the strongest methods, M = 15, three seeds with "
+        "mean ± std, lm-eval ARC-Easy / BoolQ / PIQA, and task retention with a LoRA-tuned "
+        "teacher: not run yet.",
+        "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"
+        f"    --out {out.as_posix()} --run runs/real_model   # run again to continue\n"
+        f"python benchmarks/real_model.py --out {out.as_posix()} --report-only\n```",
+    ])
+    target = ROOT / "RESULTS.md" if out.resolve() == (ROOT / "benchmarks/results/real_model").resolve() \
+        else out / "RESULTS.md"
+    old = target.read_text() if target.is_file() else ""
+    atomic_write_text(target, put(old, "real-model", section))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or named model")
@@ -526,6 +596,7 @@ def main() -> None:
         if (out / "recipe" / "reference.json").is_file():
             report(out)
         report_screen(out)
+        write_results_section(out)
         return
     data = Path(args.data)
     if not (data / "calibration").is_dir():
@@ -540,6 +611,7 @@ def main() -> None:
         state[stage] = "done" if done else "stopped at the budget"
         if not done:
             break
+    write_results_section(out)
     print(json.dumps(state))
     sys.exit(0)
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from md_sections import keep  # this script's folder is on sys.path
 
 from elmkit.compare import CompareConfig, compare
 from elmkit.data.calibration import CalibConfig
@@ -431,7 +432,9 @@ def write_results_md(data: dict, res: Path) -> None:
               f"    --out benchmarks/results/results_table{skip}",
               "# stops cleanly after --budget-s seconds (default 540); run it again to continue",
               "python benchmarks/results_table.py --report-only   # RESULTS.md from results.json", "```", ""]
-    atomic_write_text(results_md(res), "\n".join(lines))
+    md = results_md(res)
+    # the sections other scripts own (real_model.py's) stay
+    atomic_write_text(md, keep("\n".join(lines), md.read_text() if md.is_file() else ""))
 
 
 def _stage_minutes(data: dict) -> dict:

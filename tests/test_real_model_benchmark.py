@@ -74,3 +74,17 @@ def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
     assert "| reverse |" in (screen / "screen.md").read_text() and (screen / "screen.png").is_file()
     again = _run(tmp_path, "--stages", "screen", "--methods", methods)  # all saved: nothing reruns
     assert "== screen" not in again
+    section = (tmp_path / "out" / "RESULTS.md").read_text()  # not the repository's RESULTS.md
+    assert section.count("<!-- real-model:start -->") == 1 and "| recurrence |" in section
+
+
+def test_results_md_sections_survive_the_other_writer(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # not a package
+    from md_sections import keep, marked, put
+
+    doc = put("# Results\n\ntable\n", "real-model", "## Real\n\nrows")
+    assert marked(doc)["real-model"].startswith("<!-- real-model:start -->\n## Real")
+    doc = put(doc, "real-model", "## Real\n\nnew rows")  # replaced in place, not appended
+    assert doc.count("real-model:start") == 1 and "new rows" in doc and "\nrows" not in doc
+    rewritten = keep("# Results\n\nnew table\n", doc)  # results_table.py rewrites its part
+    assert "new table" in rewritten and "new rows" in rewritten and "\ntable" not in rewritten

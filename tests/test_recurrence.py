@@ -176,6 +176,20 @@ def test_bad_configs_raise_clear_errors(make_model, tokenizer, tmp_path):
         Decoder(m, batch_size=1, max_len=16)
 
 
+def test_footprint_refuses_a_model_without_a_kv_cache(make_model, tokenizer):
+    """kv_bytes_at / kv_cache_bytes: a recurrent model holds no cache, which is not "0 bytes"."""
+    from elmkit.eval.footprint import kv_bytes_at, kv_cache_bytes
+
+    _, _, m = _recurrent(make_model, prelude=1, core_start=2, core_len=2)
+    with pytest.raises(ValueError, match="RecurrentForCausalLM keeps no KV cache: it recomputes"):
+        kv_bytes_at(m, 4096)
+    with pytest.raises(ValueError, match="keeps no KV cache"):
+        kv_cache_bytes(m, tokenizer, [[1, 2, 3], [4, 5]])
+    dense = make_model("qwen2", num_layers=6)
+    assert kv_bytes_at(dense, 10) == 6 * 2 * 10 * dense.config.num_key_value_heads * 2 * (
+        dense.config.hidden_size // dense.config.num_attention_heads)  # layers x (K, V) x T x KV width x 2 B
+
+
 def test_depth_draws_schedule_and_curriculum():
     cfg = RecurrenceTrainConfig(steps=1000)
     draws = [depth_draw(s, 4, 8, cfg) for s in range(2000)]

@@ -4,6 +4,7 @@ The public API (everything else lives in sub-packages)::
 
     from elmkit import finetune, FinetuneConfig, evaluate, EvalConfig, load_model
     from elmkit import compress, compare, CompareConfig, CalibConfig
+    from elmkit import compress_elm, ElmCompressConfig, compress_recurrence, RecurrenceCompressConfig
     from elmkit import generate          # fast decoding (elmkit.infer)
 """
 
@@ -11,8 +12,10 @@ __version__ = "0.1.0"
 
 from .api import (  # noqa: E402
     ElmCompressConfig,
+    RecurrenceCompressConfig,
     compress,
     compress_elm,
+    compress_recurrence,
     demo,
     generate,
     info,
@@ -32,11 +35,13 @@ __all__ = [
     "ElmCompressConfig",
     "EvalConfig",
     "FinetuneConfig",
+    "RecurrenceCompressConfig",
     "__version__",
     "compare",
     "compress",
     "compress_method",
     "compress_elm",
+    "compress_recurrence",
     "demo",
     "evaluate",
     "finetune",

@@ -1,4 +1,5 @@
-"""Top-level commands: ``info``, ``remove_layers``, ``compress_elm`` and the ``demo`` main job."""
+"""Top-level commands: ``info``, ``remove_layers``, ``compress_elm``, ``compress_recurrence`` and the
+``demo`` main job."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 from .io import RunDir, atomic_write_text, save_figure
+from .methods.recurrence import RecurrenceConfig
 from .train.elm import ElmTrainConfig
+from .train.recurrence import RecurrenceTrainConfig
 
 
 def info(model: str | Path) -> dict:
@@ -145,17 +148,113 @@ def compress_elm(model: str | Path, data: str | Path, out: str | Path,
     return metrics
 
 
+@dataclass(frozen=True)
+class RecurrenceCompressConfig(RecurrenceConfig):
+    """The recurrent layout (given by its fields, or placed by a removal target) and its training.
+
+    The layout fields are ``RecurrenceConfig``'s (--prelude, --core-start, --core-len, ...); a
+    RecurrenceCompressConfig is a RecurrenceConfig, so ``recurrence.plan`` takes it as it is.
+    """
+
+    n_remove: int | None = None
+    """Remove this many layers, deleted where ELM would place its span (recurrence.for_target): it sets
+    --prelude and --core-start. Unset: the layout --prelude, --core-start and --core-len give."""
+    budget: Literal["params", "compute"] = "params"
+    """What --n-remove counts. params: n layers are deleted (N - n kept, as ELM at the same n); compute:
+    n + (r_bar - 1) x core-len are deleted, so a token costs N - n layer evaluations at r_bar."""
+    format: str = "auto"
+    """Format of --data (auto, alpaca, gsm8k, metamath, math, or text: plain-text JSONL, every token
+    a target)."""
+    limit: int | None = None
+    """Train on the first N examples (or texts) only."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    train: RecurrenceTrainConfig = field(default_factory=RecurrenceTrainConfig)
+    """Random-depth truncated-BPTT training (--train.steps, --train.lr, ...)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_remove is not None:
+            if self.n_remove < 0:
+                raise ValueError(f"--n-remove must be >= 0, got {self.n_remove}")
+            if self.core_start is not None or self.coda is not None:
+                raise ValueError("--n-remove places the prelude and the core itself; drop --core-start "
+                                 "and --coda, or drop --n-remove and give the layout")
+        if self.budget not in ("params", "compute"):
+            raise ValueError(f"--budget must be params or compute, got {self.budget!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+def compress_recurrence(model: str | Path, data: str | Path, out: str | Path,
+                        cfg: RecurrenceCompressConfig = RecurrenceCompressConfig()) -> dict:
+    """Retrofit recurrence into a dense model (McLeish et al., arXiv 2511.07384) and train it.
+
+    The source model's layers split into a prelude run once, deleted layers, a core of layers
+    iterated r times with an adapter on [state; prelude output], and a coda (``methods.recurrence``);
+    the model then trains at a random depth per step with truncated backpropagation
+    (``train.recurrence``). With ``n_remove`` the layout is placed where ELM would remove as many
+    layers. Writes the model to ``out/model`` (loadable with trust_remote_code where elmkit is absent),
+    plus plan.json, history.json, loss.png and metrics.json. An interrupted run resumes from
+    ``out/checkpoints``; a finished one is not trained again when repeated with the same settings.
+    """
+    import sys
+
+    from .data.formats import read_training
+    from .io import path_identity, read_json, write_json
+    from .methods import recurrence
+    from .models import count_parameters, load_model, load_tokenizer
+    from .train.common import fingerprint
+    from .train.recurrence import train_recurrent
+
+    if not isinstance(cfg, RecurrenceCompressConfig):
+        raise ValueError(f"compress_recurrence takes a RecurrenceCompressConfig, got {type(cfg).__name__}")
+    run = RunDir(out)
+    settings = {"model": str(model), "data": str(data), **asdict(cfg)}
+    # what changes the result: the settings and the input files (how the run is computed may change)
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("save_every", "ce_chunk")}
+    fp = fingerprint({**settings, "train": train, "files": [path_identity(model), path_identity(data)]},
+                     ignore=("device",))
+    if (run / "metrics.json").is_file() and (run / "model" / "config.json").is_file():
+        done = read_json(run / "metrics.json")
+        if done.get("fingerprint") == fp:
+            print(f"{out} holds a finished run with these settings; not training it again (delete "
+                  "its metrics.json to repeat it)", file=sys.stderr)
+            return done
+    run.write_config("recurrence", **settings)
+    tok = load_tokenizer(model)
+    examples = read_training(data, cfg.format)  # instruction examples or plain texts
+    examples = examples[: cfg.limit] if cfg.limit else examples
+    dense = load_model(model, dtype="float32", device=cfg.device)
+    n, p0 = dense.config.num_hidden_layers, count_parameters(dense)
+    layout = cfg if cfg.n_remove is None else recurrence.for_target(cfg, dense, cfg.n_remove, cfg.budget)
+    plan = recurrence.plan(dense, layout)
+    write_json(run / "plan.json", plan)
+    rec = recurrence.apply_(dense, plan)  # dense's layers move into rec; the deleted ones are freed
+    fit = train_recurrent(rec, tok, examples, out, cfg.train)
+    run.write_config("recurrence", **settings)  # the whole command (the trainer wrote its own part)
+    metrics = {**fit, "plan": asdict(plan), "dense_layers": n,
+               "recurrent_layers": rec.config.num_hidden_layers,
+               "params_dense": p0, "params_recurrent": count_parameters(rec),
+               "layer_evals": plan.layer_evals, "dense_layer_evals": n, "fingerprint": fp}
+    run.write_metrics(metrics)
+    return metrics
+
+
 def compress(model: str | Path, data: str | Path, out: str | Path, method: str = "elm", cfg=None,
              calib=None) -> dict:
-    """Compress ``model`` with ``method``: ``elm`` (cfg: ElmCompressConfig) or a depth or width method
-    of ``elmkit.methods.DEPTH`` / ``WIDTH`` (cfg: its config; calib: a CalibConfig)."""
+    """Compress ``model`` with ``method``: ``elm`` (cfg: ElmCompressConfig), ``recurrence`` (cfg:
+    RecurrenceCompressConfig) or a depth or width method of ``elmkit.methods.DEPTH`` / ``WIDTH``
+    (cfg: its config; calib: a CalibConfig)."""
     from .compare import METHODS, compress_method
     from .data.calibration import CalibConfig
 
     if method == "elm":
         return compress_elm(model, data, out, cfg if cfg is not None else ElmCompressConfig())
+    if method == "recurrence":
+        return compress_recurrence(model, data, out, cfg if cfg is not None else RecurrenceCompressConfig())
     if method not in METHODS:
-        raise ValueError(f"unknown --method {method!r}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown --method {method!r}; known: {', '.join((*METHODS, 'recurrence'))}")
     return compress_method(model, data, out, method, cfg, calib if calib is not None else CalibConfig())
 
 

@@ -144,7 +144,14 @@ def _build(cls: type, kw: dict, base):
 
 def _commands() -> dict[str, Command]:
     from . import demo, info, pretrain, remove_layers, testbed
-    from .api import ElmCompressConfig, compress_elm, generate, search
+    from .api import (
+        ElmCompressConfig,
+        RecurrenceCompressConfig,
+        compress_elm,
+        compress_recurrence,
+        generate,
+        search,
+    )
     from .compare import CompareConfig, compare
     from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
@@ -158,6 +165,7 @@ def _commands() -> dict[str, Command]:
     model = ("model", "model folder, GGUF file, testbed:tiny, a named model "
                       f"({', '.join(NAMED)}) or hub id", True)
     out = ("out", "run folder to write into", True)
+    train_data = ("data", "training data file: instruction data or plain-text JSONL", True)
     return {
         "demo": Command(demo, (("out", "run folder (default: runs/demo, runs/demo-<model> for another "
                                        "model)", False),
@@ -188,6 +196,9 @@ def _commands() -> dict[str, Command]:
                        ElmCompressConfig),
         "compress elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                                 ElmCompressConfig),
+        "recurrence": Command(compress_recurrence, (model, train_data, out), RecurrenceCompressConfig),
+        "compress recurrence": Command(compress_recurrence, (model, train_data, out),
+                                       RecurrenceCompressConfig),
         **{f"compress {name}": Command(
             _method_command(name), (model, ("data", "calibration data file (and training data for "
                                                     "methods that train)", True), out),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from .data.calibration import CalibConfig, Calibration
-from .io import RunDir, atomic_write_text, read_json, save_figure, write_json
+from .io import RunDir, atomic_write_text, path_identity, read_json, save_figure, write_json
 from .methods import DEPTH, WIDTH, darwinlm
 from .methods.darwinlm import DarwinLMConfig
 from .train.lora import FinetuneConfig
@@ -374,11 +374,11 @@ def _short(stats: dict) -> dict:
 def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) -> dict:
     """Everything a row's numbers depend on: a row is reused only while all of it is unchanged."""
     # row_format: bumped when a row gains fields, so rows written before are measured again
-    ident = {"row_format": 2, "model": _identity(model_path), "test": _identity(test), "n_test": cfg.n_test,
-             "max_new_tokens": cfg.max_new_tokens}
+    ident = {"row_format": 2, "model": path_identity(model_path), "test": path_identity(test),
+             "n_test": cfg.n_test, "max_new_tokens": cfg.max_new_tokens}
     if name == "dense":
         return ident
-    ident["data"] = _identity(data)
+    ident["data"] = path_identity(data)
     if name in ELM_METHODS:
         own: dict = {"elm_max_iter": cfg.elm_max_iter, "elm_lr": cfg.elm_lr,
                      **({"elm_start": cfg.elm_start} if name == "elm" else {}),
@@ -404,15 +404,6 @@ def _heal_settings(lora: FinetuneConfig) -> dict:
         for f in ("mode", *PARTIAL_FIELDS):
             d.pop(f)
     return d
-
-
-def _identity(path) -> object:
-    """A file or folder as (name, size, mtime) of its files: edits and rebuilds change it."""
-    if path is None:
-        return None
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-    return [str(path)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 def _cached(folder: Path, fp: str) -> dict | None:

@@ -124,3 +124,13 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+
+def path_identity(path) -> object:
+    """A file or folder as (name, size, mtime) of its files, so that edits and rebuilds change a
+    fingerprint made from it; a string that is no local path (a hub id, testbed:tiny) as itself."""
+    if path is None:
+        return None
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    return [str(path)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]

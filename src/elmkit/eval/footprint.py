@@ -10,11 +10,14 @@ from ..models.adapters import output_cache
 
 @torch.no_grad()
 def kv_cache_bytes(model, tokenizer, prompts: list[list[int]]) -> int:
-    """Bytes of K and V the cache holds after prefilling ``prompts`` (one left-padded batch)."""
+    """Bytes of K and V the cache holds after prefilling ``prompts`` (one left-padded batch).
+
+    Raises:
+        ValueError: the model keeps no KV cache (a retrofitted recurrent model).
+    """
     b = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     device = next(model.parameters()).device
-    cache = output_cache(model(**{k: v.to(device) for k, v in b.items()}, use_cache=True))
-    return cache_bytes(cache)
+    return cache_bytes(_prefill_cache(model, **{k: v.to(device) for k, v in b.items()}))
 
 
 def cache_bytes(cache) -> int:
@@ -31,10 +34,13 @@ def kv_bytes_at(model, tokens: int = 4096, bytes_per_value: int = 2) -> int:
     Measured on a real cache of a one-token prefill, per cache layer: a full-attention layer holds
     every token, a sliding-window layer the last window - 1 (as transformers' sliding layers keep).
     So pruned KV heads, removed layers and an ELM's one slot (or per-iteration slots) all count.
+
+    Raises:
+        ValueError: the model keeps no KV cache (a retrofitted recurrent model: it recomputes the
+            sequence at every step instead, so no figure in bytes would be honest).
     """
     device = next(model.parameters()).device
-    cache = output_cache(model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device),
-                               use_cache=True))
+    cache = _prefill_cache(model, input_ids=torch.ones(1, 1, dtype=torch.long, device=device))
     per_value = next(model.parameters()).element_size()
 
     def held(c) -> int:  # bytes of one token's K and V, scaled to what each layer holds
@@ -47,3 +53,14 @@ def kv_bytes_at(model, tokens: int = 4096, bytes_per_value: int = 2) -> int:
         return total + sum(held(x) for x in getattr(c, "_elm_iteration_slots", {}).values())
 
     return held(cache) // per_value * bytes_per_value
+
+
+def _prefill_cache(model, **inputs):
+    """The cache a forward with ``use_cache=True`` fills; a model that keeps none is refused rather
+    than counted as holding 0 bytes."""
+    cache = output_cache(model(**inputs, use_cache=True))
+    if cache is None:
+        why = (": it recomputes the whole sequence at every step, so its cost is compute (layer "
+               "evaluations per token), not cache memory") if model.config.model_type == "recurrent" else ""
+        raise ValueError(f"{type(model).__name__} keeps no KV cache{why}")
+    return cache
