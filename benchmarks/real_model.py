@@ -14,18 +14,17 @@ Stages so far:
           learning rate. The block trains by SJFB on the shared C4 samples (sequences of 256
           tokens, 16 per step, constant learning rate after a short warm-up, so a checkpoint of a
           long run is what a shorter run would give) and is scored on held-out text only:
-          perplexity on C4 validation documents, after 4k, 8k, 16k and 32k training sequences,
+          perplexity on C4 validation documents after 4k, 8k, 16k and 32k training sequences,
           from one training run per recipe; the final block also at 1, 2, 4 and 8 evaluations
-          per token.
+          per token. Dense and ShortGPT (7 layers deleted: the same layer count and KV cache)
+          without training are the reference rows.
   screen  General retention at one budget (25.6k sequences, M = 8): every method of
-          `compare --methods all` plus reverse-order pruning, and dense + LoRA as the ceiling.
-          Each method compresses the model and then spends the budget as its authors do: ELM's
-          block (the recipe stage's winner), LLM-Streamline's replacement layer, partial-layer
-          fine-tuning for reverse-order pruning, LoRA healing for the rest. Validation perplexity
-          at 6.4k, 12.8k and 25.6k sequences of the same run, WikiText-2 test perplexity at the
-          end. Dense and ShortGPT
-          (7 layers deleted: the same layer count and KV cache) without training are the
-          reference rows.
+          `compare --methods all` (reverse-order pruning included), retrofitted recurrence, and
+          dense + LoRA as the ceiling. Each method compresses the model and then spends the
+          budget as its authors do: ELM's block (the recipe stage's winner), LLM-Streamline's
+          replacement layer, the recurrent model, partial-layer fine-tuning for reverse-order
+          pruning, LoRA healing for the rest. Validation perplexity at 6.4k, 12.8k and 25.6k
+          sequences of the same run, WikiText-2 test perplexity at the end.
 
 Each stage's report (<stage>.md, .json, .png under --out/<stage>) is rewritten after every unit,
 and with --report-only from the saved units.
@@ -35,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ import torch
 from results_table import Budget  # this script's folder is on sys.path
 
 from elmkit.io import atomic_write_text, read_json, save_figure, write_json
+from elmkit.methods import WIDTH
+from elmkit.methods.darwinlm import DarwinLMConfig
 
 SPAN = 8  # M of 30: the seeds' 8 of 28
 LOSSES = ("mse", "relative", "channel")
@@ -173,12 +176,16 @@ PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer 
 # retrofitted recurrence: 7 layers deleted (23 kept, as ELM), a core of 4 iterated 3 times: 31 layer
 # evaluations per token (ELM: 30); AdamW at the authors' AdamW-only lr, everything trains
 RECURRENCE = {"core": 4, "r": 3, "lr": 5e-5, "warmup": 20}
+DARWINLM = DarwinLMConfig(generations=12, offspring=8, train_tokens=(4000, 8000, 16000, 32000),
+                          train_batch_size=16, lr=1e-4, seed=0)  # RESULTS.md's testbed search budget
 
 
 def screen_methods() -> list[str]:
     from elmkit.compare import GROUPS
 
-    return ["dense", *GROUPS["all"], "recurrence"]
+    search = ("darwinlm", "ziplm", "uniform")  # the OBS database and search: the longest units, last
+    rest = [m for m in GROUPS["all"] if m not in search]
+    return ["dense", "elm", "recurrence", *[m for m in rest if m != "elm"], *search]
 
 
 def screen_settings() -> dict:
@@ -225,7 +232,11 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     folder = out / "screen"
     folder.mkdir(parents=True, exist_ok=True)
     methods = methods or screen_methods()
-    todo = [m for m in methods if not (folder / f"unit_{m}.json").is_file()]
+    unknown = [m for m in methods if m not in screen_methods()]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {', '.join(screen_methods())}")
+    recipe = elm_recipe(out)
+    todo = [m for m in methods if not _unit_current(folder, m, unit_settings(m, s, recipe))]
     if not todo:
         report_screen(out)
         return True
@@ -241,7 +252,6 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                         seed=0).build(tok, t["train"])
     top = s["budgets"][-1]
     steps = top // s["batch"]
-    recipe = elm_recipe(out)
     e0, p0 = non_embedding_parameters(master), count_parameters(master)
 
     def val_ppl(m) -> float:
@@ -272,14 +282,17 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         print(f"== screen {name}", flush=True)
         t0, clock["eval"] = time.time(), 0.0
         work = run / "screen" / name
+        shutil.rmtree(work, ignore_errors=True)  # a unit is all or nothing: no stale checkpoint resumes
         dense = copy.deepcopy(master).to(device)
-        # Streamline trains on windows of 512 tokens: half as many per step keeps the tokens equal
-        ccfg = CompareConfig(methods=("elm",), remove=k / n, train_steps=steps,
-                             train_batch_size=max(1, s["batch"] * s["seq"] // 512),
+        # Streamline's layer trains on the same windows, batch and steps as everyone; DarwinLM's search
+        # fine-tunes its candidates on its own (RESULTS.md's testbed budget), not counted in the budget
+        ccfg = CompareConfig(methods=("elm",), remove=k / n, train_steps=steps, train_batch_size=s["batch"],
                              elm_max_iter=s["span"], elm_lr=recipe["lr"], device=device, seed=0,
-                             calib=CalibConfig(samples=len(calib), seq_len=calib.input_ids.shape[1]))
+                             calib=CalibConfig(samples=len(calib), seq_len=calib.input_ids.shape[1]),
+                             darwinlm=DARWINLM)
         curve: list[dict] = []
-        unit = {"method": name, "removed_layers": k if name != "dense" else 0}
+        unit = {"method": name, "settings": unit_settings(name, s, recipe),
+                "removed_layers": None if name in WIDTH else 0 if name == "dense" else k}
         try:
             if name == "dense":
                 m, trainer = dense, "lora"
@@ -289,20 +302,21 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             elif name == "recurrence":
                 m, trainer = _screen_recurrence(dense, tok, t["train"], s, k, work, scorer(curve)), "own"
             else:
-                m, plan, stats = compress_copy(name, dense, tok, calib, t["train"], k, work, ccfg)
+                m, plan, stats = compress_copy(name, dense, tok, calib, t["train"], k, work, ccfg,
+                                               train_len=s["seq"])
                 unit["plan"] = _jsonable(plan)
                 trainer = {"streamline": "own", "reverse": "partial"}.get(name, "lora")
             del dense
-        except ValueError as e:  # the method cannot reach the target on this model
-            unit.update(error=str(e), seconds=round(time.time() - t0, 1))
+            compress_s = time.time() - t0  # ELM, recurrence and Streamline: their training included
+            if trainer in ("lora", "partial"):
+                m = _heal(m, tok, t["train"], s, trainer, steps, work, scorer(curve), device)
+            elif not curve:  # Streamline's layer trained on the whole budget; one point
+                curve.append({"sequences": top, "ppl": val_ppl(m)})
+        except (ValueError, FloatingPointError) as e:  # cannot reach the target here, or diverged
+            unit.update(error=f"{type(e).__name__}: {e}", seconds=round(time.time() - t0, 1))
             write_json(folder / f"unit_{name}.json", unit)
             print(f"== {name} failed: {e}")
             continue
-        compress_s = time.time() - t0
-        if trainer in ("lora", "partial"):
-            m = _heal(m, tok, t["train"], s, trainer, steps, work, scorer(curve), device)
-        elif not curve:  # Streamline's layer trained on the whole budget; one point
-            curve.append({"sequences": top, "ppl": val_ppl(m)})
         ne = non_embedding_parameters(m)
         t1 = time.time()
         wiki_result = wiki_ppl(m)
@@ -320,6 +334,34 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         if device == "cuda":
             torch.cuda.empty_cache()
     report_screen(out)
+    return True
+
+
+def unit_settings(name: str, s: dict, recipe: dict) -> dict:
+    """What a screen unit's numbers depend on: the shared settings and the method's own."""
+    own = {"dense": {"heal_lr": s["heal_lr"]}, "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr")}},
+           "reverse": {"partial": s["partial"]}, "recurrence": {"recurrence": s["recurrence"]},
+           "streamline": {}}.get(name, {"heal_lr": s["heal_lr"]})
+    if name == "darwinlm" or name in ("ziplm", "uniform"):
+        own["darwinlm"] = json.loads(json.dumps(dataclasses.asdict(DARWINLM)))
+    shared = {k: s[k] for k in ("span", "batch", "seq", "budgets", "val_window", "val_windows", "smoke")}
+    return {**shared, **own}
+
+
+def _unit_current(folder: Path, name: str, want: dict) -> bool:
+    """Whether ``name``'s saved unit was measured with ``want``. A unit saved before units held
+    their settings is checked against the settings screen.json recorded with it."""
+    path = folder / f"unit_{name}.json"
+    if not path.is_file():
+        return False
+    unit = read_json(path)
+    have = unit.get("settings")
+    if have is None and (folder / "screen.json").is_file():
+        old = read_json(folder / "screen.json")["settings"]
+        have = {k: old[k] for k in want if k in old}
+    if have != want:
+        print(f"{path.name} was measured with other settings; measuring it again")
+        return False
     return True
 
 
@@ -472,21 +514,29 @@ def report_screen(out: Path) -> None:
     write_json(folder / "screen.json", {"settings": screen_settings(), "units": units})
     if ok:
         _plot_screen(folder / "screen.png", ok)
-    budgets = screen_settings()["budgets"]
+    budgets, span = screen_settings()["budgets"], screen_settings()["span"]
     ref = next((u for u in ok if u["method"] == "dense"), None)
+    n_layers = ref["layers"] if ref else max(u["layers"] for u in ok) if ok else 0
     lines = [
-        "## General retention at one budget: every method, M = 8 of 30 (screening)",
+        f"## General retention at one budget: every method, M = {span} of {n_layers} (screening)",
         "",
-        "SmolLM2-135M-Instruct. Depth methods leave 23 of 30 layers (ELM: a block replaces 8, "
-        "evaluated 8 times; deleting and merging methods remove 7); width methods remove the same "
-        "fraction of the non-embedding parameters. After compression each method spends the same "
-        f"budget, {budgets[-1]:,} training sequences of up to {SEQ} tokens of C4 (16 per step, constant "
-        "learning rate after warm-up), as its authors do: ELM's block (distillation, the recipe "
-        "stage's winner), LLM-Streamline's replacement layer, partial-layer fine-tuning (last 3 layers "
-        f"and head, lr {PARTIAL['lr']:g}) for reverse-order pruning, LoRA healing (r 16, lr {HEAL_LR:g}) "
-        "for the rest; dense + LoRA is the ceiling. Validation: perplexity on held-out C4 "
-        f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; WikiText-2: "
-        f"the whole test set in windows of {VAL_WINDOW}. One seed.",
+        f"Depth methods keep {n_layers - span + 1} of {n_layers} layers (ELM: a block replaces {span}, "
+        f"evaluated {span} times; deleting and merging methods remove {span - 1}; retrofitted "
+        f"recurrence deletes {span - 1} and iterates a core of {RECURRENCE['core']} layers "
+        f"{RECURRENCE['r']} times); width methods remove the same fraction of the non-embedding "
+        "parameters. After compression each method spends the same budget, "
+        f"{budgets[-1]:,} training windows of up to {SEQ} tokens of C4, {BATCH} per step, as its "
+        "authors do: ELM's block (distillation, the recipe stage's winner, constant lr), "
+        "LLM-Streamline's replacement layer (its own cosine schedule), retrofitted recurrence (CE, "
+        f"constant lr {RECURRENCE['lr']:g}), partial-layer fine-tuning for reverse-order pruning (last "
+        f"{PARTIAL['layers']} layers, final norm and the head, which SmolLM2 ties to the input "
+        f"embedding, so that trains too; lr {PARTIAL['lr']:g}), LoRA healing (r 16, constant lr "
+        f"{HEAL_LR:g}) for the rest; dense + LoRA is the ceiling. DarwinLM's search fine-tunes its "
+        "candidates on its own (12 generations x 8 offspring, RESULTS.md's testbed budget), outside "
+        "the budget. Validation: perplexity on held-out C4 "
+        f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; the ELM "
+        "recipe was chosen on these same windows, so WikiText-2 (the whole test set in windows of "
+        f"{VAL_WINDOW}) is the column no method was selected on. One seed.",
         "",
         "| method | layers | params | removed non-emb. | " + " | ".join(f"C4 @ {b:,}" for b in budgets)
         + " | WikiText-2 | s |",
@@ -494,7 +544,7 @@ def report_screen(out: Path) -> None:
     ]
     for u in units:
         if "error" in u:
-            lines.append(f"| {u['method']} | failed: {u['error'][:120]} |")
+            lines.append(f"| {u['method']} | failed: {u['error'][:120]} |" + " |" * (len(budgets) + 5))
             continue
         pts = {c["sequences"]: c["ppl"] for c in u["curve"]}
         lines.append(f"| {u['method']} | {u['layers']} | {u['params']:.3f} | "

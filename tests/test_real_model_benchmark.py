@@ -88,3 +88,19 @@ def test_results_md_sections_survive_the_other_writer(monkeypatch):
     assert doc.count("real-model:start") == 1 and "new rows" in doc and "\nrows" not in doc
     rewritten = keep("# Results\n\nnew table\n", doc)  # results_table.py rewrites its part
     assert "new table" in rewritten and "new rows" in rewritten and "\ntable" not in rewritten
+
+
+def test_screen_unit_is_measured_again_when_its_settings_change(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # not a package
+    import real_model
+
+    want = {"span": 8, "batch": 16, "heal_lr": 2e-4}
+    (tmp_path / "unit_dense.json").write_text(json.dumps({"method": "dense", "settings": want}))
+    assert real_model._unit_current(tmp_path, "dense", want)
+    assert not real_model._unit_current(tmp_path, "dense", {**want, "heal_lr": 1e-4})
+    assert not real_model._unit_current(tmp_path, "elm", want)  # never measured
+    # a unit saved before units held their settings: screen.json's record of them decides
+    (tmp_path / "unit_dense.json").write_text(json.dumps({"method": "dense"}))
+    (tmp_path / "screen.json").write_text(json.dumps({"settings": {**want, "other": 1}}))
+    assert real_model._unit_current(tmp_path, "dense", want)
+    assert not real_model._unit_current(tmp_path, "dense", {**want, "batch": 32})

@@ -287,12 +287,13 @@ def _data(path: str, data, test, cfg: CompareConfig):
 
 
 def compress_copy(name: str, dense, tok, calib: Calibration, train_ex, k: int, out: Path,
-                  cfg: CompareConfig) -> tuple:
+                  cfg: CompareConfig, train_len: int = 512) -> tuple:
     """A compressed copy of ``dense`` by method ``name`` -> (model, plan, stats).
 
     ``k``: layers a depth method removes (ELM and LLM-Streamline replace k + 1 by one); width
     methods remove ``cfg.remove`` of the non-embedding parameters. ``train_ex`` (instruction
-    examples or plain texts) is what the training methods train on; ``out`` holds their work.
+    examples or plain texts, cut to ``train_len`` tokens) is what the training methods train on;
+    ``out`` holds their work.
     """
     if name in ELM_METHODS:
         from .methods import elm as elm_method
@@ -320,7 +321,7 @@ def compress_copy(name: str, dense, tok, calib: Calibration, train_ex, k: int, o
     if name in WIDTH:
         spec = WIDTH[name]
         base = _width_base(name, cfg)
-        train = Calibration.from_training(tok, train_ex, 512) if spec.trains else None
+        train = Calibration.from_training(tok, train_ex, train_len) if spec.trains else None
         mcfg = spec.module.for_target(base, dense, cfg.remove)
         return spec.module.compress_(copy.deepcopy(dense), calib, mcfg, train, progress=True,
                                      folder=out / "search")
@@ -330,7 +331,7 @@ def compress_copy(name: str, dense, tok, calib: Calibration, train_ex, k: int, o
     if spec.trains:
         mcfg = dataclasses.replace(mcfg, steps=cfg.train_steps, train_batch_size=cfg.train_batch_size,
                                    seed=cfg.seed)
-        train = Calibration.from_training(tok, train_ex, 512)
+        train = Calibration.from_training(tok, train_ex, train_len)
     m = copy.deepcopy(dense)
     plan, stats = spec.module.compress_(m, calib, mcfg, train, progress=True)
     return m, plan, stats
@@ -373,8 +374,9 @@ def _short(stats: dict) -> dict:
 
 def _row_settings(name: str, model_path: str, data, test, cfg: CompareConfig) -> dict:
     """Everything a row's numbers depend on: a row is reused only while all of it is unchanged."""
-    # row_format: bumped when a row gains fields, so rows written before are measured again
-    ident = {"row_format": 2, "model": path_identity(model_path), "test": path_identity(test),
+    # row_format: bumped when a row gains fields or a default changes what a row computes (3: ELM's
+    # distillation loss became relative), so rows written before are measured again
+    ident = {"row_format": 3, "model": path_identity(model_path), "test": path_identity(test),
              "n_test": cfg.n_test, "max_new_tokens": cfg.max_new_tokens}
     if name == "dense":
         return ident
