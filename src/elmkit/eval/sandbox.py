@@ -22,8 +22,9 @@ ctypes, re-imported C modules and raw syscalls):
   is SIGKILLed, which makes the kernel kill every process in the namespace (double-forked daemons,
   setsid, ignored SIGTERM, threads outliving the main one), and ``run_program`` returns only once
   PID 1 is gone, which the kernel allows only after all the others. ``max_processes`` caps tasks
-  (processes plus threads) through RLIMIT_NPROC in the sandbox's own user namespace, or a pids
-  cgroup when the sandbox's uid is root outside; see ``elmkit.eval.bubblewrap`` for which applies.
+  (processes plus threads) through RLIMIT_NPROC, which in the sandbox's own user namespace counts
+  only the sandbox's tasks. The sandbox's uid outside is never root: a root caller runs bwrap as a
+  fresh unprivileged uid per run (see ``elmkit.eval.bubblewrap``).
 - Limits: RLIMIT_AS (``memory_mb``), RLIMIT_CPU (backs up the wall-time limit), RLIMIT_FSIZE (16 MB per
   file), no core dumps; each tmpfs holds 64 MB.
 
@@ -67,7 +68,6 @@ import itertools
 import json
 import math
 import os
-import random
 import select
 import selectors
 import shutil
@@ -97,7 +97,7 @@ class SandboxConfig:
     memory_mb: int = 1024
     """Address-space limit (RLIMIT_AS) of the program in MiB."""
     max_processes: int = 16
-    """Processes plus threads the program may have (RLIMIT_NPROC or a pids cgroup; see bubblewrap.py)."""
+    """Processes plus threads the program may have (RLIMIT_NPROC in the sandbox's user namespace)."""
     max_output_kb: int = 64
     """KiB of stdout and of stderr kept (the last ones); the rest is dropped while reading."""
     allow_weak: bool = False
@@ -134,9 +134,6 @@ class ExecResult:
 
 _PYTHON = sys.executable  # the caller's interpreter, so packages installed with it (numpy) import
 _DETAIL_CHARS = 300
-# Fresh uids for root callers: a random start in a high range that login users and the usual
-# container sub-uid ranges do not reach, so two elmkit processes on one host do not collide either.
-_UIDS = itertools.count(random.randrange(1_500_000_000, 1_900_000_000))
 _RUNS = itertools.count()
 _warned_no_drop = False
 _warned_weak = False
@@ -169,12 +166,10 @@ def run_program(program: str, cfg: SandboxConfig = SandboxConfig()) -> ExecResul
 
 def _run_jailed(program: str, cfg: SandboxConfig) -> ExecResult:
     start = time.monotonic()
-    proc = pipes = cgroup = init = None
+    proc = pipes = init = None
     try:
-        uid = next(_UIDS) if os.geteuid() == 0 else -1
-        jail = bubblewrap.jail(_PYTHON, uid)
-        cgroup = bubblewrap.make_cgroup(jail, cfg.max_processes + 2)  # + bwrap and the sandbox's init
-        proc, pipes, init = _spawn_jailed(program, jail, uid if jail.own_uid else None, cgroup, cfg)
+        jail = bubblewrap.jail(_PYTHON)
+        proc, pipes, init = _spawn_jailed(program, jail, cfg)
         start = time.monotonic()
         timed_out = _wait(proc, pipes, start + cfg.timeout_s)
         wall = time.monotonic() - start
@@ -188,17 +183,16 @@ def _run_jailed(program: str, cfg: SandboxConfig) -> ExecResult:
             proc.stdout.close()
             proc.stderr.close()
             _reap(proc)
-        bubblewrap.remove_cgroup(cgroup)
     rc = proc.returncode
     if rc is not None and rc > 128 and (rc - 128) in signal.valid_signals():
         rc = 128 - rc  # bwrap exits with 128 + N when the program died of signal N
     return _verdict(rc, pipes, timed_out, wall, cfg, jailed=True)
 
 
-def _spawn_jailed(program: str, jail: bubblewrap.Jail, uid: int | None, cgroup: str | None,
+def _spawn_jailed(program: str, jail: bubblewrap.Jail,
                   cfg: SandboxConfig) -> tuple[subprocess.Popen, _Pipes, int | None]:
-    """Start bwrap (as ``uid`` unless None, inside ``cgroup`` when given); returns it, its output
-    pipes and a pidfd of the sandbox's PID 1 (None when it is already gone or unknown)."""
+    """Start bwrap; returns it, its output pipes and a pidfd of the sandbox's PID 1 (None when it is
+    already gone or unknown)."""
     report_r, report_w = os.pipe()  # see _spawn
     info_r, info_w = os.pipe()  # bwrap writes the host pid of the sandbox's PID 1 here
     source = os.memfd_create("program.py")  # copied to /box/program.py by bwrap
@@ -208,13 +202,13 @@ def _spawn_jailed(program: str, jail: bubblewrap.Jail, uid: int | None, cgroup: 
         os.lseek(source, 0, os.SEEK_SET)
         args = ["/box", -1, cfg.timeout_s, cfg.memory_mb, cfg.max_processes, report_w, 1]
         argv = [jail.python, "-I", "-B", "-c", _bootstrap_source(), *map(str, args)]
-        cmd = bubblewrap.in_cgroup(cgroup, bubblewrap.command(jail, source, info_w, argv))
+        uid = bubblewrap.fresh_uid() if jail.own_uid else None
         marker = f"elmkit-sandbox-{os.getpid()}-{next(_RUNS)}"  # finds a run's processes in /proc
-        as_uid = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(report_w, info_w, source), env=_environment("/box", "/tmp", marker),
-            start_new_session=True, **as_uid,
+            bubblewrap.command(jail, source, info_w, argv, uid), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(report_w, info_w, source),
+            env=_environment("/box", "/tmp", marker), start_new_session=True,
+            **bubblewrap.popen_user(jail, uid),
         )
     except BaseException:
         os.close(report_r)
@@ -315,7 +309,7 @@ def _warn_weak(why: str) -> None:
 def _run_weak(program: str, cfg: SandboxConfig) -> ExecResult:
     """The sandbox without its kernel layer (see the module docstring)."""
     start = time.monotonic()
-    uid = next(_UIDS) if os.geteuid() == 0 else -1
+    uid = bubblewrap.fresh_uid() if os.geteuid() == 0 else -1
     box = proc = pipes = None
     try:
         box = _make_box(program, uid)
