@@ -177,13 +177,14 @@ def test_ctypes_creat_and_unlink_fail_on_read_only_and_absent_paths(jail, tmp_pa
         out = []
         creat = lambda path: libc.creat(path, 0o644)
         for call, path in [(libc.unlink, KEEP), (libc.unlink, CANARY + "/file.txt"),
-                           (creat, CANARY + "/new.txt"), (creat, USR_NEW), (creat, "/new.txt")]:
+                           (creat, CANARY + "/new.txt"), (creat, USR_NEW), (creat, "/new.txt"),
+                           (creat, "/dev/new.txt")]:
             rc = call(path.encode())
             out.append("ok" if rc >= 0 else errno.errorcode[ctypes.get_errno()])
         raise SystemExit(" ".join(out))
     """)
     try:
-        assert r.detail == "ENOENT EROFS EROFS EROFS EROFS", r.detail
+        assert r.detail == "ENOENT EROFS EROFS EROFS EROFS EROFS", r.detail
         assert keep.read_text() == "original" and (canary / "file.txt").read_text() == "canary"
         assert sorted(p.name for p in canary.iterdir()) == ["file.txt"]
         assert not os.path.exists(usr_new)

@@ -100,7 +100,7 @@ def unavailable() -> str | None:
     else why not (one line)."""
     if shutil.which(BWRAP) is None:
         return f"{BWRAP} is not installed (no {BWRAP} on PATH)"
-    probe = Jail("/bin/sh", (), os.geteuid() == 0)
+    probe = Jail("/bin/sh", (), os.geteuid() == 0)  # runs /bin/sh: no interpreter folders to bind
     return _try(command(probe, -1, -1, ["/bin/sh", "-c", "exit 0"]), probe)
 
 
