@@ -29,7 +29,13 @@ COMPILE_FLAGS = --extra dev --python-version 3.11 --no-emit-package torch --no-h
 
 .PHONY: setup demo test lint lock test-latest test-oldest clean
 
+# bubblewrap is the code-evaluation sandbox's kernel layer (README, "The sandbox"): installed here when
+# it is missing and apt is usable; never fatal.
 setup: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } || \
+		echo "note: bubblewrap is not installed: elmkit eval --task humaneval/mbpp will refuse to run programs (README, 'The sandbox')"
 
 # $(1): venv folder: created with uv in it and, unless TORCH is empty, the torch build
 define base_env
@@ -61,10 +67,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(call make_env,$(VENV),$(LOCK))
 	@touch $(STAMP)
 
-demo: $(STAMP)
+demo: setup
 	$(VENV)/bin/elmkit demo --out runs/demo
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,7 +1,10 @@
 """The code-execution sandbox: ordinary outcomes first, then each containment layer.
 
-Every test also checks (autouse fixture) that nothing is left behind: no process that carries a
-sandbox dir in its command line or environment, and no sandbox dir in the temp dir.
+Every test runs twice (autouse fixture ``layer``): under the kernel layer (bubblewrap; skipped where it
+is unavailable) and in the weak sandbox that ``allow_weak`` falls back to. Every test also checks
+(autouse fixture) that nothing is left behind: no process that carries a sandbox marker in its command
+line or environment, and no sandbox dir in the temp dir. Attacks that get past the Python-level guards
+are in test_sandbox_hostile.py.
 """
 
 import glob
@@ -16,13 +19,13 @@ import warnings
 
 import pytest
 
-from elmkit.eval import sandbox
+from elmkit.eval import bubblewrap, sandbox
 from elmkit.eval.sandbox import ExecResult, SandboxConfig, run_many, run_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox (/proc, rlimits)")
 
 FAST = SandboxConfig(timeout_s=2.0, memory_mb=256)
-MARK = b"elmkit-sandbox-"  # in the argv and environment (HOME, TMPDIR) of every sandbox process
+MARK = b"elmkit-sandbox-"  # in the environment (ELMKIT_SANDBOX) of every sandbox process
 
 
 def sandbox_processes() -> list[int]:
@@ -50,8 +53,21 @@ def sandbox_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "elmkit-sandbox-*")))
 
 
+@pytest.fixture(autouse=True, params=["kernel", "weak"])
+def layer(request, monkeypatch) -> str:
+    """Which sandbox the test's programs run in: the kernel layer, or the weak one (forced)."""
+    if request.param == "kernel":
+        why = bubblewrap.unavailable()
+        if why is not None:
+            pytest.skip(f"the kernel layer is unavailable here: {why}")
+    else:
+        monkeypatch.setattr(bubblewrap, "unavailable", lambda: "turned off by the test")
+        monkeypatch.setattr(sandbox, "check_available", lambda cfg=None: None)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
-def leaves_nothing_behind():
+def leaves_nothing_behind(layer):
     dirs = sandbox_dirs()
     assert not sandbox_processes(), "a sandbox process was running before the test"
     yield
@@ -68,31 +84,40 @@ def run(program: str, cfg: SandboxConfig = FAST) -> ExecResult:
         return run_program(program, cfg)
 
 
-@pytest.fixture(scope="module")
+_DROP_PYTHON = []
+
+
 def drop_python() -> str | None:
-    """An interpreter with which programs do switch to their own uid (needs root and a Python whose
-    files other users can read), or None."""
-    if os.geteuid() != 0:
-        return None
+    """An interpreter with which weak-sandbox programs do switch to their own uid (needs root and a
+    Python whose files other users can read), or None. Found once."""
+    if _DROP_PYTHON:
+        return _DROP_PYTHON[0]
+    found = None
     for cand in dict.fromkeys([sys.executable, shutil.which("python3"), "/usr/bin/python3"]):
-        if not cand or not os.path.exists(cand):
+        if os.geteuid() != 0 or not cand or not os.path.exists(cand):
             continue
         ok = subprocess.run([cand, "-c", "import sys; assert sys.version_info >= (3, 10)"]).returncode == 0
         saved, sandbox._PYTHON = sandbox._PYTHON, cand
         try:
             if ok and run("import os\nassert os.getuid() != 0 and os.getgid() != 0").passed:
-                return cand
+                found = cand
+                break
         finally:
             sandbox._PYTHON = saved
-    return None
+    _DROP_PYTHON.append(found)
+    return found
 
 
 @pytest.fixture
-def dropped(monkeypatch, drop_python):
-    """Run the test's programs under their own uid (the hard layers), or skip."""
-    if drop_python is None:
+def dropped(monkeypatch, layer):
+    """Programs run with the kernel enforcing the limits: always under the kernel layer; in the weak
+    sandbox only under their own uid (root and a Python readable by other users), else skip."""
+    if layer == "kernel":
+        return
+    python = drop_python()
+    if python is None:
         pytest.skip("needs root and a Python readable by other users to drop privileges")
-    monkeypatch.setattr(sandbox, "_PYTHON", drop_python)
+    monkeypatch.setattr(sandbox, "_PYTHON", python)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +142,7 @@ def test_config_fields_have_docs():
     from elmkit.cli import field_docs
 
     docs = field_docs(SandboxConfig)
-    assert set(docs) == {"timeout_s", "memory_mb", "max_processes", "max_output_kb"}
+    assert set(docs) == {"timeout_s", "memory_mb", "max_processes", "max_output_kb", "allow_weak"}
     assert all(docs.values())
 
 
@@ -384,11 +409,12 @@ def test_files_outside_cannot_be_changed(program, tmp_path):
 
 
 def test_kernel_protects_files_when_the_guard_is_bypassed(dropped, tmp_path):
-    # _io.open is the C function behind open(): the Python guard does not see it. As its own uid,
-    # the program still cannot write into the caller's private directory.
+    # _io.open is the C function behind open(): the Python guard does not see it. As its own uid
+    # (weak sandbox), the program still cannot write into the caller's private directory; under the
+    # kernel layer the directory does not even exist in the program's file system.
     os.chmod(tmp_path, 0o700)
     r = run(f"import _io\n_io.open({str(tmp_path / 'new.txt')!r}, 'w').write('x')")
-    assert r.status == "failed" and "Permission denied" in r.detail
+    assert r.status == "failed" and ("Permission denied" in r.detail or "No such file" in r.detail)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -435,4 +461,5 @@ def test_kernel_protects_secrets_when_the_guard_is_bypassed(dropped, tmp_path):
     home.mkdir(mode=0o700)
     (home / "secret.txt").write_text("s3cr3t-kernel")
     r = run(f"import _io\nraise SystemExit(_io.open({str(home / 'secret.txt')!r}).read())")
-    assert r.status == "failed" and "s3cr3t-kernel" not in r.detail and "Permission denied" in r.detail
+    assert r.status == "failed" and "s3cr3t-kernel" not in r.detail
+    assert "Permission denied" in r.detail or "No such file" in r.detail

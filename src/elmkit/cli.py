@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = ns.command + (f" {ns.subcommand}" if getattr(ns, "subcommand", None) else "")
     cmd = _commands()[name]
+    from .eval.sandbox import SandboxUnavailable
     kw = {a: getattr(ns, a) for a, _, _ in cmd.args if getattr(ns, a) is not None}
     try:
         if cmd.presets is not None:
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for name_, cls in cmd.extras:
             kw[name_] = config_from_args(cls, ns, dest=name_)
         result = cmd.func(**kw)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SandboxUnavailable) as e:
         print(f"elmkit {name}: error: {e}", file=sys.stderr)
         return 2
     if isinstance(result, dict):

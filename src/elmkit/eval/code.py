@@ -210,11 +210,13 @@ def evaluate_code(model, tokenizer, problems: list[CodeProblem], task: str, samp
     completion style both tasks were designed for.
     """
     from .generate import generate
-    from .sandbox import SandboxConfig, run_many
+    from .sandbox import SandboxConfig, check_available, run_many
 
     bad = [k for k in pass_k if k > samples]
     if bad:
         raise ValueError(f"pass@{bad[0]} needs --samples >= {bad[0]}, got {samples}")
+    sandbox = sandbox or SandboxConfig()
+    check_available(sandbox)  # refuse before generating, not after
     prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, samples,
                     temperature, top_p, seed)
@@ -225,7 +227,7 @@ def evaluate_code(model, tokenizer, problems: list[CodeProblem], task: str, samp
             completion = extract_completion(task, p, text)
             programs.append(build_program(task, p, completion))
             records.append({"task_id": p.task_id, "sample": j, "output": text, "completion": completion})
-    results = run_many(programs, sandbox or SandboxConfig(), workers, progress)
+    results = run_many(programs, sandbox, workers, progress)
     for rec, res in zip(records, results):
         rec.update(status=res.status, passed=res.passed, detail=res.detail[-500:])
     passed = {p.task_id: 0 for p in problems}

@@ -4,31 +4,43 @@
 (exception, assertion, nonzero exit, a limit hit), timed out, or could not be run (``error``: the
 sandbox itself failed). ``run_many`` does the same for a list of programs on a thread pool.
 
-Every program gets its own throw-away directory (``elmkit-sandbox-*`` under the temp dir, removed
-afterwards) and its own fresh interpreter, ``python -I -B`` (isolated: no PYTHON* variables, no user
-site, no .pyc written), with a minimal environment (HOME and TMPDIR point into the directory). A small
-bootstrap runs first and builds the layers below, then executes ``program.py`` as ``__main__``.
+Two layers. The kernel layer is the boundary; the Python-level guards are a second layer that turns
+ordinary misbehaviour into a clear error message.
 
-Hard layers (the kernel enforces them, whatever code runs):
+Kernel layer (``elmkit.eval.bubblewrap``; ``tests/test_sandbox_hostile.py`` attacks each point with
+ctypes, re-imported C modules and raw syscalls):
 
-- Time: the program runs in its own session; at the wall-time limit, and after *every* run, the whole
-  process group is SIGKILLed, and so is every remaining process of the run's session or uid, or with
-  the sandbox dir in its environment (HOME/TMPDIR survive fork and exec): children it forked do not
-  outlive it, even ones native code moved to a new session. RLIMIT_CPU backs the wall-time limit up.
-- Memory and files: RLIMIT_AS (``memory_mb``), RLIMIT_FSIZE (16 MB per file), no core dumps.
-- Privileges (only when the caller is root): each run gets a fresh unprivileged uid/gid of its own
-  (from a private high range, not in /etc/passwd) and drops to it before the program starts. Then
-  RLIMIT_NPROC (``max_processes``) caps its processes and threads (the limit is not enforced for
-  root), the caller's files are protected by their permissions, and the cleanup can find every process
-  of the run by its uid. The drop is skipped, with a one-time RuntimeWarning, when the interpreter's
-  files would be unreadable by another user (e.g. a pyenv Python under /root, mode 0700): the program
-  then runs as root and only the other layers hold. For a non-root caller, RLIMIT_NPROC allows
-  ``max_processes`` more tasks than the caller's uid already has.
-- Network (best effort, root only): a new, empty network namespace; no_new_privs is set always.
+- Namespaces: every program runs under bubblewrap in user, PID, network, IPC, UTS and cgroup
+  namespaces of its own, as uid/gid 65534 with no capabilities, no_new_privs and no nested user
+  namespaces. The network namespace has only a loopback interface: no connection to the host's
+  127.0.0.1 or anywhere else, no DNS.
+- Files: a root file system of its own: /usr, the loader's files of /etc and the interpreter's folders
+  read-only; private size-limited tmpfs at /box (the working directory, holding program.py), /tmp and
+  /dev/shm; fresh /proc and /dev. The caller's home, working tree, temp dir and everything else on the
+  host are not there at all, so neither reads nor writes can reach them.
+- Processes: PID 1 of the namespace is bwrap's init. After every run (and at the wall-time limit) it
+  is SIGKILLed, which makes the kernel kill every process in the namespace (double-forked daemons,
+  setsid, ignored SIGTERM, threads outliving the main one), and ``run_program`` returns only once
+  PID 1 is gone, which the kernel allows only after all the others. ``max_processes`` caps tasks
+  (processes plus threads) through RLIMIT_NPROC, which in the sandbox's own user namespace counts
+  only the sandbox's tasks. The sandbox's uid outside is never root: a root caller runs bwrap as a
+  fresh unprivileged uid per run (see ``elmkit.eval.bubblewrap``).
+- Limits: RLIMIT_AS (``memory_mb``), RLIMIT_CPU (backs up the wall-time limit), RLIMIT_FSIZE (16 MB per
+  file), no core dumps; each tmpfs holds 64 MB.
 
-Python-level guards (installed before the program runs; they stop ordinary code, not a determined
-attacker: ``ctypes``, C extensions, ``_io.open``, ``io.FileIO`` and similar tricks get around them,
-and then only the hard layers above hold):
+Fail closed: when bwrap is missing or cannot create the namespaces (probed once per process),
+``run_program`` and ``run_many`` raise ``SandboxUnavailable`` saying why and how to enable it, unless
+``SandboxConfig(allow_weak=True)`` (``elmkit eval --sandbox.allow-weak true``) accepts the risk. Then
+the weak sandbox below runs instead, with a one-time RuntimeWarning.
+
+Weak sandbox (no kernel layer): a throw-away directory (``elmkit-sandbox-*`` under the temp dir) and a
+fresh ``python -I -B`` in its own session; at the limit and after every run the process group, session
+and uid are swept with SIGKILL. The same rlimits. As root, each run drops to a fresh unprivileged uid
+(RLIMIT_NPROC and file permissions then hold) in an empty network namespace, when the interpreter is
+readable by other users. Native code (ctypes) gets around everything else.
+
+Python-level guards (both modes; installed before the program runs; they stop ordinary code, not a
+determined attacker: ``ctypes``, re-importing ``posix``, ``_io.FileIO`` and similar get around them):
 
 - processes: os.fork/forkpty/system/popen/exec*/spawn*/posix_spawn*, subprocess and multiprocessing
   (their common primitive ``_posixsubprocess.fork_exec``), os.setsid/setpgid (leaving the group),
@@ -36,14 +48,13 @@ and then only the hard layers above hold):
   ``max_processes``.
 - files: open/io.open/io.open_code/os.open and the os functions that create, change or delete paths
   (remove, unlink, rmdir, mkdir, rename, replace, link, symlink, chmod, chown, truncate, utime, ...;
-  shutil.rmtree/move and pathlib go through them) are refused outside the sandbox directory; reading
+  shutil.rmtree/move and pathlib go through them) are refused outside the working directory; reading
   is allowed only there and from Python's own installation (prefixes and sys.path), so imports work.
   Directory listings follow the read rule; os.stat and similar metadata calls are not guarded.
 - network: creating a socket (other than wrapping an existing one, e.g. asyncio's socketpair) and
   DNS lookups raise PermissionError.
 
-Not limited: disk use inside the sandbox directory (16 MB per file, any number of files until the
-time limit), CPU share (use ``workers`` <= cores). A program that calls ``sys.exit(0)`` or
+Not limited: CPU share (use ``workers`` <= cores). A program that calls ``sys.exit(0)`` or
 ``os._exit(0)`` before its tests run "passes" here; ``elmkit.eval.code`` runs candidates so that
 exiting early fails.
 """
@@ -54,9 +65,10 @@ import errno
 import functools
 import inspect
 import itertools
+import json
 import math
 import os
-import random
+import select
 import selectors
 import shutil
 import signal
@@ -70,7 +82,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ExecResult", "SandboxConfig", "run_many", "run_program"]
+from . import bubblewrap
+from .bubblewrap import SandboxUnavailable
+
+__all__ = ["ExecResult", "SandboxConfig", "SandboxUnavailable", "check_available", "run_many", "run_program"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +97,13 @@ class SandboxConfig:
     memory_mb: int = 1024
     """Address-space limit (RLIMIT_AS) of the program in MiB."""
     max_processes: int = 16
-    """Processes plus threads the program may have (RLIMIT_NPROC when it runs under its own uid)."""
+    """Processes plus threads the program may have (RLIMIT_NPROC in the sandbox's user namespace)."""
     max_output_kb: int = 64
     """KiB of stdout and of stderr kept (the last ones); the rest is dropped while reading."""
+    allow_weak: bool = False
+    """Accept the risk of running untrusted code without the kernel layer (bubblewrap namespaces) when it
+    cannot be set up here: only rlimits and Python-level guards, which native code gets around. Off:
+    refuse instead."""
 
     def __post_init__(self):
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -115,16 +134,182 @@ class ExecResult:
 
 _PYTHON = sys.executable  # the caller's interpreter, so packages installed with it (numpy) import
 _DETAIL_CHARS = 300
-# Fresh uids for root callers: a random start in a high range that login users and the usual
-# container sub-uid ranges do not reach, so two elmkit processes on one host do not collide either.
-_UIDS = itertools.count(random.randrange(1_500_000_000, 1_900_000_000))
+_RUNS = itertools.count()
 _warned_no_drop = False
+_warned_weak = False
+
+
+def check_available(cfg: SandboxConfig = SandboxConfig()) -> None:
+    """Refuse early: raise SandboxUnavailable when the kernel layer cannot be set up here and ``cfg``
+    does not allow the weak sandbox (bwrap is probed once per process)."""
+    why = bubblewrap.unavailable()
+    if why is not None and not cfg.allow_weak:
+        raise SandboxUnavailable(
+            f"elmkit sandbox: refusing to run untrusted code without its kernel layer: {why}. To enable "
+            f"it, {bubblewrap.HOW_TO_ENABLE}. To accept the risk of rlimits and Python-level guards "
+            "alone, pass SandboxConfig(allow_weak=True) (elmkit eval: --sandbox.allow-weak true).")
 
 
 def run_program(program: str, cfg: SandboxConfig = SandboxConfig()) -> ExecResult:
-    """Run one program in the sandbox; never raises for anything the program does."""
+    """Run one program in the sandbox; never raises for anything the program does.
+
+    Raises:
+        SandboxUnavailable: no kernel layer here, and ``cfg.allow_weak`` is False.
+    """
+    check_available(cfg)
+    why = bubblewrap.unavailable()
+    if why is None:
+        return _run_jailed(program, cfg)
+    _warn_weak(why)
+    return _run_weak(program, cfg)
+
+
+def _run_jailed(program: str, cfg: SandboxConfig) -> ExecResult:
     start = time.monotonic()
-    uid = next(_UIDS) if os.geteuid() == 0 else -1
+    proc = pipes = init = None
+    try:
+        jail = bubblewrap.jail(_PYTHON)
+        proc, pipes, init = _spawn_jailed(program, jail, cfg)
+        start = time.monotonic()
+        timed_out = _wait(proc, pipes, start + cfg.timeout_s)
+        wall = time.monotonic() - start
+    except Exception as e:
+        return ExecResult("error", False, _short(f"sandbox error: {e!r}"), time.monotonic() - start)
+    finally:
+        if proc is not None:  # every time: the program may have left processes behind
+            _kill_jail(proc, init)
+            pipes.drain(time.monotonic() + 1.0)
+            pipes.close()
+            proc.stdout.close()
+            proc.stderr.close()
+            _reap(proc)
+    rc = proc.returncode
+    if rc is not None and rc > 128 and (rc - 128) in signal.valid_signals():
+        rc = 128 - rc  # bwrap exits with 128 + N when the program died of signal N
+    return _verdict(rc, pipes, timed_out, wall, cfg, jailed=True)
+
+
+def _spawn_jailed(program: str, jail: bubblewrap.Jail,
+                  cfg: SandboxConfig) -> tuple[subprocess.Popen, _Pipes, int | None]:
+    """Start bwrap; returns it, its output pipes and a pidfd of the sandbox's PID 1 (None when it is
+    already gone or unknown)."""
+    report_r, report_w = os.pipe()  # see _spawn
+    info_r, info_w = os.pipe()  # bwrap writes the host pid of the sandbox's PID 1 here
+    source = os.memfd_create("program.py")  # copied to /box/program.py by bwrap
+    try:
+        with open(source, "wb", closefd=False) as f:
+            f.write(program.encode("utf-8", "surrogateescape"))
+        os.lseek(source, 0, os.SEEK_SET)
+        args = ["/box", -1, cfg.timeout_s, cfg.memory_mb, cfg.max_processes, report_w, 1]
+        argv = [jail.python, "-I", "-B", "-c", _bootstrap_source(), *map(str, args)]
+        uid = bubblewrap.fresh_uid() if jail.own_uid else None
+        marker = f"elmkit-sandbox-{os.getpid()}-{next(_RUNS)}"  # finds a run's processes in /proc
+        proc = subprocess.Popen(
+            bubblewrap.command(jail, source, info_w, argv, uid), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(report_w, info_w, source),
+            env=_environment("/box", "/tmp", marker), start_new_session=True,
+            **bubblewrap.popen_user(jail, uid),
+        )
+    except BaseException:
+        os.close(report_r)
+        os.close(info_r)
+        raise
+    finally:
+        for fd in (report_w, info_w, source):
+            os.close(fd)
+    try:
+        init = _sandbox_init(info_r, time.monotonic() + max(cfg.timeout_s, 10.0))
+        fds = {"stdout": proc.stdout.fileno(), "stderr": proc.stderr.fileno(), "report": report_r}
+        pipes = _Pipes(fds, cfg.max_output_kb * 1024, _pidfd(proc.pid), close_also=(report_r,))
+        return proc, pipes, init
+    except BaseException:  # not handed to the caller's cleanup yet: clean up here
+        _kill_jail(proc, None)
+        _reap(proc)
+        os.close(report_r)
+        raise
+    finally:
+        os.close(info_r)
+
+
+def _sandbox_init(info_fd: int, deadline: float) -> int | None:
+    """A pidfd of the sandbox's PID 1, from bwrap's --info-fd JSON; None when bwrap failed first or
+    PID 1 has already exited (then so has everything else in its namespace)."""
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([info_fd], [], [], left)[0]:
+            return None
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+        try:
+            info = json.loads(data)
+            break
+        except ValueError:
+            continue
+    pid = info["child-pid"]
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:  # the pid is still the sandbox's PID 1, not a process that reused the number
+        if os.stat(f"/proc/{pid}/ns/pid").st_ino == info["pid-namespace"]:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _kill_jail(proc: subprocess.Popen, init: int | None) -> None:
+    """SIGKILL the sandbox's PID 1, whose death makes the kernel kill everything in its PID namespace,
+    and bwrap; then wait until PID 1 has exited, which the kernel lets happen only after the rest."""
+    if init is not None:
+        try:
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap (--die-with-parent takes PID 1 along as well)
+    except OSError:
+        pass
+    if init is not None:
+        gone = select.select([init], [], [], 10.0)[0]  # a pidfd reads ready once its process exited
+        os.close(init)
+        if not gone:
+            warnings.warn("elmkit sandbox: the sandbox's PID 1 did not exit within 10 s of SIGKILL",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _environment(home: str, tmp: str, marker: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8",
+        # One BLAS/OpenMP thread: parallel programs share the cores, and threads count as tasks.
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        # glibc reserves 64 MB of address space per thread for malloc arenas; under RLIMIT_AS a
+        # handful of threads would exhaust the limit without this.
+        "MALLOC_ARENA_MAX": "2",
+        "ELMKIT_SANDBOX": marker,
+    }
+
+
+def _warn_weak(why: str) -> None:
+    global _warned_weak
+    if not _warned_weak:
+        _warned_weak = True
+        warnings.warn(
+            f"elmkit sandbox: running programs WITHOUT the kernel layer (allow_weak=True): {why}. Only "
+            "rlimits and Python-level guards hold, which native code (ctypes) gets around: a hostile "
+            "program can read and write the caller's files, use the network and leave processes behind.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def _run_weak(program: str, cfg: SandboxConfig) -> ExecResult:
+    """The sandbox without its kernel layer (see the module docstring)."""
+    start = time.monotonic()
+    uid = bubblewrap.fresh_uid() if os.geteuid() == 0 else -1
     box = proc = pipes = None
     try:
         box = _make_box(program, uid)
@@ -146,7 +331,7 @@ def run_program(program: str, cfg: SandboxConfig = SandboxConfig()) -> ExecResul
             _reap(proc)
         if box is not None:
             _remove_tree(box)
-    return _verdict(proc.returncode, pipes, timed_out, wall, cfg)
+    return _verdict(proc.returncode, pipes, timed_out, wall, cfg, jailed=False)
 
 
 def run_many(
@@ -160,6 +345,7 @@ def run_many(
 
     if workers < 1:
         raise ValueError(f"workers must be > 0, got {workers!r}")
+    check_available(cfg)
     results: list[ExecResult | None] = [None] * len(programs)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
@@ -189,19 +375,11 @@ def _spawn(box: str, uid: int, cfg: SandboxConfig) -> tuple[subprocess.Popen, _P
     # it before the program runs: a program cannot fake a sandbox error, nor hide one.
     report_r, report_w = os.pipe()
     try:
-        env = {
-            "PATH": "/usr/bin:/bin", "HOME": box, "TMPDIR": box, "LANG": "C.UTF-8",
-            # One BLAS/OpenMP thread: parallel programs share the cores, and threads count as tasks.
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            # glibc reserves 64 MB of address space per thread for malloc arenas; under RLIMIT_AS a
-            # handful of threads would exhaust the limit without this.
-            "MALLOC_ARENA_MAX": "2",
-        }
-        args = [box, uid, cfg.timeout_s, cfg.memory_mb, cfg.max_processes, report_w]
+        args = [box, uid, cfg.timeout_s, cfg.memory_mb, cfg.max_processes, report_w, 0]
         proc = subprocess.Popen(
             [_PYTHON, "-I", "-B", "-c", _bootstrap_source(), *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(report_w,), cwd=box, env=env, start_new_session=True,
+            pass_fds=(report_w,), cwd=box, env=_environment(box, box, box), start_new_session=True,
         )
     except BaseException:
         os.close(report_r)
@@ -362,13 +540,14 @@ def _remove_tree(path: str) -> None:
         warnings.warn(f"elmkit sandbox: could not remove {path}", RuntimeWarning, stacklevel=3)
 
 
-def _verdict(rc: int | None, pipes: _Pipes, timed_out: bool, wall: float, cfg: SandboxConfig) -> ExecResult:
+def _verdict(rc: int | None, pipes: _Pipes, timed_out: bool, wall: float, cfg: SandboxConfig,
+             jailed: bool) -> ExecResult:
     report = pipes.text("report").split(maxsplit=3)
     lines = [line.strip() for line in pipes.text("stderr").splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     if not report or report[0] != "ready":
         return ExecResult("error", False, _short(f"sandbox setup failed: {last or f'exit {rc}'}"), wall)
-    if os.geteuid() == 0 and report[1] == "0":
+    if not jailed and os.geteuid() == 0 and report[1] == "0":
         _warn_no_drop(report[3] if len(report) > 3 else "")
     if timed_out:
         return ExecResult("timeout", False, f"timed out after {float(cfg.timeout_s)} s", wall)
@@ -437,15 +616,17 @@ def _proc_status(pid: str) -> dict[str, str]:
 
 def _child_main(argv: list[str]) -> None:
     """Build the layers, report on the report pipe, then run program.py as __main__."""
-    box, uid, timeout_s, memory_mb, max_processes, report_fd = argv
+    box, uid, timeout_s, memory_mb, max_processes, report_fd, jailed = argv
     uid, memory_mb, max_processes, report_fd = int(uid), int(memory_mb), int(max_processes), int(report_fd)
+    jailed = jailed == "1"  # under bwrap: in a user namespace of its own
     try:
         os.chdir(box)
         with open("program.py", encoding="utf-8") as f:
             source = f.read()
         netns = _kernel_isolation()
         dropped, why = _drop_privileges(uid, box) if os.geteuid() == 0 and uid >= 0 else (False, "not root")
-        _set_limits(float(timeout_s), memory_mb, max_processes, dropped)
+        # In the jail RLIMIT_NPROC counts only the namespace's tasks, bwrap's init among them.
+        _set_limits(float(timeout_s), memory_mb, max_processes + jailed, dropped or jailed)
         _guard_processes(max_processes)
         _guard_network()
         _guard_files(box)
