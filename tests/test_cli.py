@@ -198,3 +198,43 @@ def test_plain_text_data_trains_an_elm_with_gppo_and_a_lora(tmp_path):
     assert read_json(tmp_path / "lora" / "metrics.json")["steps"] == 2
     ev = ["eval", "--model", "testbed:tiny", "--data", str(data), "--out", str(tmp_path / "ev")]
     assert cli.main(ev) == 2
+
+
+def test_a_line_that_is_not_utf8_names_its_file_and_line(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "caf\xc5"}\n')
+    rc = cli.main(["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                   "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{data}, line 2: not UTF-8 text (byte 0xc5 at column 14)" in err
+    assert "Traceback" not in err
+
+
+def test_compress_refuses_to_remove_nothing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = cli.main(["compress", "shortgpt", "--model", str(tiny_dir), "--data", "x", "--out", str(out),
+                   "--n-remove", "0"])
+    assert rc == 2 and "--n-remove 0 removes nothing" in capsys.readouterr().err
+    assert not (out / "model").exists()
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of some plain text"}) + "\n" for i in range(8)))
+    rc = cli.main(["compress", "shortgpt", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),
+                   "--ratio", "0.01", "--calib.samples", "4"])
+    assert rc == 2 and "rounds to 0 layers" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_unless_the_traceback_is_asked_for(monkeypatch, capsys):
+    import elmkit
+
+    def broken(model):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(elmkit, "info", broken)
+    monkeypatch.delenv("ELMKIT_TRACEBACK", raising=False)
+    assert cli.main(["info", "--model", "testbed:tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("elmkit info: error: RuntimeError: disk on fire")
+    assert "Traceback" not in err
+    monkeypatch.setenv("ELMKIT_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["info", "--model", "testbed:tiny"])

@@ -15,7 +15,7 @@ from elmkit.models import load_model
 from elmkit.train.recurrence import RecurrenceTrainConfig
 
 
-class Stop(Exception):
+class Stop(BaseException):
     """Stands for a killed process."""
 
 

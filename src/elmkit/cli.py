@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 import types
@@ -324,6 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, SandboxUnavailable) as e:
         print(f"elmkit {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"elmkit {name}: interrupted; the same command continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else: one line, the traceback on request
+        if os.environ.get("ELMKIT_TRACEBACK"):
+            raise
+        print(f"elmkit {name}: error: {type(e).__name__}: {e} (this looks like a bug or an environment "
+              "problem: ELMKIT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
     if isinstance(result, dict):
         import json
 

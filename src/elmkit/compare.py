@@ -57,6 +57,10 @@ def compress_method(model: str | Path, data: str | Path, out: str | Path, method
     cfg = cfg if cfg is not None else spec.base
     if not isinstance(cfg, type(spec.base)):
         raise ValueError(f"{method} takes a {type(spec.base).__name__}, got {type(cfg).__name__}")
+    if getattr(cfg, "n_remove", None) == 0 or getattr(cfg, "ratio", None) == 0:
+        what = "--n-remove 0" if getattr(cfg, "n_remove", None) == 0 else "--ratio 0"
+        raise ValueError(f"{what} removes nothing: the output would be the unchanged model; set a "
+                         "positive --n-remove or --ratio")
     run = RunDir(out)
     run.write_config(f"compress {method}", model=str(model), data=str(data), cfg=asdict(cfg),
                      calib=asdict(calib))
@@ -72,6 +76,9 @@ def compress_method(model: str | Path, data: str | Path, out: str | Path, method
             train = Calibration.from_examples(tok, read_examples(data, fmt), 512)
     m = load_model(model, dtype="float32")
     n0, p0, e0 = m.config.num_hidden_layers, count_parameters(m), non_embedding_parameters(m)
+    if not width and getattr(cfg, "n_remove", 1) is None and round(cfg.ratio * n0) == 0:
+        raise ValueError(f"--ratio {cfg.ratio} of {n0} layers rounds to 0 layers: nothing would be removed; "
+                         f"use --ratio >= {0.5 / n0:.3g} or --n-remove")
     t0 = time.time()
     if width:
         m, plan, stats = spec.module.compress_(m, cal, cfg, train, progress=True, folder=run / "search")

@@ -116,7 +116,9 @@ class CalibConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"calibration source {path} does not exist")
             if path.suffix in (".txt", ".raw"):
-                ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+                from .formats import decode_utf8
+
+                ids = tokenizer(decode_utf8(path.read_bytes(), path), add_special_tokens=False)["input_ids"]
                 n_win = len(ids) // self.seq_len
                 if n_win == 0:
                     raise ValueError(f"{path} has {len(ids)} tokens, fewer than --calib.seq-len "

@@ -52,11 +52,22 @@ class Example:
     """Gold final answer, when the format states one (GSM8K ``#### N``, MATH answer field)."""
 
 
+def decode_utf8(raw: bytes, path) -> str:
+    """``raw`` as UTF-8 text, or one error naming the file, line and byte that is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataFormatError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                              f"column {col}); save the file as UTF-8") from None
+
+
 def _records(path: Path) -> Iterator[tuple[str, object]]:
     """Yield (location, record) from a JSON list or a JSONL file."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)

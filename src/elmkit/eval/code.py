@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.formats import DataFormatError
+from ..data.formats import DataFormatError, decode_utf8
 
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```", "\nassert ")
 MBPP_STOPS = ("\nassert ", '\n"""', "\nif __name__", "\nprint(", "\n```", "[DONE]")
@@ -55,13 +55,14 @@ def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{path}, line {i}: not JSON ({e.msg})") from None
+    with opener(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}, line {i}: not JSON ({e.msg})") from None
     return rows
 
 

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.formats import decode_utf8
+
 
 def read_wikitext2(path: str | Path) -> str:
     """The WikiText-2 raw test text, normalised as documented above."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    rows = [r for r in path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n") if r.strip()]
+    rows = [r for r in decode_utf8(path.read_bytes(), path).replace("\r\n", "\n").split("\n") if r.strip()]
     return "\n\n".join(rows)
 
 
@@ -42,7 +44,7 @@ def read_text_file(path: str | Path) -> str:
         return read_wikitext2(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return decode_utf8(path.read_bytes(), path)
 
 
 @torch.no_grad()
