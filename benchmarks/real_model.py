@@ -222,7 +222,7 @@ def recipe_score(unit: dict) -> float:
 def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                  methods: list[str] | None = None) -> bool:
     """Every method of ``methods`` (default: all) not yet saved; False when the budget stopped it."""
-    from elmkit.compare import CompareConfig, compress_copy
+    from elmkit.compare import CompareConfig, compress_copy, save_model
     from elmkit.data.calibration import CalibConfig
     from elmkit.eval.perplexity import perplexity, read_wikitext2
     from elmkit.methods.common import non_embedding_parameters
@@ -304,12 +304,14 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             else:
                 m, plan, stats = compress_copy(name, dense, tok, calib, t["train"], k, work, ccfg,
                                                train_len=s["seq"])
-                unit["plan"] = _jsonable(plan)
+                unit["plan"] = plan  # write_json stores a plan dataclass, as compare's plan.json
                 trainer = {"streamline": "own", "reverse": "partial"}.get(name, "lora")
             del dense
             compress_s = time.time() - t0  # ELM, recurrence and Streamline: their training included
             if trainer in ("lora", "partial"):
-                m = _heal(m, tok, t["train"], s, trainer, steps, work, scorer(curve), device)
+                save_model(m, tok, work / "model")
+                del m  # the healed copy is loaded from disk: one model on the device at a time
+                m = _heal(tok, t["train"], s, trainer, steps, work, scorer(curve), device)
             elif not curve:  # Streamline's layer trained on the whole budget; one point
                 curve.append({"sequences": top, "ppl": val_ppl(m)})
         except (ValueError, FloatingPointError) as e:  # cannot reach the target here, or diverged
@@ -399,16 +401,12 @@ def _screen_recurrence(dense, tok, train, s, k, work, score):
     return rec
 
 
-def _heal(m, tok, train, s, trainer, steps, work, score, device):
-    """LoRA healing (or Lu et al.'s partial-layer fine-tuning) for ``steps``, scored at the budgets."""
-    import dataclasses
-
-    from elmkit.compare import save_model
+def _heal(tok, train, s, trainer, steps, work, score, device):
+    """LoRA healing (or Lu et al.'s partial-layer fine-tuning) of the model saved in ``work/model``
+    for ``steps``, scored at the budgets."""
     from elmkit.models import load_model
     from elmkit.train.lora import FinetuneConfig, finetune
 
-    save_model(m, tok, work / "model")
-    del m
     if trainer == "partial":
         cfg = FinetuneConfig(mode="partial", partial_layers=PARTIAL["layers"], tied_head="train",
                              lr=PARTIAL["lr"], min_lr=PARTIAL["lr"], warmup_steps=PARTIAL["warmup"])
@@ -418,14 +416,6 @@ def _heal(m, tok, train, s, trainer, steps, work, score, device):
                               save_every=10**9, device=device, seed=0)
     finetune(work / "model", train, work / "heal", cfg, progress=False, on_model=score)
     return load_model(work / "heal" / "model", dtype="float32", device=device)
-
-
-def _jsonable(plan) -> dict:
-    import dataclasses
-
-    if dataclasses.is_dataclass(plan):
-        return json.loads(json.dumps(dataclasses.asdict(plan), default=str))
-    return {"repr": repr(plan)[:500]}
 
 
 def _checkpoint_evals(elm, curve: list, s: dict, val_ppl):
