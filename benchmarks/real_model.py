@@ -176,6 +176,10 @@ PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer 
 # retrofitted recurrence: 7 layers deleted (23 kept, as ELM), a core of 4 iterated 3 times: 31 layer
 # evaluations per token (ELM: 30); AdamW at the authors' AdamW-only lr, everything trains
 RECURRENCE = {"core": 4, "r": 3, "lr": 5e-5, "warmup": 20}
+# general knowledge: lm-eval on the full test sets, zero-shot, from ../shared/data/commonsense
+TASKS = ("elmkit_arc_easy", "elmkit_boolq", "elmkit_piqa")
+TASK_LABELS = {"elmkit_arc_easy": "ARC-E", "elmkit_boolq": "BoolQ", "elmkit_piqa": "PIQA"}
+TASK_BATCH = 64
 DARWINLM = DarwinLMConfig(generations=12, offspring=8, train_tokens=(4000, 8000, 16000, 32000),
                           train_batch_size=16, lr=1e-4, seed=0)  # RESULTS.md's testbed search budget
 
@@ -185,7 +189,7 @@ def screen_methods() -> list[str]:
 
     search = ("darwinlm", "ziplm", "uniform")  # the OBS database and search: the longest units, last
     rest = [m for m in GROUPS["all"] if m not in search]
-    return ["dense", "elm", "recurrence", *[m for m in rest if m != "elm"], *search]
+    return ["original", "dense", "elm", "recurrence", *[m for m in rest if m != "elm"], *search]
 
 
 def screen_settings() -> dict:
@@ -194,7 +198,8 @@ def screen_settings() -> dict:
     return {"span": 3 if small else SPAN, "batch": 2 if small else BATCH, "seq": 32 if small else SEQ,
             "budgets": [b for b in ((2, 4, 8) if small else BUDGETS) if b <= top],
             "val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
-            "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE, "smoke": small}
+            "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
+            "tasks": list(TASKS), "tasks_limit": 4 if small else None, "smoke": small}
 
 
 def elm_recipe(out: Path) -> dict:
@@ -220,8 +225,9 @@ def recipe_score(unit: dict) -> float:
 
 
 def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
-                 methods: list[str] | None = None) -> bool:
-    """Every method of ``methods`` (default: all) not yet saved; False when the budget stopped it."""
+                 methods: list[str] | None = None, jobs: int = 1) -> bool:
+    """Every method of ``methods`` (default: all) not yet saved; False when the budget stopped it.
+    With ``jobs`` > 1 the units run as that many processes sharing the device (``_screen_jobs``)."""
     from elmkit.compare import CompareConfig, compress_copy, save_model
     from elmkit.data.calibration import CalibConfig
     from elmkit.eval.perplexity import perplexity, read_wikitext2
@@ -240,6 +246,9 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     if not todo:
         report_screen(out)
         return True
+    tasks_dir = _check_tasks(data)
+    if jobs > 1 and len(todo) > 1:
+        return _screen_jobs(model, data, out, run, todo, jobs, budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(model)
     master = load_model(model, dtype="float32", device="cpu")
@@ -257,6 +266,15 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     def val_ppl(m) -> float:
         return round(perplexity(m, tok, val, window=s["val_window"], max_windows=s["val_windows"],
                                 progress=False)["ppl"], 4)
+
+    def task_acc(m) -> dict:
+        from elmkit.eval.harness import run_lm_eval
+
+        r = run_lm_eval(m, tok, tasks=s["tasks"], data_dir=tasks_dir, limit=s["tasks_limit"],
+                        batch_size=TASK_BATCH, device=device)
+        return {"lm_eval": r["lm_eval_version"],
+                **{t: {k: round(v, 4) if isinstance(v, float) else v for k, v in r["tasks"][t].items()}
+                   for t in s["tasks"]}}
 
     def wiki_ppl(m) -> dict:
         r = perplexity(m, tok, wiki, window=s["val_window"], max_windows=None if not SMOKE["on"] else 2,
@@ -292,9 +310,12 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                              darwinlm=DARWINLM)
         curve: list[dict] = []
         unit = {"method": name, "settings": unit_settings(name, s, recipe),
-                "removed_layers": None if name in WIDTH else 0 if name == "dense" else k}
+                "removed_layers": None if name in WIDTH else 0 if name in ("original", "dense") else k}
         try:
-            if name == "dense":
+            if name == "original":  # the model as shipped: no compression, no training
+                m, trainer = dense, "none"
+                curve.append({"sequences": 0, "ppl": val_ppl(m)})
+            elif name == "dense":
                 m, trainer = dense, "lora"
             elif name in ("elm", "elm-cosine"):
                 m, trainer = _screen_elm(dense, tok, calib, t["train"], s, recipe, work, scorer(curve)), "elm"
@@ -321,16 +342,20 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             continue
         ne = non_embedding_parameters(m)
         t1 = time.time()
-        wiki_result = wiki_ppl(m)
+        wiki_result, tasks = wiki_ppl(m), task_acc(m)
         clock["eval"] += time.time() - t1
-        unit.update(trainer=trainer, curve=curve, wikitext2=wiki_result, params=count_parameters(m) / p0,
+        unit.update(trainer=trainer, curve=curve, wikitext2=wiki_result, lm_eval=tasks.pop("lm_eval"),
+                    tasks=tasks,
+                    params=count_parameters(m) / p0,
                     removed_non_embedding=round(1 - ne / e0, 4), layers=m.config.num_hidden_layers,
                     compress_s=round(compress_s, 1), eval_s=round(clock["eval"], 1),
                     seconds=round(time.time() - t0, 1),
                     device=_device_name())
         write_json(folder / f"unit_{name}.json", unit)
         print(f"{name}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in curve)
-              + f"  wikitext2 {unit['wikitext2']['ppl']:.2f}  ({unit['seconds']:.0f} s)", flush=True)
+              + f"  wikitext2 {unit['wikitext2']['ppl']:.2f}  "
+              + "  ".join(f"{TASK_LABELS.get(t, t)} {v['acc']:.3f}" for t, v in tasks.items())
+              + f"  ({unit['seconds']:.0f} s)", flush=True)
         report_screen(out)
         del m
         if device == "cuda":
@@ -339,14 +364,90 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     return True
 
 
+def _check_tasks(data: Path) -> Path:
+    """The commonsense folder, checked before any training: the files, and lm-eval importable."""
+    from elmkit.eval.harness import task_config
+
+    folder = data / "commonsense"
+    try:
+        for t in TASKS:
+            task_config(t, folder)
+    except FileNotFoundError as e:  # names the file and its format
+        raise SystemExit(f"{e} (pass --data with the commonsense folder)") from None
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"the screen scores {', '.join(TASKS)} with lm-eval, which does not import "
+                         f"here ({e}); install elmkit's locked set (make setup)") from None
+    return folder
+
+
+def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], jobs: int,
+                 budget: Budget) -> bool:
+    """The screen's units as up to ``jobs`` processes of this script, one method each, sharing the
+    device. A LoRA step on a 135M model is bound by kernel launches, not by the GPU, so units side by
+    side finish several times sooner than in a row; each unit's numbers are what it would give alone
+    (its own seed and data order), only its wall time grows. Each process writes its own unit file;
+    the reports are rewritten at the end. A unit is started only while its expected time fits the
+    budget; logs go to RUN/screen/<method>.log."""
+    import os
+    import subprocess
+
+    folder, logs = out / "screen", run / "screen"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 2) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--data", str(data),
+            "--out", str(out), "--run", str(run), "--stages", "screen", "--budget-s", "1e9",
+            *(["--smoke"] if SMOKE["on"] else [])]
+    queue, running, stopped, failed = list(todo), {}, False, []
+    while queue or running:
+        while queue and len(running) < jobs and not stopped:
+            seen = {p.stem.removeprefix("unit_"): read_json(p).get("seconds", 0.0)
+                    for p in folder.glob("unit_*.json")}
+            need = seen.get(queue[0]) or max(seen.values(), default=300.0)
+            if not budget.left(need):
+                print(f"stopped at the time budget before {queue[0]}; run again to continue")
+                stopped = True
+                break
+            name = queue.pop(0)
+            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            # a datasets cache of its own: lm-eval's task files are prepared once per process
+            cache = {"HF_DATASETS_CACHE": str(run / "hf_datasets" / name)}
+            running[name] = (subprocess.Popen([*base, "--methods", name], stdout=log,
+                                              stderr=subprocess.STDOUT, env={**env, **cache}), log)
+            print(f"== screen {name} started ({len(running)} running)", flush=True)
+        if stopped and not running:
+            break
+        time.sleep(1.0 if SMOKE["on"] else 5.0)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            tail = (logs / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+            print(f"== screen {name} exited {proc.returncode}: {tail[0]}", flush=True)
+            if proc.returncode:
+                failed.append(name)
+        if stopped:
+            queue.clear()
+    report_screen(out)
+    if failed:
+        raise SystemExit(f"the units of {', '.join(failed)} ended without a result; see "
+                         f"{logs}/<method>.log")
+    return not stopped
+
+
 def unit_settings(name: str, s: dict, recipe: dict) -> dict:
     """What a screen unit's numbers depend on: the shared settings and the method's own."""
-    own = {"dense": {"heal_lr": s["heal_lr"]}, "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr")}},
+    own = {"original": {}, "dense": {"heal_lr": s["heal_lr"]},
+           "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr")}},
            "reverse": {"partial": s["partial"]}, "recurrence": {"recurrence": s["recurrence"]},
            "streamline": {}}.get(name, {"heal_lr": s["heal_lr"]})
     if name == "darwinlm" or name in ("ziplm", "uniform"):
         own["darwinlm"] = json.loads(json.dumps(dataclasses.asdict(DARWINLM)))
-    shared = {k: s[k] for k in ("span", "batch", "seq", "budgets", "val_window", "val_windows", "smoke")}
+    shared = {k: s[k] for k in ("span", "batch", "seq", "budgets", "val_window", "val_windows", "tasks",
+                                "tasks_limit", "smoke")}
     return {**shared, **own}
 
 
@@ -526,21 +627,30 @@ def report_screen(out: Path) -> None:
         "the budget. Validation: perplexity on held-out C4 "
         f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; the ELM "
         "recipe was chosen on these same windows, so WikiText-2 (the whole test set in windows of "
-        f"{VAL_WINDOW}) is the column no method was selected on. One seed.",
+        f"{VAL_WINDOW}) is the column no method was selected on. {_tasks_note(ok)} `original` is "
+        "the model as shipped, untrained (its one validation point stands in each budget column). "
+        "s: wall time of the unit (compression, training, evaluation); units may share the GPU "
+        "(--jobs), so it is not a speed comparison. One seed.",
         "",
         "| method | layers | params | removed non-emb. | " + " | ".join(f"C4 @ {b:,}" for b in budgets)
-        + " | WikiText-2 | s |",
-        "|---|---|---|---|" + "---|" * (len(budgets) + 2),
+        + " | WikiText-2 | " + " | ".join(TASK_LABELS[t] for t in TASKS) + " | mean acc | s |",
+        "|---|---|---|---|" + "---|" * (len(budgets) + len(TASKS) + 3),
     ]
     for u in units:
         if "error" in u:
-            lines.append(f"| {u['method']} | failed: {u['error'][:120]} |" + " |" * (len(budgets) + 5))
+            lines.append(f"| {u['method']} | failed: {u['error'][:120]} |"
+                         + " |" * (len(budgets) + len(TASKS) + 6))
             continue
         pts = {c["sequences"]: c["ppl"] for c in u["curve"]}
+        if u["method"] == "original":  # untrained: its one validation point stands in every column
+            pts = {b: pts[0] for b in budgets}
+        acc = [u["tasks"][t]["acc"] for t in TASKS] if "tasks" in u else []
         lines.append(f"| {u['method']} | {u['layers']} | {u['params']:.3f} | "
                      f"{u['removed_non_embedding']:.3f} | "
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
-                     + f" | {u['wikitext2']['ppl']:.2f} | {u['seconds']:.0f} |")
+                     + f" | {u['wikitext2']['ppl']:.2f} | "
+                     + " | ".join(f"{100 * a:.1f}" for a in acc or [math.nan] * len(TASKS))
+                     + f" | {100 * sum(acc) / len(acc) if acc else math.nan:.1f} | {u['seconds']:.0f} |")
     untrained = out / "recipe" / "reference.json"
     if untrained.is_file():
         r = read_json(untrained)
@@ -554,6 +664,17 @@ def report_screen(out: Path) -> None:
     atomic_write_text(folder / "screen.md", "\n".join(lines))
 
 
+def _tasks_note(units: list[dict]) -> str:
+    """How the task columns were measured, from a unit that has them."""
+    u = next((u for u in units if "tasks" in u), None)
+    if u is None:
+        return ""
+    sizes = " / ".join(f"{u['tasks'][t]['n']:,}" for t in TASKS)
+    return (f"{', '.join(TASK_LABELS[t] for t in TASKS)}: lm-eval {u['lm_eval']} zero-shot accuracy "
+            f"(acc, %) on {sizes} questions (the full test sets, from ../shared/data/commonsense; "
+            "elmkit's task files); mean acc is their plain mean.")
+
+
 def _plot_screen(png: Path, units: list[dict]) -> None:
     import matplotlib
 
@@ -562,6 +683,9 @@ def _plot_screen(png: Path, units: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for u in units:
+        if u["method"] == "original":  # no training: a level, not a curve
+            ax.axhline(u["curve"][0]["ppl"], color="grey", ls="--", lw=1, label="original (untrained)")
+            continue
         xs, ys = [c["sequences"] for c in u["curve"]], [c["ppl"] for c in u["curve"]]
         style = {"ls": ":", "color": "k"} if u["method"] == "dense" else {}
         ax.plot(xs, ys, marker="o", label=u["method"], **style)
@@ -626,10 +750,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="check the plumbing with a few steps (CPU)")
     ap.add_argument("--stages", default="recipe,screen", help="stages to run, in order (recipe, screen)")
     ap.add_argument("--methods", default=None, help="screen: only these methods (comma-separated)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="screen: units run side by side as this many processes on the one device")
     args = ap.parse_args()
     SMOKE["on"] = args.smoke
     out = Path(args.out)
     stages = [x for x in args.stages.split(",") if x]
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
     if set(stages) - {"recipe", "screen"}:
         raise SystemExit(f"unknown --stages {args.stages}; choose from recipe, screen")
     if args.report_only:
@@ -647,7 +775,7 @@ def main() -> None:
         if stage == "recipe":
             done = stage_recipe(args.model, data, out, Path(args.run), budget)
         else:
-            done = stage_screen(args.model, data, out, Path(args.run), budget, methods)
+            done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
         state[stage] = "done" if done else "stopped at the budget"
         if not done:
             break

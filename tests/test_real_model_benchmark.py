@@ -24,6 +24,12 @@ def _data(tmp_path: Path) -> None:
             "".join(json.dumps({"text": t}) + "\n" for t in part))
     (tmp_path / "data" / "wikitext2").mkdir()
     (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(wikitext2_head())
+    (tmp_path / "data" / "commonsense").mkdir()
+    for task in ("arc_easy", "boolq", "piqa"):  # the gauntlet format of ../shared/data/commonsense
+        rows = [{"query": f"Question: what is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)],
+                 "gold": 0} for i in range(6)]
+        (tmp_path / "data" / "commonsense" / f"{task}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.mark.slow
@@ -54,7 +60,7 @@ def test_recipe_stage_stops_resumes_and_reports(tmp_path):
 def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
     _data(tmp_path)
     screen = tmp_path / "out" / "screen"
-    methods = "dense,elm,shortgpt,streamline,reverse,recurrence"
+    methods = "original,dense,elm,shortgpt,streamline,reverse,recurrence"
     out = _run(tmp_path, "--stages", "screen", "--methods", methods)
     assert '"screen": "done"' in out
     units = {u["method"]: u for u in json.loads((screen / "screen.json").read_text())["units"]}
@@ -62,10 +68,16 @@ def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
     budgets = json.loads((screen / "screen.json").read_text())["settings"]["budgets"]
     for name, u in units.items():
         assert "error" not in u, u
-        # one training run scored at every budget; Streamline's layer only at the end
-        want = budgets[-1:] if name == "streamline" else budgets
+        # one training run scored at every budget; Streamline's layer only at the end; the original
+        # model once, untrained
+        want = [0] if name == "original" else budgets[-1:] if name == "streamline" else budgets
         assert [c["sequences"] for c in u["curve"]] == want and all(c["ppl"] > 0 for c in u["curve"])
         assert u["wikitext2"]["ppl"] > 0
+        # lm-eval on each task's first 4 questions (the smoke limit), accuracy a fraction
+        assert {t: r["n"] for t, r in u["tasks"].items()} == {
+            "elmkit_arc_easy": 4, "elmkit_boolq": 4, "elmkit_piqa": 4}
+        assert all(0 <= r["acc"] <= 1 for r in u["tasks"].values())
+    assert units["original"]["layers"] == units["dense"]["layers"] and units["original"]["trainer"] == "none"
     assert units["dense"]["layers"] == units["elm"]["layers"] + 2  # span 3 -> 1 block in the smoke run
     assert units["shortgpt"]["layers"] == units["reverse"]["layers"] == units["dense"]["layers"] - 2
     assert units["recurrence"]["layers"] == units["dense"]["layers"] - 2  # the same layers kept as ELM
@@ -104,3 +116,25 @@ def test_screen_unit_is_measured_again_when_its_settings_change(tmp_path, monkey
     (tmp_path / "screen.json").write_text(json.dumps({"settings": {**want, "other": 1}}))
     assert real_model._unit_current(tmp_path, "dense", want)
     assert not real_model._unit_current(tmp_path, "dense", {**want, "batch": 32})
+
+
+@pytest.mark.slow
+def test_screen_jobs_run_units_side_by_side_and_refuse_missing_task_files(tmp_path):
+    _data(tmp_path)
+    screen = tmp_path / "out" / "screen"
+    out = _run(tmp_path, "--stages", "screen", "--methods", "original,shortgpt,sleb", "--jobs", "2")
+    assert '"screen": "done"' in out and out.count("started") == 3
+    units = {u["method"]: u for u in json.loads((screen / "screen.json").read_text())["units"]}
+    assert set(units) == {"original", "shortgpt", "sleb"} and not any("error" in u for u in units.values())
+    assert all((tmp_path / "run" / "screen" / f"{m}.log").is_file() for m in units)
+    # a unit measured alone gives what it gave beside others: its own seed and data order
+    alone = tmp_path / "alone"
+    run_benchmark("real_model.py", "--smoke", "--model", "testbed:tiny", "--data", str(tmp_path / "data"),
+                  "--run", str(tmp_path / "run2"), "--out", str(alone), "--stages", "screen",
+                  "--methods", "shortgpt")
+    solo = json.loads((alone / "screen" / "unit_shortgpt.json").read_text())
+    assert solo["curve"] == units["shortgpt"]["curve"] and solo["tasks"] == units["shortgpt"]["tasks"]
+
+    (tmp_path / "data" / "commonsense" / "piqa.jsonl").unlink()
+    with pytest.raises(AssertionError, match="piqa.jsonl not found"):
+        _run(tmp_path, "--stages", "screen", "--methods", "dense")
