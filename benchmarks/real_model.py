@@ -171,6 +171,8 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
 
 BUDGETS = (6_400, 12_800, 25_600, 51_200, 102_400)  # training sequences (windows of up to SEQ tokens)
 SCREEN_TOP = 25_600
+LONG_SPAN = 15  # the seeds' 14 of 28: the second compression
+SCREEN = {"span": SPAN}  # --span: the screen at M = 8 (folder screen/) or another M (screen_m<M>/)
 HEAL_LR = 2e-4  # LoRA healing (r 16, all seven projections): FinetuneConfig's default
 PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer fine-tuning
 # retrofitted recurrence: 7 layers deleted (23 kept, as ELM), a core of 4 iterated 3 times: 31 layer
@@ -195,11 +197,27 @@ def screen_methods() -> list[str]:
 def screen_settings() -> dict:
     small = SMOKE["on"]
     top = 8 if small else SCREEN_TOP
-    return {"span": 3 if small else SPAN, "batch": 2 if small else BATCH, "seq": 32 if small else SEQ,
+    return {"span": min(3, SCREEN["span"]) if small else SCREEN["span"], "batch": 2 if small else BATCH,
+            "seq": 32 if small else SEQ,
             "budgets": [b for b in ((2, 4, 8) if small else BUDGETS) if b <= top],
             "val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
             "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
             "tasks": list(TASKS), "tasks_limit": 4 if small else None, "smoke": small}
+
+
+def screen_spans(out: Path) -> list[int]:
+    """The M of every screen saved under ``out``."""
+    spans = []
+    for d in out.glob("screen*"):
+        if d.is_dir() and (d.name == "screen" or d.name.removeprefix("screen_m").isdigit()):
+            spans.append(SPAN if d.name == "screen" else int(d.name.removeprefix("screen_m")))
+    return sorted(spans)
+
+
+def screen_name(span: int | None = None) -> str:
+    """The screen's folder under --out and --run: screen for M = 8, screen_m<M> otherwise."""
+    span = SCREEN["span"] if span is None else span
+    return "screen" if span == SPAN else f"screen_m{span}"
 
 
 def elm_recipe(out: Path) -> dict:
@@ -235,7 +253,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     from elmkit.models import count_parameters, load_model, load_tokenizer
 
     s = screen_settings()
-    folder = out / "screen"
+    folder = out / screen_name()
     folder.mkdir(parents=True, exist_ok=True)
     methods = methods or screen_methods()
     unknown = [m for m in methods if m not in screen_methods()]
@@ -299,7 +317,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             return False
         print(f"== screen {name}", flush=True)
         t0, clock["eval"] = time.time(), 0.0
-        work = run / "screen" / name
+        work = run / screen_name() / name
         shutil.rmtree(work, ignore_errors=True)  # a unit is all or nothing: no stale checkpoint resumes
         dense = copy.deepcopy(master).to(device)
         # Streamline's layer trains on the same windows, batch and steps as everyone; DarwinLM's search
@@ -393,12 +411,13 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     import os
     import subprocess
 
-    folder, logs = out / "screen", run / "screen"
+    folder, logs = out / screen_name(), run / screen_name()
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 2) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--data", str(data),
             "--out", str(out), "--run", str(run), "--stages", "screen", "--budget-s", "1e9",
+            "--span", str(SCREEN["span"]),
             *(["--smoke"] if SMOKE["on"] else [])]
     queue, running, stopped, failed = list(todo), {}, False, []
     while queue or running:
@@ -594,17 +613,18 @@ def _plot(png: Path, ref: dict, units: list[dict]) -> None:
 
 
 def report_screen(out: Path) -> None:
-    """screen.md / screen.json / screen.png from the saved units."""
-    folder = out / "screen"
+    """<screen>.md / .json / .png from the saved units of the current --span (screen_name)."""
+    name = screen_name()
+    folder = out / name
     units = [read_json(p) for p in folder.glob("unit_*.json")]
     if not units:
         return
     order = {m: i for i, m in enumerate(screen_methods())}
     units.sort(key=lambda u: order.get(u["method"], len(order)))
     ok = [u for u in units if "error" not in u]
-    write_json(folder / "screen.json", {"settings": screen_settings(), "units": units})
+    write_json(folder / f"{name}.json", {"settings": screen_settings(), "units": units})
     if ok:
-        _plot_screen(folder / "screen.png", ok)
+        _plot_screen(folder / f"{name}.png", ok)
     budgets, span = screen_settings()["budgets"], screen_settings()["span"]
     ref = next((u for u in ok if u["method"] == "dense"), None)
     n_layers = ref["layers"] if ref else max(u["layers"] for u in ok) if ok else 0
@@ -660,8 +680,8 @@ def report_screen(out: Path) -> None:
     if ref is not None:
         lines += ["", f"Dense + LoRA reaches {ref['curve'][-1]['ppl']:.2f} on C4 validation and "
                   f"{ref['wikitext2']['ppl']:.2f} on WikiText-2 at {budgets[-1]:,} sequences."]
-    lines += ["", "![screen](screen.png)", ""]
-    atomic_write_text(folder / "screen.md", "\n".join(lines))
+    lines += ["", f"![{name}]({name}.png)", ""]
+    atomic_write_text(folder / f"{name}.md", "\n".join(lines))
 
 
 def _tasks_note(units: list[dict]) -> str:
@@ -705,7 +725,7 @@ def write_results_section(out: Path) -> None:
     from md_sections import put
 
     parts = []
-    for stage in ("recipe", "screen"):
+    for stage in ("recipe", *(screen_name(span) for span in screen_spans(out))):
         md = out / stage / f"{stage}.md"
         if md.is_file():
             rel = f"{out.as_posix()}/{stage}/"
@@ -713,8 +733,12 @@ def write_results_section(out: Path) -> None:
             parts.append(body.replace("## ", "### ", 1).strip())
     if not parts:
         return
-    screened = sorted(p.stem.removeprefix("unit_") for p in (out / "screen").glob("unit_*.json"))
-    missing = [m for m in screen_methods() if m not in screened]
+    todo = []
+    for span in sorted({SPAN, LONG_SPAN, *screen_spans(out)}):
+        screened = {p.stem.removeprefix("unit_") for p in (out / screen_name(span)).glob("unit_*.json")}
+        missing = [m for m in screen_methods() if m not in screened]
+        todo.append(f"- The screen at M = {span}: " + (", ".join(missing) if missing else "all screened")
+                    + ".")
     section = "\n\n".join([
         "## A real pretrained model: SmolLM2-135M-Instruct (work in progress)",
         "Generated by `python benchmarks/real_model.py` (stages saved as they finish under "
@@ -724,10 +748,9 @@ def write_results_section(out: Path) -> None:
         "with the SmolLM2 tokenizer, so a budget of 25.6k sequences is about 6 passes over it).",
         *parts,
         "### Not measured yet",
-        "- The screen at 25.6k sequences for: " + (", ".join(missing) if missing else "none") + ".\n"
-        "- Budget curves to 102k sequences for the strongest methods, M = 15, three seeds with "
-        "mean ± std, lm-eval ARC-Easy / BoolQ / PIQA, and task retention with a LoRA-tuned "
-        "teacher: not run yet.",
+        *todo,
+        "- Budget curves to 102k sequences for the strongest methods, three seeds with mean ± std, "
+        "and task retention with a LoRA-tuned teacher: not run yet.",
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"
         f"    --out {out.as_posix()} --run runs/real_model   # run again to continue\n"
         f"python benchmarks/real_model.py --out {out.as_posix()} --report-only\n```",
@@ -750,6 +773,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="check the plumbing with a few steps (CPU)")
     ap.add_argument("--stages", default="recipe,screen", help="stages to run, in order (recipe, screen)")
     ap.add_argument("--methods", default=None, help="screen: only these methods (comma-separated)")
+    ap.add_argument("--span", type=int, default=SPAN,
+                    help=f"screen: M, the layers ELM's block replaces (the others remove M - 1); "
+                         f"{SPAN} (default) and {LONG_SPAN} are the two compressions reported")
     ap.add_argument("--jobs", type=int, default=1,
                     help="screen: units run side by side as this many processes on the one device")
     args = ap.parse_args()
@@ -758,12 +784,17 @@ def main() -> None:
     stages = [x for x in args.stages.split(",") if x]
     if args.jobs < 1:
         raise SystemExit("--jobs must be at least 1")
+    if args.span < 2:
+        raise SystemExit("--span must be at least 2: the block replaces M layers, the others remove M - 1")
+    SCREEN["span"] = args.span
     if set(stages) - {"recipe", "screen"}:
         raise SystemExit(f"unknown --stages {args.stages}; choose from recipe, screen")
     if args.report_only:
         if (out / "recipe" / "reference.json").is_file():
             report(out)
-        report_screen(out)
+        for span in screen_spans(out):
+            SCREEN["span"] = span
+            report_screen(out)
         write_results_section(out)
         return
     data = Path(args.data)
@@ -776,7 +807,7 @@ def main() -> None:
             done = stage_recipe(args.model, data, out, Path(args.run), budget)
         else:
             done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
-        state[stage] = "done" if done else "stopped at the budget"
+        state[stage if stage != "screen" else screen_name()] = "done" if done else "stopped at the budget"
         if not done:
             break
     write_results_section(out)

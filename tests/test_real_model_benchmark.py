@@ -138,3 +138,20 @@ def test_screen_jobs_run_units_side_by_side_and_refuse_missing_task_files(tmp_pa
     (tmp_path / "data" / "commonsense" / "piqa.jsonl").unlink()
     with pytest.raises(AssertionError, match="piqa.jsonl not found"):
         _run(tmp_path, "--stages", "screen", "--methods", "dense")
+
+
+@pytest.mark.slow
+def test_screen_at_another_span_has_its_own_folder_and_section(tmp_path):
+    _data(tmp_path)
+    out = _run(tmp_path, "--stages", "screen", "--methods", "original,shortgpt,elm", "--span", "2")
+    assert '"screen_m2": "done"' in out
+    folder = tmp_path / "out" / "screen_m2"
+    units = {u["method"]: u for u in json.loads((folder / "screen_m2.json").read_text())["units"]}
+    assert units["original"]["layers"] - 1 == units["shortgpt"]["layers"] == units["elm"]["layers"]
+    assert not (tmp_path / "out" / "screen").exists() and (folder / "screen_m2.png").is_file()
+    section = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "M = 2 of" in section and "screen_m2/screen_m2.png" in section
+    assert "- The screen at M = 8:" in section and "- The screen at M = 15:" in section
+    (folder / "screen_m2.md").unlink()
+    _run(tmp_path, "--report-only")
+    assert (folder / "screen_m2.md").is_file()
