@@ -1,4 +1,4 @@
-"""lm-eval integration: the shipped commonsense YAMLs run offline, and saved elmkit models load in lm-eval.
+"""lm-eval integration: the commonsense tasks run offline, and saved elmkit models load in lm-eval.
 
 The synthetic tests write small JSONL files of the gauntlet format into tmp_path, so CI (which has no
 ../shared/data) still runs lm-eval for real; the real files are used when they are present.
@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from elmkit.eval import harness  # noqa: E402
 from elmkit.eval.harness import SUITES, run_lm_eval, task_config, wrap_model  # noqa: E402
 from elmkit.methods import elm as elm_method  # noqa: E402
 from elmkit.models import remove_layers_  # noqa: E402
@@ -188,8 +189,10 @@ def test_bad_input_gives_clear_errors(tmp_path, synthetic, tokenizer):
 
 
 @pytest.mark.slow
-def test_unknown_suite_name_is_a_value_error(synthetic, tokenizer):
+def test_unknown_suite_name_is_a_value_error(synthetic, tokenizer, monkeypatch):
     # Not an elmkit name, so lm-eval's registry is indexed (several seconds) before it is rejected.
+    # The hub is taken to answer: offline, a registry name fails earlier, for want of the hub.
+    monkeypatch.setattr(harness, "hub_unreachable", lambda: None)
     model = tiny_model("qwen2", num_layers=1, hidden_size=32)
     with pytest.raises(ValueError, match="unknown task or suite 'commonsens'"):
         run_lm_eval(model, tokenizer, tasks=["commonsens"], data_dir=synthetic)

@@ -191,7 +191,9 @@ def _commands() -> dict[str, Command]:
         "eval": Command(evaluate, (
             model, ("data", "evaluation data: math data with answers, HumanEval .jsonl(.gz), mbpp.jsonl, "
                             "or a text file for perplexity", False), out,
-            ("data_dir", "--suite commonsense: folder with arc_easy.jsonl, boolq.jsonl, piqa.jsonl", False)),
+            ("data_dir", "--suite, elmkit_<name> tasks: folder of MosaicML JSONL files, <name>.jsonl each "
+                         "(multiple choice: query, choices, gold; partial scoring: context_options, "
+                         "continuation, gold)", False)),
             EvalConfig),
         "elm": Command(compress_elm, (model, ("data", "training data file", True), out),
                        ElmCompressConfig),

@@ -3,8 +3,8 @@
 * gsm8k / math: batched greedy answers scored by the final answer (``math.py``);
 * humaneval / mbpp: completions run in a sandbox, pass@k (``code.py``, ``sandbox.py``);
 * perplexity: strided-window perplexity of a text file, e.g. WikiText-2 (``perplexity.py``);
-* --suite commonsense, --lm-eval-tasks: lm-evaluation-harness, offline for the shipped task YAMLs
-  (``harness.py``).
+* --suite commonsense / commonsense7 / local, --lm-eval-tasks: lm-evaluation-harness, offline for
+  MosaicML JSONL files in --data-dir and the user's own task YAMLs (``harness.py``).
 
 Every run writes ``metrics.json`` (and ``samples.jsonl`` for generation tasks) into ``out``.
 """
@@ -43,10 +43,14 @@ class EvalConfig:
 
     task: Literal["gsm8k", "math", "humaneval", "mbpp", "perplexity"] = "gsm8k"
     """gsm8k / math (final-answer accuracy), humaneval / mbpp (pass@k), perplexity (a text file)."""
-    suite: Literal["commonsense"] | None = None
-    """Run an lm-eval suite over --data-dir instead of --task: commonsense (ARC-Easy, BoolQ, PIQA)."""
+    suite: Literal["commonsense", "commonsense7", "local"] | None = None
+    """Run an lm-eval suite over --data-dir instead of --task: commonsense (arc_easy, boolq, piqa .jsonl),
+    commonsense7 (also hellaswag, winogrande, arc_challenge, openbook_qa), local (every *.jsonl)."""
     lm_eval_tasks: tuple[str, ...] = ()
-    """lm-eval's own tasks by name, e.g. arc_challenge hellaswag (need the network or an HF cache)."""
+    """lm-eval tasks by name: elmkit_<name> scores <name>.jsonl in --data-dir, a task of
+    --lm-eval-include, or one of lm-eval's registry (e.g. arc_challenge; needs the Hugging Face hub)."""
+    lm_eval_include: str | None = None
+    """A folder of your own lm-eval task YAMLs (lm-eval's include_path); name its tasks on --lm-eval-tasks."""
     format: str = "auto"
     """Data format of --data for gsm8k/math: auto, alpaca, gsm8k, metamath or math."""
     limit: int | None = None
@@ -85,8 +89,10 @@ class EvalConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.suite not in (None, "commonsense"):
-            raise ValueError(f"--suite must be commonsense, got {self.suite!r}")
+        if self.suite not in (None, "commonsense", "commonsense7", "local"):
+            raise ValueError(f"--suite must be commonsense, commonsense7 or local, got {self.suite!r}")
+        if self.lm_eval_include is not None and not self.lm_eval_tasks:
+            raise ValueError("--lm-eval-include needs --lm-eval-tasks naming the tasks to run from it")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -119,7 +125,9 @@ def evaluate(
         out: run folder to write config.json, metrics.json and samples.jsonl into.
         cfg: task, limits and generation settings.
         tokenizer: needed when ``model`` is an object; loaded from the folder otherwise.
-        data_dir: --suite commonsense: the folder holding arc_easy.jsonl, boolq.jsonl, piqa.jsonl.
+        data_dir: --suite, elmkit_<name> tasks: the folder of MosaicML JSONL files, <name>.jsonl
+            (multiple choice {query, choices, gold} or partial scoring {context_options,
+            continuation, gold}).
     """
     from ..models.loading import load_model, load_tokenizer
 
@@ -131,6 +139,11 @@ def evaluate(
     lm_eval_run = cfg.suite is not None or bool(cfg.lm_eval_tasks)
     if data is None and not lm_eval_run:
         raise ValueError(f"--data is required for --task {cfg.task}")
+    if lm_eval_run:  # files read and the hub tried before the model loads: mistakes fail first
+        from .harness import plan_tasks
+
+        tasks = plan_tasks(([cfg.suite] if cfg.suite else []) + list(cfg.lm_eval_tasks), data_dir,
+                           cfg.lm_eval_include)
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model, cfg.dtype, cfg.device)
@@ -141,7 +154,6 @@ def evaluate(
     if lm_eval_run:
         from .harness import run_lm_eval
 
-        tasks = ([cfg.suite] if cfg.suite else []) + list(cfg.lm_eval_tasks)
         metrics = run_lm_eval(model, tokenizer, tasks, data_dir=data_dir, limit=cfg.limit,
                               batch_size=cfg.batch_size, device=str(next(model.parameters()).device))
     elif cfg.task == "perplexity":
