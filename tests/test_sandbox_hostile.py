@@ -2,23 +2,29 @@
 a re-imported ``posix`` or ``_socket``, ``_io.FileIO``) and the test checks on the host that what it
 tried did not happen: no file read or written outside, no process left, no connection made.
 
-The attacks run twice (fixture ``jail``) when the caller is root: with the caller's interpreter and
-with the system Python, which may reach bwrap differently (a root caller's runs get a fresh uid, and
-an interpreter that uid cannot read is staged first; see elmkit/eval/bubblewrap.py). They are skipped
-where bwrap is unavailable. The fail-closed refusal is tested everywhere, by making the probe fail.
+The attacks run three times (fixture ``jail``) when the caller is root: with the caller's interpreter,
+with the system Python, and with the system Python relocated under a fresh 0700 folder, which may each
+reach bwrap differently (a root caller's runs get a fresh uid, and an interpreter that uid cannot read
+is staged first; see elmkit/eval/bubblewrap.py). A root caller also runs this file again as an ordinary
+user (``test_the_attacks_fail_as_an_ordinary_user``), where bwrap runs as the caller. The attacks are
+skipped where bwrap is unavailable. The fail-closed refusal is tested everywhere, by making the probe
+fail.
 """
 
 import ast
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
 import uuid
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -80,18 +86,77 @@ def leaves_no_process():
     assert not left, f"sandbox processes survived: {left}"
 
 
-@pytest.fixture(params=["caller-python", "system-python"])
+ONE_JAIL = "bwrap runs as the caller when it is not root: one jail only"
+
+
+@pytest.fixture(scope="session")
+def private_python() -> str:
+    """The system Python relocated under a fresh folder of mode 0700, as a pyenv Python sits under /root:
+    its binary and its whole standard library (lib-dynload included) are hard links (copies across file
+    systems) in ``<0700 folder>/python``, so the interpreter starts from there (its sys.prefix) and
+    loads nothing else outside /usr and /lib. The prefix itself keeps mode 0755: staging binds folders,
+    and a bind keeps the folder's own mode."""
+    system = "/usr/bin/python3"
+    if not os.path.exists(system):
+        pytest.skip(f"no system Python to relocate ({system})")
+    code = ("import json, sys, sysconfig; print(json.dumps([sys.base_prefix, sys.version_info[:2], "
+            "sorted({sysconfig.get_path('stdlib'), sysconfig.get_path('platstdlib')})]))")
+    base, (major, minor), stdlibs = json.loads(subprocess.run(
+        [system, "-I", "-c", code], capture_output=True, text=True, check=True).stdout)
+    closed = tempfile.mkdtemp(prefix="elmkit-private-python-")  # mode 0700, owned by the caller
+    top = os.path.join(closed, "python")
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    try:
+        python = os.path.join(top, "bin", f"python{major}.{minor}")
+        for folder in (top, os.path.dirname(python)):
+            os.mkdir(folder)
+            os.chmod(folder, 0o755)
+        link(os.path.realpath(system), python)
+        for stdlib in stdlibs:  # same layout relative to the prefix, where the interpreter looks for it
+            shutil.copytree(stdlib, os.path.join(top, os.path.relpath(stdlib, base)), symlinks=True,
+                            copy_function=link, dirs_exist_ok=True)
+        # Relocated only if it found its stdlib beside it and maps no file of the original install (a
+        # libpython with an absolute RUNPATH, for one): the sandbox binds /usr, /lib* and ``top`` only.
+        probe = ("import json, sys; print(json.dumps([sys.prefix, sys.exec_prefix, "
+                 "[l.split()[5] for l in open('/proc/self/maps') if len(l.split()) > 5]]))")
+        p = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True, env={})
+        prefix, exec_prefix, mapped = json.loads(p.stdout) if p.returncode == 0 else ("", "", [])
+        bound = (top + "/", "/usr/", "/lib")
+        outside = sorted({m for m in mapped if m.startswith("/") and not m.startswith(bound)})
+        if (prefix, exec_prefix) != (top, top) or outside:
+            pytest.skip(f"{system} cannot be relocated: prefix {prefix!r}, maps {outside} {p.stderr[-200:]}")
+        yield python
+    finally:
+        shutil.rmtree(closed)
+
+
+@pytest.fixture(params=["caller-python", "system-python", "private-python"])
 def jail(request, monkeypatch) -> bubblewrap.Jail:
     """The jail the test's programs run in (skips when the kernel layer is unavailable)."""
     if WHY_NOT is not None:
         pytest.skip(f"needs the kernel layer (bwrap): {WHY_NOT}")
+    if request.param != "caller-python" and os.geteuid() != 0:
+        pytest.skip(ONE_JAIL)
     if request.param == "system-python":
         system = "/usr/bin/python3"
-        if os.geteuid() != 0:
-            pytest.skip("bwrap runs as the caller when it is not root: one jail only")
         if not os.path.exists(system) or os.path.realpath(system) == os.path.realpath(sys.executable):
             pytest.skip(f"no system Python besides {sys.executable}")
         monkeypatch.setattr(sandbox, "_PYTHON", system)
+    elif request.param == "private-python":
+        python = request.getfixturevalue("private_python")
+        monkeypatch.setattr(sandbox, "_PYTHON", python)
+        found = bubblewrap.jail(python)
+        # What this parametrisation proves: the runs' fresh uid cannot reach the interpreter's only
+        # folder outside /usr, so its programs run at all only through the staged jail, and the attacks
+        # still fail there. (The caller's Python may or may not sit behind a 0700 folder: a venv's
+        # interpreter is a link into its base install, which may be world-readable.)
+        assert found.staged and found.binds == (os.path.dirname(os.path.dirname(python)),), found
     return bubblewrap.jail(sandbox._PYTHON)
 
 
@@ -454,6 +519,108 @@ def test_no_privileges_inside(jail):
                               + [userns]))
     """)
     assert r.detail == repr(["65534", "65534", "0000000000000000", "0000000000000000", "1", -1]), r.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# As an ordinary user
+# ---------------------------------------------------------------------------------------------
+
+AS_USER = 65534
+"""uid and gid of the ordinary caller: nobody, which exists on every host (the test adds no user)."""
+INNER = "ELMKIT_HOSTILE_INNER"
+"""Set in the environment of the run as an ordinary user, so that it does not start another one."""
+ALREADY = "already an ordinary user: the attacks above ran as one"
+
+
+def closed_folder(path: str, uid: int, gid: int) -> str | None:
+    """The topmost folder on ``path`` (``path`` included) that ``uid``/``gid`` may not enter by its mode
+    bits (ACLs aside), or None."""
+    parts = Path(path).parts
+    for i in range(1, len(parts) + 1):
+        folder = os.path.join(*parts[:i])
+        st = os.stat(folder)
+        bits = st.st_mode >> 6 if st.st_uid == uid else st.st_mode >> 3 if st.st_gid == gid else st.st_mode
+        if not bits & 1 or (i == len(parts) and not bits & 4):
+            return folder
+    return None
+
+
+def as_ordinary_user(argv: list[str], needs: list[str], stage: Path) -> list[str]:
+    """The command that runs ``argv`` as AS_USER, without capabilities or supplementary groups.
+
+    When a folder in ``needs`` sits behind one that AS_USER cannot enter (the interpreter of a root
+    caller under /root, mode 0700), the command first covers that folder with a tmpfs in a mount
+    namespace of its own and binds back only the folders needed, at the same paths: the ordinary user
+    then runs the same interpreter and packages, and nothing else of the closed folder.
+    """
+    keep: list[str] = []
+    for path in sorted({os.path.abspath(n) for n in needs if os.path.isdir(n)}, key=len):
+        if not any(path == k or path.startswith(k + "/") for k in keep):
+            keep.append(path)
+    closed = {path: closed_folder(path, AS_USER, AS_USER) for path in keep}
+    closed = {path: top for path, top in closed.items() if top is not None}
+    drop = ["setpriv", f"--reuid={AS_USER}", f"--regid={AS_USER}", "--clear-groups", "--", *argv]
+    if not closed:
+        return drop
+    if any(path == top for path, top in closed.items()) or shutil.which("unshare") is None:
+        pytest.skip(f"uid {AS_USER} cannot reach {sorted(closed)} (and they cannot be bound around)")
+    q = shlex.quote
+    script = [f"mount -t tmpfs -o mode=0755,size=1m tmpfs {q(str(stage))}"]
+    for i, path in enumerate(closed):  # held under ``stage`` while the tmpfs covers them
+        script += [f"mkdir {q(f'{stage}/{i}')}", f"mount --rbind {q(path)} {q(f'{stage}/{i}')}"]
+    script += [f"mount -t tmpfs -o mode=0755,size=1m tmpfs {q(top)}" for top in sorted(set(closed.values()))]
+    for i, path in enumerate(closed):  # ``keep`` holds no folder inside another: mkdir writes the tmpfs only
+        script += [f"mkdir -p {q(path)}", f"mount --rbind {q(f'{stage}/{i}')} {q(path)}"]
+    script.append("exec " + shlex.join(drop))
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", "\n".join(script)]
+
+
+@pytest.mark.slow
+def test_the_attacks_fail_as_an_ordinary_user():
+    """A root caller runs this file again as uid 65534 (nobody), where bwrap runs as the caller in
+    unprivileged user namespaces and binds the interpreter's folders directly, instead of the fresh uid
+    and staging a root caller gets. Every attack with the caller's interpreter must pass there; the
+    only skips allowed are the root-only jails. An ordinary user whose bwrap is refused (unprivileged
+    user namespaces turned off) makes this test skip with bwrap's reason. The side effects are checked
+    by the inner run itself, and afterwards by this run (as root, ``leaves_no_process`` sees every
+    process on the host)."""
+    if os.environ.get(INNER) or os.geteuid() != 0:
+        pytest.skip(ALREADY)
+    if WHY_NOT is not None:
+        pytest.skip(f"needs the kernel layer (bwrap): {WHY_NOT}")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to run as an ordinary user")
+    work = Path(tempfile.mkdtemp(prefix="elmkit-as-user-"))
+    try:
+        (work / "stage").mkdir()  # root's: a mount point for as_ordinary_user
+        os.chown(work, AS_USER, AS_USER)  # everything else here the inner run writes itself
+        report = work / "junit.xml"
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work / 'tmp'}",
+                f"--junitxml={report}", str(Path(__file__).resolve())]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(work),
+               "TMPDIR": str(work), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", INNER: "1"}
+        needs = [*bubblewrap._interpreter_folders(sys.executable), *sys.path, str(REPO)]
+        p = subprocess.run(as_ordinary_user(argv, needs, work / "stage"), cwd=REPO, env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        out = (p.stdout + p.stderr)[-3000:]
+        assert report.exists(), f"the inner run did not start (exit {p.returncode}):\n{out}"
+        outcomes = {}
+        for case in ET.parse(report).iter("testcase"):
+            what = [(c.tag, c.get("message", "")) for c in case if c.tag in ("failure", "error", "skipped")]
+            outcomes[case.get("name")] = what[0] if what else ("passed", "")
+    finally:
+        shutil.rmtree(work)
+    refused = [m for tag, m in outcomes.values() if tag == "skipped" and "needs the kernel layer" in m]
+    if refused:
+        pytest.skip(f"an ordinary user's bwrap is refused here: {refused[0]}")
+    assert p.returncode == 0, out
+    allowed = (ONE_JAIL, ALREADY)  # the root-only jails, and this test in the inner run
+    wrong = {name: o for name, o in outcomes.items()
+             if o[0] != "passed" and not (o[0] == "skipped" and any(a in o[1] for a in allowed))}
+    assert not wrong, f"{wrong}\n{out}"
+    jailed = [name for name in outcomes if "[caller-python" in name]
+    assert jailed and all(outcomes[name][0] == "passed" for name in jailed), out
+    assert any(ONE_JAIL in o[1] for o in outcomes.values()), "the inner run was root"
 
 
 # ---------------------------------------------------------------------------------------------
