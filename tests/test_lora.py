@@ -63,6 +63,30 @@ def _data_loss(model, data):
     return model.eval()(**batch).loss.item()
 
 
+def test_on_model_returning_true_stops_early_and_saves_what_it_left(tiny_dir, tmp_path):
+    # early stopping with the best weights put back: at step 3 the callback restores step 2's LoRA
+    # tensors and stops; the saved adapter is step 2's, and the run says where it stopped
+    data, kept = arithmetic_examples(64, seed=1), {}
+
+    def best_of_two(step, model):
+        lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if step <= 2:
+            kept.update({n: p.detach().clone() for n, p in lora.items()})
+            return None
+        with torch.no_grad():
+            for n, p in lora.items():
+                p.copy_(kept[n])
+        return True
+
+    m = finetune(tiny_dir, data, tmp_path / "run", CFG, progress=False, on_model=best_of_two)
+    assert m["steps"] == 3 and m["stopped_early"] == 3 and len(m["loss_curve"]) == 3
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len(kept) > 0
+    for n, t in kept.items():  # peft saves without the adapter name
+        torch.testing.assert_close(saved[n.replace(".default", "")], t, atol=0, rtol=0)
+    assert "stopped_early" not in finetune(tiny_dir, data, tmp_path / "full", CFG, progress=False)
+
+
 def test_interrupted_run_resumes_to_identical_weights(tiny_dir, tmp_path):
     data = arithmetic_examples(64, seed=1)
     full = finetune(tiny_dir, data, tmp_path / "a", CFG, progress=False)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from checks import run_benchmark
 
 from elmkit.data.corpora import c4_head, wikitext2_head
@@ -151,7 +152,48 @@ def test_screen_at_another_span_has_its_own_folder_and_section(tmp_path):
     assert not (tmp_path / "out" / "screen").exists() and (folder / "screen_m2.png").is_file()
     section = (tmp_path / "out" / "RESULTS.md").read_text()
     assert "M = 2 of" in section and "screen_m2/screen_m2.png" in section
-    assert "- The screen at M = 8:" in section and "- The screen at M = 15:" in section
+    assert "- The screen of general retention at M = 8:" in section
+    assert "- The screen of task retention at M = 15:" in section
     (folder / "screen_m2.md").unlink()
     _run(tmp_path, "--report-only")
     assert (folder / "screen_m2.md").is_file()
+
+
+@pytest.mark.slow
+def test_teacher_stops_early_and_task_screen_scores_accuracy_against_it(tmp_path):
+    from safetensors.torch import load_file
+
+    _data(tmp_path)
+    out = _run(tmp_path, "--stages", "teacher,task", "--methods", "original,dense,shortgpt,elm")
+    assert '"teacher": "done"' in out and '"task": "done"' in out
+    teacher = json.loads((tmp_path / "out" / "teacher" / "teacher.json").read_text())
+    # scored every 2 steps; stopped once a score did not beat the best (patience 1), or at step 6
+    steps = [c["step"] for c in teacher["curve"]]
+    assert steps[0] == 0 and all(b - a == 2 for a, b in zip(steps[1:], steps[2:]))
+    assert teacher["steps"] == steps[-1] <= 6 and teacher["best_step"] in steps
+    assert teacher["val_acc"] == max(c["val_acc"] for c in teacher["curve"][1:])
+    assert 0 <= teacher["test_acc"] <= 1 and len(teacher["adapter_sha256"]) == 64
+    task = json.loads((tmp_path / "out" / "task" / "task.json").read_text())
+    units = {u["method"]: u for u in task["units"]}
+    assert set(units) == {"original", "dense", "shortgpt", "elm"}
+    assert units["original"]["curve"] == [{"sequences": 0, "acc": teacher["test_acc"]}]  # the teacher itself
+    budgets = task["settings"]["budgets"]
+    for name in ("dense", "shortgpt", "elm"):
+        assert [c["sequences"] for c in units[name]["curve"]] == budgets
+        assert all(0 <= c["acc"] <= 1 for c in units[name]["curve"])
+        assert units[name]["settings"]["teacher"] == teacher["adapter_sha256"]
+    assert "| shortgpt |" in (tmp_path / "out" / "task" / "task.md").read_text()
+    section = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "\n## The task teacher" not in section and "\n### The task teacher" in section
+
+    # a later GPU run brings only the adapter: the teacher is rebuilt from it, the same weights
+    merged = tmp_path / "run" / "teacher" / "model"
+    before = load_file(str(merged / "model.safetensors"))
+    (merged / "model.safetensors").unlink()
+    (merged / "adapter.sha256").unlink()
+    again = _run(tmp_path, "--stages", "teacher,task", "--methods", "original,dense,shortgpt,elm")
+    assert "== teacher" not in again and "== task" not in again  # nothing measured again
+    after = load_file(str(merged / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0)

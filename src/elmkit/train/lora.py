@@ -161,7 +161,7 @@ def finetune(
     cfg: FinetuneConfig = FinetuneConfig(),
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
-    on_model: Callable[[int, torch.nn.Module], None] | None = None,
+    on_model: Callable[[int, torch.nn.Module], bool | None] | None = None,
 ) -> dict:
     """Fine-tune ``model`` on ``data``: LoRA, or partial-layer with ``--mode partial``.
 
@@ -176,7 +176,9 @@ def finetune(
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
         on_model: called as ``on_model(step, model)`` after every optimizer step, with the model
             being trained (LoRA unmerged), e.g. to score it at chosen steps; it is set back to
-            training mode afterwards.
+            training mode afterwards. Returning True ends the run after that step (early
+            stopping): the model is saved as the callback leaves it, e.g. with the best weights
+            it put back, and metrics.json says ``stopped_early``.
 
     Returns:
         The metrics written to ``out/metrics.json``.
@@ -292,9 +294,12 @@ def finetune(
         if on_step is not None:
             on_step(step, loss_sum)
         if on_model is not None:
-            on_model(step, inner)
+            stop = on_model(step, inner) is True
             net.train()
+            if stop:
+                break
     bar.close()
+    stopped_early = step < total
 
     inner.eval()
     if not d.main:
@@ -312,6 +317,7 @@ def finetune(
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         "loss_curve": [h["loss"] for h in history],
         "mode": cfg.mode, "trainable_params": sum(p.numel() for p in params),
+        **({"stopped_early": step} if stopped_early else {}),
         **({"lora_scale": cfg.alpha / cfg.r} if cfg.mode == "lora" else
            {"trained": _trained_parts(inner, cfg.partial_layers, cfg.tied_head)}),
     }
