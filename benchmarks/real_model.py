@@ -803,19 +803,26 @@ def _plot(png: Path, ref: dict, units: list[dict]) -> None:
     save_figure(fig, png)
 
 
+def _saved_units(out: Path) -> tuple[str, Path, list[dict]]:
+    """The current screen's name, folder and saved units in method order; <name>.json rewritten."""
+    name = screen_name()
+    folder = out / name
+    units = [read_json(p) for p in folder.glob("unit_*.json")]
+    order = {m: i for i, m in enumerate(screen_methods())}
+    units.sort(key=lambda u: order.get(u["method"], len(order)))
+    if units:
+        write_json(folder / f"{name}.json", {"settings": screen_settings(), "units": units})
+    return name, folder, units
+
+
 def report_screen(out: Path) -> None:
     """<screen>.md / .json / .png from the saved units of the current --span (screen_name)."""
     if SCREEN["protocol"] == "task":
         return report_task(out)
-    name = screen_name()
-    folder = out / name
-    units = [read_json(p) for p in folder.glob("unit_*.json")]
+    name, folder, units = _saved_units(out)
     if not units:
         return
-    order = {m: i for i, m in enumerate(screen_methods())}
-    units.sort(key=lambda u: order.get(u["method"], len(order)))
     ok = [u for u in units if "error" not in u]
-    write_json(folder / f"{name}.json", {"settings": screen_settings(), "units": units})
     if ok:
         _plot_screen(folder / f"{name}.png", ok)
     budgets, span = screen_settings()["budgets"], screen_settings()["span"]
@@ -840,7 +847,7 @@ def report_screen(out: Path) -> None:
         "the budget. Validation: perplexity on held-out C4 "
         f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; the ELM "
         "recipe was chosen on these same windows, so WikiText-2 (the whole test set in windows of "
-        f"{VAL_WINDOW}) is the column no method was selected on. {_tasks_note(ok)} `original` is "
+        f"{VAL_WINDOW}) is the column no method was selected on. {_tasks_note(ok)}`original` is "
         "the model as shipped, untrained (its one validation point stands in each budget column). "
         "s: wall time of the unit (compression, training, evaluation); units may share the GPU "
         "(--jobs), so it is not a speed comparison. One seed.",
@@ -858,12 +865,13 @@ def report_screen(out: Path) -> None:
         if u["method"] == "original":  # untrained: its one validation point stands in every column
             pts = {b: pts[0] for b in budgets}
         acc = [u["tasks"][t]["acc"] for t in TASKS] if "tasks" in u else []
+        task_cells = ([f"{100 * a:.1f}" for a in acc] + [f"{100 * sum(acc) / len(acc):.1f}"] if acc
+                      else ["–"] * (len(TASKS) + 1))
         lines.append(f"| {u['method']} | {u['layers']} | {u['params']:.3f} | "
                      f"{u['removed_non_embedding']:.3f} | "
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
-                     + f" | {u['wikitext2']['ppl']:.2f} | "
-                     + " | ".join(f"{100 * a:.1f}" for a in acc or [math.nan] * len(TASKS))
-                     + f" | {100 * sum(acc) / len(acc) if acc else math.nan:.1f} | {u['seconds']:.0f} |")
+                     + f" | {u['wikitext2']['ppl']:.2f} | " + " | ".join(task_cells)
+                     + f" | {u['seconds']:.0f} |")
     untrained = out / "recipe" / "reference.json"
     if untrained.is_file():
         r = read_json(untrained)
@@ -885,7 +893,8 @@ def _tasks_note(units: list[dict]) -> str:
     sizes = " / ".join(f"{u['tasks'][t]['n']:,}" for t in TASKS)
     return (f"{', '.join(TASK_LABELS[t] for t in TASKS)}: lm-eval {u['lm_eval']} zero-shot accuracy "
             f"(acc, %) on {sizes} questions (the full test sets, from ../shared/data/commonsense; "
-            "elmkit's task files); mean acc is their plain mean.")
+            "elmkit's task files); mean acc is their plain mean; – where a unit was measured before "
+            "these columns existed. ")
 
 
 def _plot_screen(png: Path, units: list[dict], key: str = "ppl",
@@ -912,16 +921,11 @@ def _plot_screen(png: Path, units: list[dict], key: str = "ppl",
 
 def report_task(out: Path) -> None:
     """task.md / .json / .png (or task_m<M>.*): task retention from the saved units."""
-    name = screen_name()
-    folder = out / name
-    units = [read_json(p) for p in folder.glob("unit_*.json")]
+    name, folder, units = _saved_units(out)
     if not units:
         return
-    order = {m: i for i, m in enumerate(screen_methods())}
-    units.sort(key=lambda u: order.get(u["method"], len(order)))
     ok = [u for u in units if "error" not in u]
     s = screen_settings()
-    write_json(folder / f"{name}.json", {"settings": s, "units": units})
     if ok:
         _plot_screen(folder / f"{name}.png", ok, "acc", "test accuracy (greedy exact match)")
     teacher = read_json(out / "teacher" / "teacher.json")
@@ -1037,7 +1041,7 @@ def write_results_section(out: Path) -> None:
         "LoRA-tuned teacher.",
         *parts,
         "### Not measured yet",
-        *todo,
+        "\n".join(todo),
         "- Budget curves to 102k sequences for the strongest methods and three seeds with mean ± std: "
         "not run yet.",
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"
