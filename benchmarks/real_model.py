@@ -187,7 +187,10 @@ SCREEN_TOP = 25_600
 LONG_SPAN = 15  # the seeds' 14 of 28: the second compression
 # --span: the screen at M = 8 (folder screen/) or another M (screen_m<M>/); --stages task: the same
 # units under the task-retention protocol (task/, task_m<M>/)
-SCREEN = {"span": SPAN, "protocol": "general"}
+SCREEN = {"span": SPAN, "protocol": "general", "seed": 0}
+CURVE_TOP = 102_400  # curves: the whole budget range, for the strongest methods, over SEEDS
+SEEDS = (0, 1, 2)
+CURVE_BEST = 3  # besides dense and ELM: this many of the screen's best (C4 at its top budget)
 HEAL_LR = 2e-4  # LoRA healing (r 16, all seven projections): FinetuneConfig's default
 PARTIAL = {"lr": 1e-5, "warmup": 100, "layers": 3}  # Lu et al.'s partial-layer fine-tuning
 # retrofitted recurrence: 7 layers deleted (23 kept, as ELM), a core of 4 iterated 3 times: 31 layer
@@ -218,14 +221,15 @@ def screen_methods() -> list[str]:
 
 def screen_settings() -> dict:
     small = SMOKE["on"]
-    top = 8 if small else SCREEN_TOP
+    top = (8 if small else SCREEN_TOP) if SCREEN["protocol"] != "curves" else (16 if small else CURVE_TOP)
     return {"span": min(3, SCREEN["span"]) if small else SCREEN["span"], "batch": 2 if small else BATCH,
             "seq": 32 if small and SCREEN["protocol"] == "general" else SEQ,  # a problem fits 256 tokens
-            "budgets": [b for b in ((2, 4, 8) if small else BUDGETS) if b <= top],
+            "budgets": [b for b in ((2, 4, 8, 16) if small else BUDGETS) if b <= top],
             "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
             **({"val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
                 "tasks": list(TASKS), "tasks_limit": 4 if small else None}
-               if SCREEN["protocol"] == "general" else {"task": task_sizes()}),
+               if SCREEN["protocol"] != "task" else {"task": task_sizes()}),
+            **({"seed": SCREEN["seed"]} if SCREEN["protocol"] == "curves" else {}),
             "smoke": small}
 
 
@@ -239,8 +243,28 @@ def screen_spans(out: Path, protocol: str | None = None) -> list[int]:
     return sorted(spans)
 
 
-PREFIX = {"general": "screen", "task": "task"}
-STAGES = ("recipe", "screen", "teacher", "task")
+PREFIX = {"general": "screen", "task": "task", "curves": "curves"}
+STAGES = ("recipe", "screen", "teacher", "task", "curves")
+
+
+def unit_path(folder: Path, name: str) -> Path:
+    """A unit's file: unit_<method>.json, or unit_<method>_s<seed>.json for the curves' seeds."""
+    seed = f"_s{SCREEN['seed']}" if SCREEN["protocol"] == "curves" else ""
+    return folder / f"unit_{name}{seed}.json"
+
+
+def seeds() -> tuple[int, ...]:
+    return SEEDS[:2] if SMOKE["on"] else SEEDS
+
+
+def curve_methods(out: Path) -> list[str]:
+    """dense, ELM and the CURVE_BEST methods with the lowest C4 perplexity at the general screen's
+    top budget (same M): the methods worth a budget curve and seeds."""
+    folder = out / screen_name(protocol="general")
+    done = [read_json(p) for p in folder.glob("unit_*.json")]
+    ranked = sorted((u for u in done if "error" not in u and u["method"] not in ("original", "dense", "elm")
+                     and u["curve"]), key=lambda u: u["curve"][-1]["ppl"])
+    return ["dense", "elm", *[u["method"] for u in ranked[:CURVE_BEST]]]
 
 
 def screen_name(span: int | None = None, protocol: str | None = None) -> str:
@@ -303,6 +327,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     if jobs > 1 and len(todo) > 1:
         return _screen_jobs(model, data, out, run, todo, jobs, budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = s.get("seed", 0)
     bench = (_task_bench(run, s, device) if task else _general_bench(model, data, s, tasks_dir, device))
     master, tok, calib = bench["master"], bench["tok"], bench["calib"]
     n = master.config.num_hidden_layers
@@ -332,15 +357,15 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             return False
         print(f"== {screen_name()} {name}", flush=True)
         t0, clock["eval"] = time.time(), 0.0
-        work = run / screen_name() / name
+        work = run / screen_name() / unit_path(folder, name).stem
         shutil.rmtree(work, ignore_errors=True)  # a unit is all or nothing: no stale checkpoint resumes
         dense = copy.deepcopy(master).to(device)
         # Streamline's layer trains on the same windows, batch and steps as everyone; DarwinLM's search
         # fine-tunes its candidates on its own (RESULTS.md's testbed budget), not counted in the budget
         ccfg = CompareConfig(methods=("elm",), remove=k / n, train_steps=steps, train_batch_size=s["batch"],
-                             elm_max_iter=s["span"], elm_lr=recipe["lr"], device=device, seed=0,
+                             elm_max_iter=s["span"], elm_lr=recipe["lr"], device=device, seed=seed,
                              calib=CalibConfig(samples=len(calib), seq_len=calib.input_ids.shape[1]),
-                             darwinlm=DARWINLM)
+                             darwinlm=dataclasses.replace(DARWINLM, seed=seed))
         curve: list[dict] = []
         unit = {"method": name, "settings": unit_settings(name, s, recipe),
                 "removed_layers": None if name in WIDTH else 0 if name in ("original", "dense") else k}
@@ -371,7 +396,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                 curve.append(at(top, m))
         except (ValueError, FloatingPointError) as e:  # cannot reach the target here, or diverged
             unit.update(error=f"{type(e).__name__}: {e}", seconds=round(time.time() - t0, 1))
-            write_json(folder / f"unit_{name}.json", unit)
+            write_json(unit_path(folder, name), unit)
             print(f"== {name} failed: {e}")
             continue
         ne = non_embedding_parameters(m)
@@ -382,7 +407,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
                     removed_non_embedding=round(1 - ne / e0, 4), layers=m.config.num_hidden_layers,
                     compress_s=round(compress_s, 1), eval_s=round(clock["eval"], 1),
                     seconds=round(time.time() - t0, 1), device=_device_name())
-        write_json(folder / f"unit_{name}.json", unit)
+        write_json(unit_path(folder, name), unit)
         key = "acc" if task else "ppl"
         print(f"{name}: " + ", ".join(f"{c['sequences']}: {c[key]:.4g}" for c in curve)
               + (f"  wikitext2 {unit['wikitext2']['ppl']:.2f}  " if "wikitext2" in unit else "  ")
@@ -409,7 +434,7 @@ def _general_bench(model: str, data: Path, s: dict, tasks_dir: Path, device: str
     val = "\n\n".join(t["val"])
     wiki = read_wikitext2(data / "wikitext2" / "wiki.test.raw")
     calib = CalibConfig(samples=64 if not SMOKE["on"] else 4, seq_len=256 if not SMOKE["on"] else 32,
-                        seed=0).build(tok, t["train"])
+                        seed=s.get("seed", 0)).build(tok, t["train"])
 
     def score(m) -> dict:
         return {"ppl": round(perplexity(m, tok, val, window=s["val_window"], max_windows=s["val_windows"],
@@ -607,7 +632,8 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--data", str(data),
             "--out", str(out), "--run", str(run), "--budget-s", "1e9",
-            "--stages", "screen" if SCREEN["protocol"] == "general" else "task",
+            "--stages", {"general": "screen"}.get(SCREEN["protocol"], SCREEN["protocol"]),
+            "--seed", str(SCREEN["seed"]),
             "--span", str(SCREEN["span"]),
             *(["--smoke"] if SMOKE["on"] else [])]
     queue, running, stopped, failed = list(todo), {}, False, []
@@ -621,9 +647,9 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
                 stopped = True
                 break
             name = queue.pop(0)
-            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            log = open(logs / f"{unit_path(logs, name).stem}.log", "w")  # noqa: SIM115 (closed when the process ends)
             # a datasets cache of its own: lm-eval's task files are prepared once per process
-            cache = {"HF_DATASETS_CACHE": str(run / "hf_datasets" / name)}
+            cache = {"HF_DATASETS_CACHE": str(run / "hf_datasets" / unit_path(logs, name).stem)}
             running[name] = (subprocess.Popen([*base, "--methods", name], stdout=log,
                                               stderr=subprocess.STDOUT, env={**env, **cache}), log)
             print(f"== screen {name} started ({len(running)} running)", flush=True)
@@ -635,7 +661,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
                 continue
             log.close()
             del running[name]
-            tail = (logs / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+            tail = (logs / f"{unit_path(logs, name).stem}.log").read_text().strip().splitlines()[-1:] or [""]
             print(f"== screen {name} exited {proc.returncode}: {tail[0]}", flush=True)
             if proc.returncode:
                 failed.append(name)
@@ -663,7 +689,7 @@ def unit_settings(name: str, s: dict, recipe: dict) -> dict:
 def _unit_current(folder: Path, name: str, want: dict) -> bool:
     """Whether ``name``'s saved unit was measured with ``want``. A unit saved before units held
     their settings is checked against the settings screen.json recorded with it."""
-    path = folder / f"unit_{name}.json"
+    path = unit_path(folder, name)
     if not path.is_file():
         return False
     unit = read_json(path)
@@ -688,7 +714,7 @@ def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
     elm = elm_method.apply_(dense, plan)
     cfg = ElmTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"], max_len=s["seq"],
                          lr=recipe["lr"], min_lr=recipe["lr"], lambda_ce=0.0, distill_loss=recipe["loss"],
-                         save_every=10**9, seed=0)
+                         save_every=10**9, seed=s.get("seed", 0))
     train_elm(elm, teacher, tok, train, work, cfg, progress=False, on_step=lambda step, _: score(step, elm))
     return elm
 
@@ -706,7 +732,7 @@ def _screen_recurrence(dense, tok, train, s, k, work, score):
     rec = recurrence.apply_(dense, recurrence.plan(dense, cfg))
     tcfg = RecurrenceTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"],
                                  max_len=s["seq"], lr=r["lr"], min_lr=r["lr"], warmup=r["warmup"],
-                                 decay_frac=0.0, save_every=10**9, seed=0)
+                                 decay_frac=0.0, save_every=10**9, seed=s.get("seed", 0))
     train_recurrent(rec, tok, train, work, tcfg, progress=False, on_step=lambda step, _: score(step, rec))
     return rec
 
@@ -724,7 +750,7 @@ def _heal(tok, train, s, trainer, steps, work, score, device):
         cfg = FinetuneConfig(lr=HEAL_LR, min_lr=HEAL_LR, warmup_steps=20)
     cfg = dataclasses.replace(cfg, batch_size=s["batch"], max_len=s["seq"], max_steps=steps,
                               format="text" if isinstance(train[0], str) else "auto", save_every=10**9,
-                              device=device, seed=0)
+                              device=device, seed=s.get("seed", 0))
     finetune(work / "model", train, work / "heal", cfg, progress=False, on_model=score)
     return load_model(work / "heal" / "model", dtype="float32", device=device)
 
@@ -809,7 +835,7 @@ def _saved_units(out: Path) -> tuple[str, Path, list[dict]]:
     folder = out / name
     units = [read_json(p) for p in folder.glob("unit_*.json")]
     order = {m: i for i, m in enumerate(screen_methods())}
-    units.sort(key=lambda u: order.get(u["method"], len(order)))
+    units.sort(key=lambda u: (order.get(u["method"], len(order)), u.get("settings", {}).get("seed", 0)))
     if units:
         write_json(folder / f"{name}.json", {"settings": screen_settings(), "units": units})
     return name, folder, units
@@ -819,6 +845,8 @@ def report_screen(out: Path) -> None:
     """<screen>.md / .json / .png from the saved units of the current --span (screen_name)."""
     if SCREEN["protocol"] == "task":
         return report_task(out)
+    if SCREEN["protocol"] == "curves":
+        return report_curves(out)
     name, folder, units = _saved_units(out)
     if not units:
         return
@@ -965,6 +993,71 @@ def report_task(out: Path) -> None:
     atomic_write_text(folder / f"{name}.md", "\n".join(lines))
 
 
+def report_curves(out: Path) -> None:
+    """curves.md / .json / .png (or curves_m<M>.*): general retention against the budget, mean ±
+    std over the seeds measured so far."""
+    import statistics
+
+    name, folder, units = _saved_units(out)
+    ok = [u for u in units if "error" not in u]
+    if not ok:
+        return
+    s = screen_settings()
+    budgets = s["budgets"]
+    by: dict[str, list[dict]] = {}
+    for u in ok:
+        by.setdefault(u["method"], []).append(u)
+
+    def stat(xs: list[float], fmt: str = ".2f") -> str:
+        if not xs:
+            return ""
+        if len(xs) == 1:
+            return f"{xs[0]:{fmt}}"
+        return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
+
+    lines = [
+        f"## General retention against the budget, M = {s['span']}: mean ± std over seeds",
+        "",
+        f"The methods of the screen worth a curve (dense, ELM and the {CURVE_BEST} lowest C4 perplexities "
+        f"of the screen at its top budget), each trained for {budgets[-1]:,} sequences as in the screen, "
+        "scored on the same validation windows at each budget of the same run, WikiText-2 and lm-eval "
+        "(mean acc of ARC-E, BoolQ, PIQA) at the end. Each seed sets the calibration sample, "
+        "initialisation and data order. ± is the sample standard deviation over the seeds (n given).",
+        "",
+        "| method | seeds | " + " | ".join(f"C4 @ {b:,}" for b in budgets) + " | WikiText-2 | mean acc |",
+        "|---|---|" + "---|" * (len(budgets) + 2),
+    ]
+    for method, us in by.items():
+        cells = [stat([c["ppl"] for u in us for c in u["curve"] if c["sequences"] == b]) for b in budgets]
+        accs = [100 * statistics.mean(v["acc"] for v in u["tasks"].values()) for u in us if "tasks" in u]
+        lines.append(f"| {method} | {len(us)} | " + " | ".join(cells)
+                     + f" | {stat([u['wikitext2']['ppl'] for u in us])} | {stat(accs, '.1f')} |")
+    failed = sorted({u["method"] for u in units if "error" in u})
+    if failed:
+        lines += ["", "Failed (see their unit files): " + ", ".join(failed) + "."]
+    lines += ["", f"![{name}]({name}.png)", ""]
+    atomic_write_text(folder / f"{name}.md", "\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for method, us in by.items():
+        pts = [[c["ppl"] for u in us for c in u["curve"] if c["sequences"] == b] for b in budgets]
+        xs = [b for b, p in zip(budgets, pts) if p]
+        mean = [statistics.mean(p) for p in pts if p]
+        err = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in pts if p]
+        ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=f"{method} (n={len(us)})",
+                    **({"ls": ":", "color": "k"} if method == "dense" else {}))
+    ax.set(xscale="log", yscale="log", xlabel="training sequences after compression",
+           ylabel="validation perplexity (C4)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, folder / f"{name}.png")
+
+
 def report_teacher(out: Path) -> None:
     """teacher.md / .png: the teacher's validation curve, where it stopped, its test accuracy."""
     folder = out / "teacher"
@@ -1011,6 +1104,7 @@ def write_results_section(out: Path) -> None:
 
     parts = []
     folders = ["recipe", *(screen_name(span, "general") for span in screen_spans(out, "general")),
+               *(screen_name(span, "curves") for span in screen_spans(out, "curves")),
                "teacher", *(screen_name(span, "task") for span in screen_spans(out, "task"))]
     for stage in folders:
         md = out / stage / f"{stage}.md"
@@ -1030,6 +1124,12 @@ def write_results_section(out: Path) -> None:
                         + (", ".join(missing) if missing else "all screened") + ".")
     if not (out / "teacher" / "teacher.json").is_file():
         todo.append("- The task teacher (--stages teacher).")
+    for span in sorted({SPAN, LONG_SPAN, *screen_spans(out, "curves")}):
+        have = {p.stem.removeprefix("unit_") for p in (out / screen_name(span, "curves")).glob("unit_*.json")}
+        seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
+        todo.append(f"- Budget curves to {CURVE_TOP:,} sequences at M = {span}: seeds "
+                    + (", ".join(str(x) for x in SEEDS if x not in seeds_done) or "none") + " to run"
+                    + (" (some methods of the measured seeds may be missing too)." if have else "."))
     section = "\n\n".join([
         "## A real pretrained model: SmolLM2-135M-Instruct (work in progress)",
         "Generated by `python benchmarks/real_model.py` (stages saved as they finish under "
@@ -1042,8 +1142,6 @@ def write_results_section(out: Path) -> None:
         *parts,
         "### Not measured yet",
         "\n".join(todo),
-        "- Budget curves to 102k sequences for the strongest methods and three seeds with mean ± std: "
-        "not run yet.",
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"
         f"    --out {out.as_posix()} --run runs/real_model   # run again to continue\n"
         f"python benchmarks/real_model.py --out {out.as_posix()} --report-only\n```",
@@ -1070,6 +1168,8 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=SPAN,
                     help=f"screen: M, the layers ELM's block replaces (the others remove M - 1); "
                          f"{SPAN} (default) and {LONG_SPAN} are the two compressions reported")
+    ap.add_argument("--seed", type=int, default=None,
+                    help=f"curves: only this seed (default: each of {', '.join(map(str, SEEDS))} in turn)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="screen: units run side by side as this many processes on the one device")
     args = ap.parse_args()
@@ -1104,10 +1204,18 @@ def main() -> None:
             done = stage_recipe(args.model, data, out, Path(args.run), budget)
         elif stage == "teacher":
             done = stage_teacher(args.model, out, Path(args.run), budget)
+        elif stage == "curves":
+            SCREEN["protocol"] = "curves"
+            for seed in [args.seed] if args.seed is not None else seeds():
+                SCREEN["seed"] = seed
+                done = stage_screen(args.model, data, out, Path(args.run), budget,
+                                    methods or curve_methods(out), args.jobs)
+                if not done:
+                    break
         else:
             SCREEN["protocol"] = "general" if stage == "screen" else "task"
             done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
-        state[stage if stage in ("recipe", "teacher") else screen_name()] = (
+        state[stage if stage in ("recipe", "teacher", "curves") else screen_name()] = (
             "done" if done else "stopped at the budget")
         if not done:
             break

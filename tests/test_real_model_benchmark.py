@@ -197,3 +197,28 @@ def test_teacher_stops_early_and_task_screen_scores_accuracy_against_it(tmp_path
     assert before.keys() == after.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_curves_run_the_chosen_methods_over_seeds_with_mean_and_std(tmp_path):
+    _data(tmp_path)
+    # the screen ranks shortgpt and sleb; curves take dense, ELM and the screen's best (here both)
+    _run(tmp_path, "--stages", "screen", "--methods", "shortgpt,sleb")
+    out = _run(tmp_path, "--stages", "curves", "--jobs", "2")
+    assert '"curves": "done"' in out
+    folder = tmp_path / "out" / "curves"
+    files = sorted(p.name for p in folder.glob("unit_*.json"))
+    methods = ("dense", "elm", "shortgpt", "sleb")
+    assert files == sorted(f"unit_{m}_s{s}.json" for m in methods for s in (0, 1))
+    units = json.loads((folder / "curves.json").read_text())["units"]
+    budgets = json.loads((folder / "curves.json").read_text())["settings"]["budgets"]
+    assert budgets[-1] > 8  # beyond the screen's top budget
+    for u in units:
+        assert [c["sequences"] for c in u["curve"]] == budgets and "error" not in u
+    # the seed changes the run: dense's two seeds differ
+    dense = {u["settings"]["seed"]: u for u in units if u["method"] == "dense"}
+    assert dense[0]["curve"] != dense[1]["curve"]
+    md = (folder / "curves.md").read_text()
+    assert "| dense | 2 |" in md and " ± " in md and (folder / "curves.png").is_file()
+    again = _run(tmp_path, "--stages", "curves")  # all saved: nothing reruns
+    assert "started" not in again and "== curves" not in again
