@@ -207,6 +207,7 @@ TASK = {"preset": "base", "train": 20_000, "val": 500, "test": 500}
 TEACHER = {"r": 8, "lr": 2e-4, "batch": 32, "warmup": 20, "eval_every": 100, "patience": 3,
            "max_steps": 4_000}  # r 8: the adapter (10 MB) travels between GPU runs, not the model
 GEN_BATCH = 250  # greedy decoding batch on the GPU
+TOLS = (1e-3, 1e-2, 3e-2)  # ELM's per-token adaptive stopping: relative residual tolerances
 DARWINLM = DarwinLMConfig(generations=12, offspring=8, train_tokens=(4000, 8000, 16000, 32000),
                           train_batch_size=16, lr=1e-4, seed=0)  # RESULTS.md's testbed search budget
 
@@ -402,6 +403,8 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         ne = non_embedding_parameters(m)
         t1 = time.time()
         final = bench["final"](m)
+        if trainer == "elm":  # the block at fewer evaluations, and stopping per token
+            final["inference"] = _elm_inference(m, bench["score"], s["span"])
         clock["eval"] += time.time() - t1
         unit.update(trainer=trainer, curve=curve, **final, params=count_parameters(m) / p0,
                     removed_non_embedding=round(1 - ne / e0, 4), layers=m.config.num_hidden_layers,
@@ -419,6 +422,44 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
             torch.cuda.empty_cache()
     report_screen(out)
     return True
+
+
+def _elm_inference(m, score, span: int) -> dict:
+    """ELM at inference, scored as the protocol scores: at 1, 2, 4, ... M evaluations of the block per
+    token, and with per-token adaptive stopping (relative residual below each of TOLS, at most M
+    evaluations), with the mean evaluations per token that used (padding tokens included)."""
+    from elmkit.demos import IterationMeter
+
+    c = m.config
+    keep = (c.max_iter, c.tol, c.tol_mode)
+    out: dict = {"fixed": {}, "adaptive": {}}
+    try:
+        for k in sorted({*(2 ** i for i in range(span.bit_length()) if 2 ** i < span), span}):
+            c.max_iter, c.tol = k, 0.0
+            out["fixed"][str(k)] = score(m)
+        for tol in TOLS:
+            c.max_iter, c.tol, c.tol_mode = span, tol, "rel"
+            meter = IterationMeter(m)
+            try:
+                out["adaptive"][f"{tol:g}"] = {**score(m), "evaluations": round(meter.mean(), 3)}
+            finally:
+                meter.close()
+    finally:
+        c.max_iter, c.tol, c.tol_mode = keep
+    return out
+
+
+def _inference_lines(units: list[dict], key: str, fmt) -> list[str]:
+    """The ELM unit's inference table for a report, or nothing."""
+    u = next((u for u in units if "inference" in u), None)
+    if u is None:
+        return []
+    inf = u["inference"]
+    fixed = "; ".join(f"{k}: {fmt(v[key])}" for k, v in inf["fixed"].items())
+    adaptive = "; ".join(f"tol {t}: {fmt(v[key])} at {v['evaluations']:.2f} evaluations"
+                         for t, v in inf["adaptive"].items())
+    return ["", f"ELM at inference (the final block). Evaluations per token -> score: {fixed}. Adaptive "
+            f"stopping per token (relative residual, at most M): {adaptive}."]
 
 
 def _general_bench(model: str, data: Path, s: dict, tasks_dir: Path, device: str) -> dict:
@@ -900,6 +941,7 @@ def report_screen(out: Path) -> None:
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
                      + f" | {u['wikitext2']['ppl']:.2f} | " + " | ".join(task_cells)
                      + f" | {u['seconds']:.0f} |")
+    lines += _inference_lines(ok, "ppl", lambda v: f"{v:.2f}")
     untrained = out / "recipe" / "reference.json"
     if untrained.is_file():
         r = read_json(untrained)
@@ -989,6 +1031,7 @@ def report_task(out: Path) -> None:
                      f"{u['seconds']:.0f} |")
     if ceiling is not None:
         lines += ["", f"Dense + LoRA for the same budget: {100 * ceiling['curve'][-1]['acc']:.1f}%."]
+    lines += _inference_lines(ok, "acc", lambda v: f"{100 * v:.1f}%")
     lines += ["", f"![{name}]({name}.png)", ""]
     atomic_write_text(folder / f"{name}.md", "\n".join(lines))
 

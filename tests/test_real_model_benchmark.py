@@ -79,6 +79,11 @@ def test_screen_stage_scores_every_trainer_at_each_budget(tmp_path):
             "elmkit_arc_easy": 4, "elmkit_boolq": 4, "elmkit_piqa": 4}
         assert all(0 <= r["acc"] <= 1 for r in u["tasks"].values())
     assert units["original"]["layers"] == units["dense"]["layers"] and units["original"]["trainer"] == "none"
+    # ELM at inference: 1..M evaluations, and adaptive stopping that uses at most M per token
+    inf = units["elm"]["inference"]
+    assert list(inf["fixed"]) == ["1", "2", "3"] and all(v["ppl"] > 0 for v in inf["fixed"].values())
+    assert len(inf["adaptive"]) == 3 and all(1 <= v["evaluations"] <= 3 for v in inf["adaptive"].values())
+    assert "inference" not in units["shortgpt"]
     assert units["dense"]["layers"] == units["elm"]["layers"] + 2  # span 3 -> 1 block in the smoke run
     assert units["shortgpt"]["layers"] == units["reverse"]["layers"] == units["dense"]["layers"] - 2
     assert units["recurrence"]["layers"] == units["dense"]["layers"] - 2  # the same layers kept as ELM
@@ -183,6 +188,8 @@ def test_teacher_stops_early_and_task_screen_scores_accuracy_against_it(tmp_path
         assert all(0 <= c["acc"] <= 1 for c in units[name]["curve"])
         assert units[name]["settings"]["teacher"] == teacher["adapter_sha256"]
     assert "| shortgpt |" in (tmp_path / "out" / "task" / "task.md").read_text()
+    assert set(units["elm"]["inference"]["fixed"]) == {"1", "2", "3"}
+    assert all(0 <= v["acc"] <= 1 for v in units["elm"]["inference"]["adaptive"].values())
     section = (tmp_path / "out" / "RESULTS.md").read_text()
     assert "\n## The task teacher" not in section and "\n### The task teacher" in section
 
