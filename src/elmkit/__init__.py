@@ -6,6 +6,7 @@ The public API (everything else lives in sub-packages)::
     from elmkit import compress, compare, CompareConfig, CalibConfig
     from elmkit import compress_elm, ElmCompressConfig, compress_recurrence, RecurrenceCompressConfig
     from elmkit import generate          # fast decoding (elmkit.infer)
+    from elmkit import export, ExportConfig  # GGUF for llama.cpp (elmkit.export)
 """
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ from .api import (  # noqa: E402
 from .compare import CompareConfig, compare, compress_method  # noqa: E402
 from .data.calibration import CalibConfig  # noqa: E402
 from .eval import EvalConfig, evaluate  # noqa: E402
+from .export import ExportConfig, export  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .train import FinetuneConfig, finetune  # noqa: E402
 
@@ -34,6 +36,7 @@ __all__ = [
     "CompareConfig",
     "ElmCompressConfig",
     "EvalConfig",
+    "ExportConfig",
     "FinetuneConfig",
     "RecurrenceCompressConfig",
     "__version__",
@@ -44,6 +47,7 @@ __all__ = [
     "compress_recurrence",
     "demo",
     "evaluate",
+    "export",
     "finetune",
     "generate",
     "info",

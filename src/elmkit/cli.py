@@ -156,6 +156,7 @@ def _commands() -> dict[str, Command]:
     from .compare import CompareConfig, compare
     from .data.calibration import CalibConfig
     from .eval import EvalConfig, evaluate
+    from .export import ExportConfig, export
     from .infer import DecodeConfig
     from .methods import DEPTH, WIDTH
     from .methods.efficientllm import EfficientLLMConfig
@@ -182,6 +183,9 @@ def _commands() -> dict[str, Command]:
         "convert": Command(convert, (
             ("model", "the GGUF file to convert", True), out,
             ("dtype", "float32 (default), bfloat16 or float16", False))),
+        "export": Command(export, (model, ("out", "the file to write, e.g. model.gguf (an existing one is "
+                                                  "replaced once the new one is complete)", True)),
+                          ExportConfig),
         "generate": Command(generate, (model, ("prompt", "text to continue", True),
                                        ("dtype", "auto, float32, bfloat16, float16 (default: auto)", False),
                                        ("device", "auto, cpu, cuda, ... (default: auto)", False)),
