@@ -224,13 +224,14 @@ def screen_settings() -> dict:
     small = SMOKE["on"]
     top = (8 if small else SCREEN_TOP) if SCREEN["protocol"] != "curves" else (16 if small else CURVE_TOP)
     return {"span": min(3, SCREEN["span"]) if small else SCREEN["span"], "batch": 2 if small else BATCH,
-            "seq": 32 if small and SCREEN["protocol"] == "general" else SEQ,  # a problem fits 256 tokens
+            "seq": 32 if small and SCREEN["protocol"] != "task" else SEQ,  # a problem fits 256 tokens
             "budgets": [b for b in ((2, 4, 8, 16) if small else BUDGETS) if b <= top],
             "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
             **({"val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
                 "tasks": list(TASKS), "tasks_limit": 4 if small else None}
                if SCREEN["protocol"] != "task" else {"task": task_sizes()}),
             **({"seed": SCREEN["seed"]} if SCREEN["protocol"] == "curves" else {}),
+            "seeded_units": True,  # each unit seeds torch itself (units saved before did not)
             "smoke": small}
 
 
@@ -361,6 +362,9 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         work = run / screen_name() / unit_path(folder, name).stem
         shutil.rmtree(work, ignore_errors=True)  # a unit is all or nothing: no stale checkpoint resumes
         dense = copy.deepcopy(master).to(device)
+        # every random draw of the unit (ELM's projections, LoRA, data order) from its own seed, so a
+        # unit gives the same numbers alone, resumed, or after other units in one process
+        torch.manual_seed(seed)
         # Streamline's layer trains on the same windows, batch and steps as everyone; DarwinLM's search
         # fine-tunes its candidates on its own (RESULTS.md's testbed budget), not counted in the budget
         ccfg = CompareConfig(methods=("elm",), remove=k / n, train_steps=steps, train_batch_size=s["batch"],
@@ -663,7 +667,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     side finish several times sooner than in a row; each unit's numbers are what it would give alone
     (its own seed and data order), only its wall time grows. Each process writes its own unit file;
     the reports are rewritten at the end. A unit is started only while its expected time fits the
-    budget; logs go to RUN/screen/<method>.log."""
+    budget; logs go to RUN/<screen>/unit_<method>.log (unit_<method>_s<seed>.log for curves)."""
     import os
     import subprocess
 
@@ -682,7 +686,8 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
         while queue and len(running) < jobs and not stopped:
             seen = {p.stem.removeprefix("unit_"): read_json(p).get("seconds", 0.0)
                     for p in folder.glob("unit_*.json")}
-            need = seen.get(queue[0]) or max(seen.values(), default=300.0)
+            need = seen.get(unit_path(folder, queue[0]).stem.removeprefix("unit_")) or max(
+                seen.values(), default=300.0)
             if not budget.left(need):
                 print(f"stopped at the time budget before {queue[0]}; run again to continue")
                 stopped = True
@@ -711,7 +716,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     report_screen(out)
     if failed:
         raise SystemExit(f"the units of {', '.join(failed)} ended without a result; see "
-                         f"{logs}/<method>.log")
+                         f"{logs}/unit_<method>.log")
     return not stopped
 
 
@@ -728,17 +733,12 @@ def unit_settings(name: str, s: dict, recipe: dict) -> dict:
 
 
 def _unit_current(folder: Path, name: str, want: dict) -> bool:
-    """Whether ``name``'s saved unit was measured with ``want``. A unit saved before units held
-    their settings is checked against the settings screen.json recorded with it."""
+    """Whether ``name``'s saved unit was measured with ``want`` (a unit saved before units held
+    their settings was not: it is measured again)."""
     path = unit_path(folder, name)
     if not path.is_file():
         return False
-    unit = read_json(path)
-    have = unit.get("settings")
-    if have is None and (folder / "screen.json").is_file():
-        old = read_json(folder / "screen.json")["settings"]
-        have = {k: old[k] for k in want if k in old}
-    if have != want:
+    if read_json(path).get("settings") != want:
         print(f"{path.name} was measured with other settings; measuring it again")
         return False
     return True
@@ -769,7 +769,8 @@ def _screen_recurrence(dense, tok, train, s, k, work, score):
     r = RECURRENCE
     core = 1 if SMOKE["on"] else r["core"]
     cfg = recurrence.for_target(recurrence.RecurrenceConfig(core_len=core, mean_recurrence=r["r"],
-                                                            backprop_depth=r["r"]), dense, n_remove=k)
+                                                            backprop_depth=r["r"], seed=s.get("seed", 0)),
+                               dense, n_remove=k)
     rec = recurrence.apply_(dense, recurrence.plan(dense, cfg))
     tcfg = RecurrenceTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"],
                                  max_len=s["seq"], lr=r["lr"], min_lr=r["lr"], warmup=r["warmup"],
@@ -998,6 +999,9 @@ def report_task(out: Path) -> None:
     s = screen_settings()
     if ok:
         _plot_screen(folder / f"{name}.png", ok, "acc", "test accuracy (greedy exact match)")
+    if not (out / "teacher" / "teacher.json").is_file():
+        print(f"{folder}: no teacher.json beside these units (deleted for a new teacher?); not reported")
+        return
     teacher = read_json(out / "teacher" / "teacher.json")
     budgets, span, n = s["budgets"], s["span"], task_sizes()
     ceiling = next((u for u in ok if u["method"] == "dense"), None)

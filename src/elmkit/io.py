@@ -85,10 +85,19 @@ def save_figure(fig, png: str | Path, dpi: int = 120) -> Path:
     import matplotlib.pyplot as plt
 
     png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    # a name of its own: processes saving the same figure at once must not take each other's file
+    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, png)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return png
 
 
