@@ -143,7 +143,7 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
         raise SystemExit(f"{folder} holds results of other settings; use another --out")
 
     for loss, lr in todo:
-        need = max([read_json(p)["seconds"] for p in folder.glob("unit_*.json")] or [300.0])
+        need = expected_seconds(folder)
         if not budget.left(need):
             print(f"stopped at the time budget before {unit_name(loss, lr)}; run again to continue")
             return False
@@ -353,7 +353,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         return score
 
     for name in todo:
-        need = max([read_json(p)["seconds"] for p in folder.glob("unit_*.json")] or [300.0])
+        need = expected_seconds(folder)
         if not budget.left(need):
             print(f"stopped at the time budget before {name}; run again to continue")
             return False
@@ -684,10 +684,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     queue, running, stopped, failed = list(todo), {}, False, []
     while queue or running:
         while queue and len(running) < jobs and not stopped:
-            seen = {p.stem.removeprefix("unit_"): read_json(p).get("seconds", 0.0)
-                    for p in folder.glob("unit_*.json")}
-            need = seen.get(unit_path(folder, queue[0]).stem.removeprefix("unit_")) or max(
-                seen.values(), default=300.0)
+            need = expected_seconds(folder, unit_path(folder, queue[0]))
             if not budget.left(need):
                 print(f"stopped at the time budget before {queue[0]}; run again to continue")
                 stopped = True
@@ -803,6 +800,14 @@ def _checkpoint_evals(elm, curve: list, s: dict, val_ppl):
         if step in s["eval_at"]:
             curve.append({"step": step, "sequences": step * s["batch"], **val_ppl(elm)})
     return on_step
+
+
+def expected_seconds(folder: Path, own: Path | None = None) -> float:
+    """How long a unit of ``folder`` should take, for the time budget: ``own``'s saved time when it
+    was measured before, else the longest saved unit's, else 300 s."""
+    if own is not None and own.is_file() and read_json(own).get("seconds"):
+        return read_json(own)["seconds"]
+    return max([read_json(p)["seconds"] for p in folder.glob("unit_*.json")] or [300.0])
 
 
 def unit_name(loss: str, lr: float) -> str:
