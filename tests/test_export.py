@@ -318,6 +318,138 @@ def test_pre_tokenizer_regexes_are_the_ones_transformers_maps_to_those_names():
 
 
 # ---------------------------------------------------------------------------------------------
+# Slim (width-pruned) models as llama.cpp's deci
+# ---------------------------------------------------------------------------------------------
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def deci_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's deci graph (src/models/deci.cpp, llama.cpp b8000s) computed from an f32 GGUF file
+    alone, as a second implementation to hold the export against: (T, V) logits.
+
+    Per layer: no heads -> the attention is skipped and the layer's input goes on; width 0 -> the
+    layer's update is dropped entirely (llama.cpp's ``continue``); RoPE on adjacent pairs; query head
+    h reads KV head h // (n_head / n_head_kv)."""
+    r = gguf.GGUFReader(path)
+    arch = field(r, "general.architecture")
+    W = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in r.tensors}
+    heads, kv_heads, widths = (field(r, f"{arch}.{k}") for k in
+                               ("attention.head_count", "attention.head_count_kv", "feed_forward_length"))
+    hd, eps = field(r, f"{arch}.attention.key_length"), field(r, f"{arch}.attention.layer_norm_rms_epsilon")
+    theta = field(r, f"{arch}.rope.freq_base")
+    T_ = len(ids)
+    pos = torch.arange(T_, dtype=torch.float64)[:, None]
+    ang = pos * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (T, hd/2)
+    cos, sin = ang.cos().float(), ang.sin().float()
+
+    def rope(x):  # (T, n, hd): pairs (2i, 2i+1) rotated by angle i
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s_ = cos[:, None], sin[:, None]
+        return torch.stack((a * c - b * s_, a * s_ + b * c), -1).flatten(-2)
+
+    def lin(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    x = W["token_embd.weight"][ids]  # (T, d)
+    mask = torch.full((T_, T_), float("-inf")).triu(1)
+    for i, (nq, nkv, nff) in enumerate(zip(heads, kv_heads, widths)):
+        b = f"blk.{i}."
+        cur = x
+        if nq:
+            h = rms(x, W[b + "attn_norm.weight"], eps)
+            q = rope(lin(h, b + "attn_q").view(T_, nq, hd))
+            k = rope(lin(h, b + "attn_k").view(T_, nkv, hd))
+            v = lin(h, b + "attn_v").view(T_, nkv, hd)
+            k, v = (t.repeat_interleave(nq // nkv, dim=1) for t in (k, v))  # head h -> KV h // group
+            att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd) + mask
+            mixed = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(T_, nq * hd)
+            cur = lin(mixed, b + "attn_output")
+        if nff == 0:
+            continue
+        ffn_in = cur + x if nq else x
+        h = rms(ffn_in, W[b + "ffn_norm.weight"], eps)
+        gated = torch.nn.functional.silu(lin(h, b + "ffn_gate")) * lin(h, b + "ffn_up")
+        x = lin(gated, b + "ffn_down") + ffn_in
+    out = W.get("output.weight", W["token_embd.weight"])
+    return rms(x, W["output_norm.weight"], eps) @ out.T
+
+
+def slim_case(family: str, **kw):
+    """A tiny model cut to widths that exercise every deci rule: 4 query heads over 2 KV heads, and
+    per layer: (0) query heads 0-2 (KV head 0 serves two, head 1 one: written twice), fewer MLP
+    channels, FLAP output biases; (1) attention removed, its bias a constant before a kept MLP;
+    (2) query heads 1 and 3, MLP removed with a bias; (3) both removed, both biases left."""
+    from elmkit.models.slim import LayerKeep, to_slim
+
+    dense = tiny_model(family, seed=3, vocab_size=300, num_layers=4, hidden_size=64, num_heads=4,
+                       num_kv_heads=2, **kw)
+    g = torch.Generator().manual_seed(0)
+
+    def b():
+        return torch.randn(64, generator=g) * 0.1
+
+    keep = [LayerKeep([0, 1, 2], [0, 1], range(0, 96, 2), o_bias=b(), down_bias=b()),
+            LayerKeep([], [], range(40), o_bias=b()),
+            LayerKeep([1, 3], [0, 1], [], down_bias=b()),
+            LayerKeep([], [], [], o_bias=b(), down_bias=b())]
+    return to_slim(dense, keep)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_slim_model_exports_as_deci_and_computes_the_same_logits(tmp_path, family):
+    slim = slim_case(family, tie_word_embeddings=family == "qwen2")
+    folder = tmp_path / f"slim-{family}"
+    slim.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    out = tmp_path / "f32" / "m.gguf"
+    info = export(folder, out, ExportConfig(type="f32"), progress=False)
+    assert info["architecture"] == "deci"
+    assert info["layout"] == {"head_count": [3, 0, 2, 0], "head_count_kv": [3, 0, 2, 0],
+                              "feed_forward_length": [48, 40, 1, 1], "kv_heads_repeated": 1}
+    r = gguf.GGUFReader(out)
+    assert field(r, "deci.attention.head_count") == [3, 0, 2, 0]
+    assert field(r, "deci.feed_forward_length") == [48, 40, 1, 1]
+    names = {t.name for t in r.tensors}
+    assert "blk.1.attn_norm.weight" not in names and "blk.1.attn_q.weight" not in names
+    assert "blk.0.ffn_down.bias" in names and "blk.0.attn_output.bias" in names
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    assert ("output.weight" in names) == (family == "llama")
+
+    ids = [5, 17, 99, 3, 250, 42, 7, 7, 1]
+    with torch.no_grad():
+        want = slim(torch.tensor([ids])).logits[0].float()
+    got = deci_logits(out, ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_deci_regroups_query_heads_behind_their_kv_heads():
+    assert gguf_export._regroup([0, 0, 1, 1]) == ([0, 1, 2, 3], [0, 1])
+    assert gguf_export._regroup([1, 0, 1, 0]) == ([1, 3, 0, 2], [0, 1])  # reordered only
+    assert gguf_export._regroup([0, 0, 1, 0]) == ([0, 1, 3, 2], [0, 0, 0, 1])  # KV head 0 three times
+    assert gguf_export._regroup([0, 0, 1, 1, 1, 1]) == ([0, 1, 2, 3, 4, 5], [0, 1, 1])  # runs of 2
+
+
+def test_deci_refuses_what_llama_cpp_cannot_run(tmp_path):
+    from elmkit.models.slim import LayerKeep, to_slim
+
+    dense = tiny_model("qwen3", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
+    q3 = to_slim(dense, [LayerKeep([0, 1], [0], range(10))] * 2)
+    q3.save_pretrained(tmp_path / "q3")
+    with pytest.raises(ValueError, match="slim qwen3 model.*deci graph.*no per-head q/k norm"):
+        export(tmp_path / "q3", tmp_path / "q3.gguf", progress=False)
+    dense = tiny_model("llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2)
+    first = to_slim(dense, [LayerKeep([], [], range(10)), LayerKeep([0], [0], range(10))])
+    first.save_pretrained(tmp_path / "first")
+    byte_tokenizer().save_pretrained(tmp_path / "first")
+    with pytest.raises(ValueError, match="layer 0 has no attention heads left"):
+        export(tmp_path / "first", tmp_path / "first.gguf", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # What fails, and how
 # ---------------------------------------------------------------------------------------------
 
@@ -334,16 +466,13 @@ def one_error_line(capsys, argv) -> str:
 def test_elm_recurrent_slim_and_bad_options_fail_with_one_clear_line(tmp_path, capsys):
     from elmkit.methods import elm as E
     from elmkit.methods import recurrence as R
-    from elmkit.models import full_keep, to_slim
 
     dense = tiny_model("qwen2", num_layers=4, hidden_size=32)
     E.apply_(dense, E.plan(dense, start=1, span=2)).save_pretrained(tmp_path / "elm")
     dense = tiny_model("qwen2", num_layers=4, hidden_size=32)
     rec = R.apply_(dense, R.plan(dense, R.RecurrenceConfig(prelude=1, core_len=2)))
     rec.save_pretrained(tmp_path / "rec")
-    dense = tiny_model("qwen2", num_layers=2, hidden_size=32)
-    to_slim(dense, full_keep(dense)).save_pretrained(tmp_path / "slim")
-    for d in ("elm", "rec", "slim"):
+    for d in ("elm", "rec"):
         byte_tokenizer().save_pretrained(tmp_path / d)
     out = str(tmp_path / "x.gguf")
     capsys.readouterr()  # the saves' progress bars
@@ -352,8 +481,6 @@ def test_elm_recurrent_slim_and_bad_options_fail_with_one_clear_line(tmp_path, c
     assert "is an ELM" in err and "elmkit generate" in err and "transformers" in err
     err = one_error_line(capsys, ["export", "--model", str(tmp_path / "rec"), "--out", out])
     assert "recurrent" in err and "elmkit generate" in err
-    err = one_error_line(capsys, ["export", "--model", str(tmp_path / "slim"), "--out", out])
-    assert "not done yet" in err and "issue 24" in err and "deci" in err
     err = one_error_line(capsys, ["export", "--model", str(tmp_path / "elm"), "--out", out, "--type", "q4_k"])
     assert "--type must be one of f32, f16, bf16, q8_0, q4_0, q4_1, got 'q4_k'" in err
     err = one_error_line(capsys, ["export", "--model", str(tmp_path / "elm"), "--out", out,

@@ -5,8 +5,8 @@
     elmkit export --model runs/drop6/model --format gguf --out smol-drop6.gguf --type q8_0
 
 One format so far: GGUF (``export.gguf``), for dense and depth-pruned Llama, Qwen2, Qwen3 and
-Mistral folders. The config names the format and the weight type; the writer of each format lives
-in its own module.
+Mistral folders, and width-pruned (slim) Llama, Mistral and Qwen2 folders. The config names the
+format and the weight type; the writer of each format lives in its own module.
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ class ExportConfig:
 
 def export(model: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
            progress: bool = True) -> dict:
-    """Write ``model`` (a dense or depth-pruned Llama, Qwen2, Qwen3 or Mistral folder) as one file.
+    """Write ``model`` (a dense, depth-pruned or width-pruned model folder) as one file.
 
-    GGUF: llama.cpp's ``llama``, ``qwen2`` or ``qwen3`` architecture with the tokenizer and chat
-    template, the weight matrices in the chosen type; written under a temporary name and renamed into place.
-    An ELM or a recurrent model has no llama.cpp graph and a slim (width-pruned) one is not written
-    yet: each fails with one line saying what to use instead. Returns what was written (path,
-    architecture, tensor types, bytes, seconds).
+    GGUF: llama.cpp's ``llama``, ``qwen2`` or ``qwen3`` architecture for dense and depth-pruned
+    Llama, Mistral, Qwen2 and Qwen3 models, ``deci`` (head counts and MLP widths per layer) for slim
+    Llama, Mistral and Qwen2 models (FLAP, LLM-Pruner, DarwinLM, EfficientLLM outputs), with the
+    tokenizer and chat template and the weight matrices in the chosen type; written under a temporary
+    name and renamed into place. An ELM or a recurrent model has no llama.cpp graph: it fails with
+    one line saying what to use instead. Returns what was written (path, architecture, tensor types,
+    bytes, per-layer widths of a deci file, seconds).
     """
     from ..models.loading import check_model_path
 

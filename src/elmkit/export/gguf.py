@@ -20,9 +20,25 @@ halves, so the Q and K rows of a Llama are reordered (``_permute``); ``qwen2``/`
 halves like transformers and take the rows as they are. The tokenizer goes in as llama.cpp's
 ``gpt2`` vocabulary (byte-level BPE: SmolLM2, Qwen2.5, Llama 3, elmkit's byte tokenizer).
 
+A slim (width-pruned) model, whose layers differ in head count and MLP width, goes to llama.cpp's
+``deci`` graph, which reads the head count, KV-head count and MLP width as one array entry per layer
+(0 heads: no attention; width 0: no MLP). Three things need care (``_plan_deci``):
+
+- grouping: llama.cpp's query head h reads KV head h // (n_head / n_head_kv), equal runs, while a
+  slim layer maps each kept query head to any kept KV head (``q_to_kv``). The query heads are
+  reordered so that each KV head serves a run (Q rows and o_proj columns move together: exact), and a
+  KV head that serves more queries than the others is written more than once, runs of the gcd.
+- a layer with attention but no MLP: the deci graph skips the rest of a layer whose width is 0,
+  its attention output included (it was written for Nemotron layers that have neither; measured with
+  llama-cpp-python 0.3.36: the logits move by 0.3, and on the last layer it aborts), so such a layer
+  gets an MLP of width 1 with zero weights, which adds nothing.
+- FLAP's output biases: an attention or MLP output bias goes to attn_output.bias / ffn_down.bias; the
+  constant a removed branch adds (its bias alone) goes to that zero MLP's ffn_down.bias, or, where the
+  removed branch is an attention before a kept MLP, to the bias of the branch before it (the residual
+  stream in between only adds). Both exact.
+
 An ELM or a recurrent model has no llama.cpp graph (a block iterated to a fixed point, a core
-repeated r times) and a slim model is not written yet (issue 24: llama.cpp's ``deci``
-architecture); each fails with one line that says what to use instead.
+repeated r times); each fails with one line that says what to use instead.
 
 Tensors are read one at a time from the safetensors files and written straight into a temporary
 file (its table of contents is computed from the shapes beforehand), renamed into place when
@@ -64,6 +80,9 @@ ARCHS: dict[str, gguf.MODEL_ARCH] = {
 }
 """transformers ``model_type`` -> llama.cpp architecture."""
 
+SLIM_BASES = ("llama", "mistral", "qwen2")
+"""Families whose slim models llama.cpp's deci graph computes (Qwen3's per-head q/k norms it has not)."""
+
 NO_GGUF: dict[str, str] = {
     "elm": "is an ELM: its block is iterated to a fixed point with the input injected at every step, "
            "which no llama.cpp graph computes; serve it with elmkit's decoder (elmkit generate --model "
@@ -71,9 +90,6 @@ NO_GGUF: dict[str, str] = {
     "recurrent": "is a recurrent model: its core layers repeat r times through an adapter, which no "
                  "llama.cpp graph computes; serve it with elmkit's decoder (elmkit generate --model DIR) "
                  "or with transformers (trust_remote_code=True)",
-    "slim": "is a width-pruned (slim) model, whose layers differ in head count and MLP width: writing it "
-            "as llama.cpp's deci architecture (per-layer widths) is planned (issue 24) but not done yet; "
-            "export a dense or depth-pruned model, or serve this one with elmkit generate / transformers",
 }
 """elmkit's own model types, and why each has no GGUF export."""
 
@@ -134,7 +150,11 @@ class _Tensor:
     heads: int = 0
     """Reorder the rows over this many heads (Llama's Q and K; 0: as they are)."""
     data: np.ndarray | None = None
-    """The values of a computed tensor (llama3 rope factors)."""
+    """The values of a computed tensor (llama3 rope factors, a zero MLP, a folded bias)."""
+    rows: list[int] | None = None
+    """Take these rows (a bias: entries) first: a slim layer's heads regrouped (before ``heads``)."""
+    cols: list[int] | None = None
+    """Take these columns first: o_proj's inputs in the regrouped head order."""
 
     @property
     def nbytes(self) -> int:
@@ -149,12 +169,19 @@ def write_gguf(folder: Path, out: Path, weight_type: str = "f16", progress: bool
     """Write the stock model in ``folder`` to ``out`` (GGUF) with its matrices in ``weight_type``."""
     from transformers import AutoConfig
 
+    from .. import models  # noqa: F401  (registers the slim config with AutoConfig)
+
     t0 = time.perf_counter()
     config = AutoConfig.from_pretrained(_check_model_type(folder))
-    arch = ARCHS[config.model_type]
     _check_config(config, folder)
     weights = _Weights(folder)
-    plan = _plan(weights, config, arch, TYPES[weight_type][0])
+    layout = None  # per-layer widths of a slim model (the deci arrays)
+    if config.model_type == "slim":
+        arch = gguf.MODEL_ARCH.DECI
+        plan, layout = _plan_deci(weights, config, TYPES[weight_type][0])
+    else:
+        arch = ARCHS[config.model_type]
+        plan = _plan(weights, config, arch, TYPES[weight_type][0])
     n_vocab = plan[0].shape[0]  # token_embd rows: the vocabulary the model scores
     rope = _rope(config)
 
@@ -163,7 +190,7 @@ def write_gguf(folder: Path, out: Path, weight_type: str = "f16", progress: bool
     writer.add_file_type(TYPES[weight_type][1])
     if any(t.qtype not in (Q.F32, Q.F16, Q.BF16) for t in plan):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_architecture(writer, config, n_vocab, rope)
+    _add_architecture(writer, config, n_vocab, rope, layout)
     _add_tokenizer(writer, folder, config, n_vocab)
     if rope["type"] == "llama3":  # llama.cpp divides each rotary frequency by a stored factor
         factors = _llama3_factors(rope, _head_dim(config))
@@ -190,7 +217,7 @@ def write_gguf(folder: Path, out: Path, weight_type: str = "f16", progress: bool
     return {"out": str(out), "architecture": gguf.MODEL_ARCH_NAMES[arch], "type": weight_type,
             "layers": config.num_hidden_layers, "vocab": n_vocab, "tensors": len(plan),
             "tensor_types": dict(counts), "bytes": out.stat().st_size,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            **({"layout": layout} if layout else {}), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +233,13 @@ def _check_model_type(folder: Path) -> Path:
         raise ValueError(f"{folder}/config.json could not be read: {e}") from e
     if model_type in NO_GGUF:
         raise ValueError(f"{folder} {NO_GGUF[model_type]}")
+    if model_type == "slim":
+        base = json.loads((folder / "config.json").read_text()).get("base_model_type")
+        if base not in SLIM_BASES:
+            raise ValueError(f"{folder} is a slim {base} model; llama.cpp's deci graph, which runs layers of "
+                             f"different widths, computes {', '.join(SLIM_BASES)} layers only (no per-head "
+                             "q/k norm)")
+        return folder
     if model_type not in ARCHS:
         raise ValueError(f"{folder} is a {model_type!r} model; GGUF export covers {', '.join(ARCHS)} "
                          "(dense or depth-pruned)")
@@ -333,16 +367,148 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]:
+    """A slim model's tensors as llama.cpp's deci architecture, and its per-layer widths.
+
+    Per layer, from its ``slim_layers`` entry: the query heads regrouped behind their KV heads
+    (``_regroup``), the MLP as it is, of width 1 and zeros where the layer keeps attention but no MLP,
+    and every removed branch's constant output bias folded where it adds the same (module docstring).
+    Returns the plan and ``{"head_count", "head_count_kv", "feed_forward_length": [one per layer],
+    "kv_heads_repeated": extra KV heads written}``.
+    """
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    hd, d = _head_dim(config), config.hidden_size
+    specs = config.slim_layers
+    if not specs[0]["q_to_kv"]:
+        raise ValueError("layer 0 has no attention heads left; llama.cpp reads the head size of every layer "
+                         "from layer 0's head count, so this model cannot be written as deci")
+    used = {k for k in weights.keys() if k.endswith("rotary_emb.inv_freq")}
+    if tied:
+        used.add("lm_head.weight")
+
+    def take(key: str) -> str:
+        if key not in weights:
+            raise ValueError(f"the weights have no {key}, which slim_layers says the model has")
+        used.add(key)
+        return key
+
+    def heads_rows(heads: list[int]) -> list[int]:
+        return [h * hd + r for h in heads for r in range(hd)]
+
+    def bias(key: str) -> torch.Tensor | None:
+        return weights.get(take(key)) if key in weights else None
+
+    def tensor(kind: T, i: int | None, key: str | None, shape: tuple[int, ...], suffix: str = "weight",
+               **kw) -> _Tensor:
+        """One tensor of the file, stored as ``_storage`` says for its kind and shape."""
+        gname = gguf.TENSOR_NAMES[kind].format(bid=i) + "." + suffix
+        return _Tensor(gname, key, shape, _storage(kind, shape, base, tied), **kw)
+
+    shape = weights.shape(take("model.embed_tokens.weight"))
+    plan = [tensor(T.TOKEN_EMBD, None, "model.embed_tokens.weight", shape)]
+    layout = {"head_count": [], "head_count_kv": [], "feed_forward_length": [], "kv_heads_repeated": 0}
+    last_down = None  # the latest ffn_down.bias written (a _Tensor with data): where constants fold
+    for i, s in enumerate(specs):
+        pre = f"model.layers.{i}."
+        q_to_kv, m = [int(g) for g in s["q_to_kv"]], int(s["intermediate_size"])
+        # the constants removed branches add (NoAttention / NoMLP biases), (d,) or None
+        c_attn = bias(pre + "self_attn.bias") if not q_to_kv else None
+        c_mlp = bias(pre + "mlp.bias") if m == 0 else None
+        for unused in ([pre + "input_layernorm.weight"] if not q_to_kv else []) + \
+                      ([pre + "post_attention_layernorm.weight"] if m == 0 else []):
+            used.add(unused)  # norms of removed branches: deci has no slot and needs none
+        if q_to_kv:
+            q_order, kv_src = _regroup(q_to_kv)
+            n_q, n_kv = len(q_order), len(kv_src)
+            layout["kv_heads_repeated"] += n_kv - len(set(kv_src))
+            plan.append(tensor(T.ATTN_NORM, i, take(pre + "input_layernorm.weight"), (d,)))
+            for proj, kind, order, heads in (("q_proj", T.ATTN_Q, q_order, n_q),
+                                             ("k_proj", T.ATTN_K, kv_src, n_kv),
+                                             ("v_proj", T.ATTN_V, kv_src, 0)):
+                for suffix in ("weight", "bias"):
+                    key = f"{pre}self_attn.{proj}.{suffix}"
+                    if suffix == "bias" and key not in weights:
+                        continue
+                    shape = (len(order) * hd, *weights.shape(take(key))[1:])
+                    plan.append(tensor(kind, i, key, shape, suffix, heads=heads, rows=heads_rows(order)))
+            key = take(pre + "self_attn.o_proj.weight")
+            plan.append(tensor(T.ATTN_OUT, i, key, (d, n_q * hd), cols=heads_rows(q_order)))
+            if pre + "self_attn.o_proj.bias" in weights:
+                plan.append(tensor(T.ATTN_OUT, i, take(pre + "self_attn.o_proj.bias"), (d,), "bias"))
+        else:
+            n_q = n_kv = 0
+            if c_attn is not None and m > 0:  # the MLP reads h + c: add c where the stream was last written
+                last_down.data = last_down.data + c_attn.numpy()
+                c_attn = None
+        zero = m == 0 and (n_q > 0 or c_attn is not None or c_mlp is not None)
+        n_ff = 1 if zero else m
+        if n_ff:
+            if zero:  # adds nothing but its bias; keeps llama.cpp from skipping the layer's attention
+                plan.append(tensor(T.FFN_NORM, i, None, (d,), data=np.ones(d, np.float32)))
+                for kind, shape in ((T.FFN_GATE, (1, d)), (T.FFN_DOWN, (d, 1)), (T.FFN_UP, (1, d))):
+                    plan.append(tensor(kind, i, None, shape, data=np.zeros(shape, np.float32)))
+                down = np.zeros(d, np.float32)
+            else:
+                plan.append(tensor(T.FFN_NORM, i, take(pre + "post_attention_layernorm.weight"), (d,)))
+                for proj, kind in (("gate_proj", T.FFN_GATE), ("down_proj", T.FFN_DOWN),
+                                   ("up_proj", T.FFN_UP)):
+                    key = take(f"{pre}mlp.{proj}.weight")
+                    plan.append(tensor(kind, i, key, weights.shape(key)))
+                b = bias(pre + "mlp.down_proj.bias")
+                down = np.zeros(d, np.float32) if b is None else b.numpy()
+            for c in (c_attn, c_mlp):
+                if c is not None:
+                    down = down + c.numpy()
+            last_down = tensor(T.FFN_DOWN, i, None, (d,), "bias", data=down)
+            plan.append(last_down)
+        layout["head_count"].append(n_q)
+        layout["head_count_kv"].append(n_kv)
+        layout["feed_forward_length"].append(n_ff)
+    plan.append(tensor(T.OUTPUT_NORM, None, take("model.norm.weight"), (d,)))
+    if not tied:
+        plan.append(tensor(T.OUTPUT, None, take("lm_head.weight"), weights.shape("lm_head.weight")))
+    left = sorted(weights.keys() - used)
+    if left:
+        raise ValueError(f"{len(left)} tensor(s) have no place in a GGUF deci model, e.g. "
+                         f"{', '.join(left[:3])}")
+    # an ffn_down.bias of zeros is left out (llama.cpp's tensor is optional), as the source has none
+    plan = [t for t in plan if not (t.name.endswith("ffn_down.bias") and not t.data.any())]
+    return plan, layout
+
+
+def _regroup(q_to_kv: list[int]) -> tuple[list[int], list[int]]:
+    """Query heads in an order where every KV head serves an equal run, as llama.cpp's grouping reads.
+
+    llama.cpp's query head h reads KV head h // (n_q / n_kv). Each KV head's queries are split into
+    runs of the gcd of the group sizes, and the KV head is written once per run. Returns (query heads
+    in file order, the source KV head of each file KV head): [1, 0, 1, 0] -> ([1, 3, 0, 2], [0, 1])
+    (reordered only); [0, 0, 1, 0] -> ([0, 1, 3, 2], [0, 0, 0, 1]) (KV head 0 written three times).
+    """
+    groups: dict[int, list[int]] = {}
+    for q, g in enumerate(q_to_kv):
+        groups.setdefault(g, []).append(q)
+    run = math.gcd(*(len(qs) for qs in groups.values()))
+    q_order, kv_src = [], []
+    for g in sorted(groups):
+        for j in range(0, len(groups[g]), run):
+            q_order += groups[g][j:j + run]
+            kv_src.append(g)
+    return q_order, kv_src
+
+
 def _encode(t: _Tensor, weights: _Weights) -> np.ndarray:
     """The bytes of one tensor as stored: f32, f16, or gguf's blocks (uint8, per row)."""
-    if t.data is not None:
-        return t.data.astype(np.float32)
-    w = weights.get(t.key)
+    w = torch.from_numpy(t.data.astype(np.float32)) if t.data is not None else weights.get(t.key)
+    if t.rows is not None:
+        w = w[t.rows]
+    if t.cols is not None:
+        w = w[:, t.cols]
     if t.heads:
         w = _permute(w, t.heads)
     if t.qtype == Q.F16 and w.abs().max() > torch.finfo(torch.float16).max:  # bf16 reaches further
-        raise ValueError(f"{t.key} has values beyond f16's range (+-65504); export with --type bf16 or f32")
-    return gguf.quants.quantize(w.numpy(), t.qtype)
+        raise ValueError(f"{t.key or t.name} has values beyond f16's range (+-65504); export with --type "
+                         "bf16 or f32")
+    return gguf.quants.quantize(np.ascontiguousarray(w.numpy()), t.qtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,15 +520,20 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_architecture(w: gguf.GGUFWriter, config, n_vocab: int, rope: dict) -> None:
-    """The ``<arch>.*`` keys llama.cpp builds the graph from."""
+def _add_architecture(w: gguf.GGUFWriter, config, n_vocab: int, rope: dict, layout: dict | None) -> None:
+    """The ``<arch>.*`` keys llama.cpp builds the graph from; a slim model's widths one per layer."""
     d = _head_dim(config)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    if layout:
+        w.add_feed_forward_length(layout["feed_forward_length"])
+        w.add_head_count(layout["head_count"])
+        w.add_head_count_kv(layout["head_count_kv"])
+    else:
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     w.add_key_length(d)  # llama.cpp's default is embedding_length / head_count (not Qwen3's)
     w.add_value_length(d)
     w.add_rope_dimension_count(d)
