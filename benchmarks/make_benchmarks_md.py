@@ -4,7 +4,8 @@
 
 Reads benchmarks/results/{decode_speed,kv_memory,solver_savings,train_step,multi_gpu}/results.json, rebuilds
 each report.md (and plot) from them, and assembles BENCHMARKS.md at the repository root: the
-machine and versions, the commands, the tables, and the issue's targets checked against them.
+machine and versions, the commands, the tables, and the issue's targets checked against them. Marked
+sections that other scripts write (benchmarks/edge_gguf.py's CPU section) are kept.
 """
 
 from __future__ import annotations
@@ -142,7 +143,11 @@ def main() -> None:
         for png in sorted((RES / name).glob("*.png")):
             lines += [f"![{png.stem}](benchmarks/results/{name}/{png.name})", ""]
     lines += _multi_gpu()
-    atomic_write_text(ROOT / "BENCHMARKS.md", "\n".join(lines))
+    from md_sections import keep
+
+    md = ROOT / "BENCHMARKS.md"
+    old = md.read_text() if md.is_file() else ""
+    atomic_write_text(md, keep("\n".join(lines), old))  # sections other scripts own (edge_gguf.py's)
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
 

@@ -1,11 +1,14 @@
 """Checks several test files share: cache consistency, surgery bookkeeping, remote-code loading,
 benchmark scripts run as a user runs them."""
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 from elmkit.models import get_layers
@@ -83,3 +86,62 @@ def run_benchmark(script: str, *args: str, timeout: int = 900) -> str:
                        capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def deci_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's deci graph (src/models/deci.cpp, llama.cpp b8000s) computed from an f32 GGUF file
+    alone, as a second implementation to hold the export against: (T, V) logits.
+
+    Per layer: no heads -> the attention is skipped and the layer's input goes on; width 0 -> the
+    layer's update is dropped entirely (llama.cpp's ``continue``); RoPE on adjacent pairs; query head
+    h reads KV head h // (n_head / n_head_kv)."""
+    r = gguf.GGUFReader(path)
+    def field(key):
+        return r.fields[key].contents()
+
+    arch = field("general.architecture")
+    W = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in r.tensors}
+    heads, kv_heads, widths = (field(f"{arch}.{k}") for k in
+                               ("attention.head_count", "attention.head_count_kv", "feed_forward_length"))
+    hd, eps = field(f"{arch}.attention.key_length"), field(f"{arch}.attention.layer_norm_rms_epsilon")
+    theta = field(f"{arch}.rope.freq_base")
+    T_ = len(ids)
+    pos = torch.arange(T_, dtype=torch.float64)[:, None]
+    ang = pos * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (T, hd/2)
+    cos, sin = ang.cos().float(), ang.sin().float()
+
+    def rope(x):  # (T, n, hd): pairs (2i, 2i+1) rotated by angle i
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s_ = cos[:, None], sin[:, None]
+        return torch.stack((a * c - b * s_, a * s_ + b * c), -1).flatten(-2)
+
+    def lin(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    x = W["token_embd.weight"][ids]  # (T, d)
+    mask = torch.full((T_, T_), float("-inf")).triu(1)
+    for i, (nq, nkv, nff) in enumerate(zip(heads, kv_heads, widths)):
+        b = f"blk.{i}."
+        cur = x
+        if nq:
+            h = rms(x, W[b + "attn_norm.weight"], eps)
+            q = rope(lin(h, b + "attn_q").view(T_, nq, hd))
+            k = rope(lin(h, b + "attn_k").view(T_, nkv, hd))
+            v = lin(h, b + "attn_v").view(T_, nkv, hd)
+            k, v = (t.repeat_interleave(nq // nkv, dim=1) for t in (k, v))  # head h -> KV h // group
+            att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd) + mask
+            mixed = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(T_, nq * hd)
+            cur = lin(mixed, b + "attn_output")
+        if nff == 0:
+            continue
+        ffn_in = cur + x if nq else x
+        h = rms(ffn_in, W[b + "ffn_norm.weight"], eps)
+        gated = torch.nn.functional.silu(lin(h, b + "ffn_gate")) * lin(h, b + "ffn_up")
+        x = lin(gated, b + "ffn_down") + ffn_in
+    out = W.get("output.weight", W["token_embd.weight"])
+    return rms(x, W["output_norm.weight"], eps) @ out.T

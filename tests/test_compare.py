@@ -2,14 +2,17 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from checks import deci_logits
 from transformers import AutoModelForCausalLM
 
 from elmkit import cli
 from elmkit.compare import CompareConfig, compare
 from elmkit.data.calibration import CalibConfig
+from elmkit.export import ExportConfig, export
 from elmkit.methods import DEPTH
 from elmkit.models import count_parameters, get_layers, load_model
 from elmkit.testbed import TINY_PATH
@@ -128,6 +131,12 @@ def test_compress_command_per_width_method(name, data, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     assert model.config.model_type == "slim" and count_parameters(model) == m["params_after"]
     assert model.config.num_hidden_layers == (11 if name == "slm-pruner" else 12)
+    # the output runs in llama.cpp: exported as deci, a second implementation of that graph gives its logits
+    gguf_file = export(out / "model", tmp_path / f"{name}.gguf", ExportConfig(type="f32"), progress=False)
+    ids = [3, 40, 41, 200, 7, 9, 100]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(deci_logits(Path(gguf_file["out"]), ids), want, atol=2e-4, rtol=1e-4)
     if name == "darwinlm":  # database, levels and plot beside the model; a re-run reuses them
         search = out / "search"
         assert (search / "levels.txt").is_file() and (search / "search.png").is_file()

@@ -1,0 +1,558 @@
+"""The edge pay-off on a CPU: elmkit's GGUF exports run in llama.cpp (llama-cpp-python), checked
+against transformers, and timed beside an ELM of the same size in elmkit's own decoder.
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \\
+        -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python==0.3.36
+    python benchmarks/edge_gguf.py --data ../shared/data --out benchmarks/results/edge_gguf
+
+(A native build may target instructions the CPU advertises but the machine does not grant: it
+dies with "Illegal instruction". The flags above build for AVX2.)
+
+Stages, each resumable (a unit whose JSON exists with the same settings is not run again):
+
+- ``build``: SmolLM2-135M-Instruct (``elmkit fetch smollm2-135m``) compressed without healing by
+  ShortGPT (depth: 8 and 15 of 30 layers, 27% and 50% of the non-embedding parameters) and
+  LLM-Pruner (width: the same fractions), calibrated on 32 C4 windows of 256 tokens; and the ELM
+  of the same stored size (its block replaces 9 or 16 layers: 22 or 15 stored, as ShortGPT leaves),
+  untrained: its speed does not depend on its weights at a fixed number of evaluations.
+- ``export``: every stock and slim model to GGUF at f32, f16, q8_0 and q4_1.
+- ``verify``: dense, ShortGPT-8 and LLM-Pruner-27% in llama.cpp against transformers (fp32): the
+  logits of 8 fixed prompts, greedy continuations of 32 tokens, tokenization, and WikiText-2
+  perplexity over its first 16 windows of 512 tokens (the same token ids in both runtimes). f16 is
+  held to "within f16 rounding": its largest logit difference no larger than transformers' own when
+  it runs the model in float16.
+- ``speed``: file size, peak resident memory, prompt and decode tokens/s (prompt of 128 tokens, 128
+  generated, greedy, 2 threads), 3 repeats, mean +- std; each unit in a fresh process, so that its
+  peak memory is its own. llama.cpp at q8_0 and q4_1 for dense, depth- and width-pruned models;
+  elmkit's fast decoder (fp32, the only way an ELM runs) for dense, ShortGPT and the ELMs.
+- ``report``: results.json, report.md and edge_speed.png, and the CPU section of BENCHMARKS.md.
+
+The work folder (``--run``) holds the models and GGUF files (about 2 GB); nothing there is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from elmkit.io import atomic_write_text, read_json, write_json  # noqa: E402
+
+MODEL = "smollm2-135m"
+LAYERS = 30
+REMOVE = {"25": 8, "50": 15}  # tag -> layers ShortGPT removes (of 30); width methods the same fraction
+CALIB = {"samples": 32, "seq_len": 256, "seed": 0}
+TYPES = ("f32", "f16", "q8_0", "q4_1")
+VERIFY_MODELS = ("dense", "shortgpt-25", "llm-pruner-25")
+# (label, file type, KV cache type): llama.cpp keeps its KV cache in f16 unless told; the first row
+# asks for f32 there too, so that it checks the export alone
+VERIFY_TYPES = (("f32, KV f32", "f32", "f32"), ("f32", "f32", "f16"), ("f16", "f16", "f16"),
+                ("q8_0", "q8_0", "f16"), ("q4_1", "q4_1", "f16"))
+SPEED_GGUF = ("dense", "shortgpt-25", "shortgpt-50", "llm-pruner-25", "llm-pruner-50")
+SPEED_GGUF_TYPES = ("q8_0", "q4_1")
+SPEED_ELMKIT = ("dense", "shortgpt-25", "elm-25", "shortgpt-50", "elm-50")
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Question: What is 12 times 7?\nAnswer:",
+    "Once upon a time, in a small village by the sea,",
+    "<|im_start|>user\nName three primary colours.<|im_end|>\n<|im_start|>assistant\n",
+    "The mitochondria is the powerhouse of the cell because",
+    "In 1969, Neil Armstrong",
+    "<|im_start|>user\nTranslate 'good morning' into German.<|im_end|>\n<|im_start|>assistant\n",
+]
+GREEDY_TOKENS = 32
+PPL_WINDOW, PPL_WINDOWS = 512, 16
+PROMPT_LEN, DECODE_LEN, REPEATS, THREADS = 128, 128, 3, 2
+
+
+def settings() -> dict:
+    """What every unit's numbers depend on; a unit saved with other settings is measured again."""
+    return {"model": MODEL, "remove": REMOVE, "calib": CALIB, "prompts": PROMPTS, "greedy": GREEDY_TOKENS,
+            "ppl": [PPL_WINDOW, PPL_WINDOWS], "speed": [PROMPT_LEN, DECODE_LEN, REPEATS, THREADS]}
+
+
+# ---------------------------------------------------------------------------------------------
+# build and export
+# ---------------------------------------------------------------------------------------------
+
+
+def build(run: Path, data: Path) -> dict:
+    """The compressed models under run/models/<name>/model; returns name -> what it is."""
+    import torch
+
+    from elmkit.compare import compress_method
+    from elmkit.data.calibration import CalibConfig
+    from elmkit.methods import elm as elm_method
+    from elmkit.methods import llm_pruner
+    from elmkit.methods.common import non_embedding_parameters
+    from elmkit.methods.shortgpt import ShortGPTConfig
+    from elmkit.models import count_parameters, load_model, load_tokenizer
+    from elmkit.models.sources import named_dir
+
+    dense_dir = named_dir(MODEL)
+    if not (dense_dir / "config.json").is_file():
+        raise SystemExit(f"{MODEL} has not been fetched: run elmkit fetch {MODEL}")
+    c4 = data / "calibration" / "redpajama_c4_sample1.jsonl"
+    if not c4.is_file():
+        raise SystemExit(f"{c4} is missing: --data must hold calibration/redpajama_c4_sample1.jsonl")
+    calib = CalibConfig(source=str(c4), **CALIB)
+    dense = load_model(dense_dir, dtype="float32", device="cpu")
+    e0 = non_embedding_parameters(dense)
+    models = {"dense": {"path": str(dense_dir), "kind": "dense", "layers": LAYERS, "removed": 0.0,
+                        "params": count_parameters(dense)}}
+    for tag, k in REMOVE.items():
+        jobs = {f"shortgpt-{tag}": ("shortgpt", ShortGPTConfig(n_remove=k)),
+                f"llm-pruner-{tag}": ("llm-pruner", llm_pruner.for_target(llm_pruner.LLMPrunerConfig(), dense,
+                                                                          k / LAYERS))}
+        for name, (method, cfg) in jobs.items():
+            out = run / "models" / name
+            if not (out / "metrics.json").is_file():
+                print(f"== build {name}", flush=True)
+                compress_method(dense_dir, c4, out, method, cfg, calib)
+            m = read_json(out / "metrics.json")
+            models[name] = {"path": str(out / "model"), "kind": "depth" if method == "shortgpt" else "width",
+                            "layers": m["layers_after"], "removed": m["removed_non_embedding"],
+                            "params": m["params_after"]}
+        name, out = f"elm-{tag}", run / "models" / f"elm-{tag}"
+        if not (out / "model" / "config.json").is_file():
+            print(f"== build {name}", flush=True)
+            torch.manual_seed(0)
+            # the block replaces k + 1 layers: as many stored layers as ShortGPT leaves; 8 of 30 removed
+            # means the span 9 from layer 30 - 2 - 9 (elmkit's default end, before the last two)
+            plan = elm_method.plan(dense, span=k + 1)
+            elm = elm_method.apply_(load_model(dense_dir, dtype="float32", device="cpu"), plan)
+            elm.save_pretrained(out / "model")
+            load_tokenizer(dense_dir).save_pretrained(out / "model")
+        elm = load_model(out / "model", dtype="float32", device="cpu")
+        models[name] = {"path": str(out / "model"), "kind": "elm", "layers": LAYERS - k,
+                        "removed": 1 - non_embedding_parameters(elm) / e0, "params": count_parameters(elm),
+                        "evaluations": k + 1}
+    return models
+
+
+def export_all(run: Path, models: dict) -> dict:
+    """Every stock and slim model at every type: name -> type -> file."""
+    from elmkit.export import ExportConfig, export
+
+    files = {}
+    for name, m in models.items():
+        if m["kind"] == "elm":
+            continue
+        for t in TYPES:
+            out = run / "gguf" / f"{name}.{t}.gguf"
+            if not out.is_file():
+                print(f"== export {name} {t}", flush=True)
+                export(m["path"], out, ExportConfig(type=t), progress=False)
+            files.setdefault(name, {})[t] = str(out)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# verify: llama.cpp against transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def wikitext_ids(tok, data: Path) -> list[int]:
+    from elmkit.eval.perplexity import read_wikitext2
+
+    text = read_wikitext2(data / "wikitext2" / "wiki.test.raw")
+    ids = tok(text[:200_000], add_special_tokens=False)["input_ids"]
+    if len(ids) < PPL_WINDOW * PPL_WINDOWS:
+        raise SystemExit("the WikiText-2 slice is shorter than the windows asked for")
+    return ids[:PPL_WINDOW * PPL_WINDOWS]
+
+
+def nll_sum(logits, ids) -> float:
+    """Summed -log p(ids[t+1] | ids[:t+1]) over one window: logits (T, V) as float64."""
+    import torch
+
+    lp = torch.as_tensor(logits, dtype=torch.float64).log_softmax(-1)[:-1]
+    return -lp.gather(1, torch.as_tensor(ids[1:])[:, None]).sum().item()
+
+
+def hf_reference(path: str, prompts: list[list[int]], wiki: list[int], dtype: str = "float32") -> dict:
+    """transformers' logits of each prompt, its greedy continuation, and the WikiText-2 perplexity."""
+    import torch
+
+    from elmkit.models import load_model
+
+    model = load_model(path, dtype=dtype, device="cpu")
+    out = {"logits": [], "greedy": [], "nll": 0.0}
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out["logits"].append(model(x).logits[0].float())
+            if dtype == "float32":  # greedy, EOS not special: the same loop as llama_run's
+                seq = list(ids)
+                for _ in range(GREEDY_TOKENS):
+                    seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                out["greedy"].append(seq[len(ids):])
+        if dtype == "float32":
+            for w in range(PPL_WINDOWS):
+                win = wiki[w * PPL_WINDOW:(w + 1) * PPL_WINDOW]
+                out["nll"] += nll_sum(model(torch.tensor([win])).logits[0], win)
+    return out
+
+
+def llama_run(gguf_path: str, prompts: list[list[int]], texts: list[str], wiki: list[int],
+              kv: str = "f16") -> dict:
+    """The same in llama.cpp, on the same token ids (and its own tokenization of the texts); ``kv``:
+    the KV cache's type."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[kv]
+    llm = llama_cpp.Llama(gguf_path, n_ctx=PPL_WINDOW, n_batch=PPL_WINDOW, logits_all=True,
+                          n_threads=THREADS, type_k=kv_type, type_v=kv_type, verbose=False)
+    out = {"logits": [], "greedy": [], "nll": 0.0, "tokens": []}
+    for ids, text in zip(prompts, texts):
+        out["tokens"].append(llm.tokenize(text.encode(), add_bos=False, special=True))
+        llm.reset()
+        llm.eval(ids)
+        out["logits"].append(torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32)))
+        seq = []
+        for _ in range(GREEDY_TOKENS):  # greedy: argmax of the last position, fed back
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            seq.append(nxt)
+            llm.eval([nxt])
+        out["greedy"].append(seq)
+    for w in range(PPL_WINDOWS):
+        win = wiki[w * PPL_WINDOW:(w + 1) * PPL_WINDOW]
+        llm.reset()
+        llm.eval(win)
+        out["nll"] += nll_sum(np.array(llm.scores[:len(win)]), win)
+    llm.close()
+    return out
+
+
+def verify(run: Path, data: Path, models: dict, files: dict, folder: Path) -> None:
+    """One unit per model: every type against transformers fp32, and transformers' own float16."""
+    from elmkit.models import load_tokenizer
+
+    for name in VERIFY_MODELS:
+        path = folder / f"verify_{name}.json"
+        if path.is_file() and read_json(path).get("settings") == settings():
+            continue
+        print(f"== verify {name}", flush=True)
+        t0 = time.time()
+        tok = load_tokenizer(models[name]["path"])
+        prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+        wiki = wikitext_ids(tok, data)
+        ref = hf_reference(models[name]["path"], prompts, wiki)
+        half = hf_reference(models[name]["path"], prompts, wiki, dtype="float16")
+        n_scored = PPL_WINDOWS * (PPL_WINDOW - 1)
+        unit = {"settings": settings(), "model": name, "hf_ppl": math.exp(ref["nll"] / n_scored),
+                "hf_f16_max_logit_diff": max((a - b).abs().max().item()
+                                             for a, b in zip(half["logits"], ref["logits"])),
+                "types": {}}
+        for label, t, kv in VERIFY_TYPES:
+            got = llama_run(files[name][t], prompts, PROMPTS, wiki, kv)
+            diffs = [(a - b).abs() for a, b in zip(got["logits"], ref["logits"])]
+            top1 = [(a.argmax(-1) == b.argmax(-1)).float().mean().item()
+                    for a, b in zip(got["logits"], ref["logits"])]
+            prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), GREEDY_TOKENS)
+                      for a, b in zip(got["greedy"], ref["greedy"])]
+            ppl = math.exp(got["nll"] / n_scored)
+            unit["types"][label] = {
+                "type": t, "kv_cache": kv, "max_logit_diff": max(d.max().item() for d in diffs),
+                "mean_logit_diff": sum(d.mean().item() for d in diffs) / len(diffs),
+                "top1_agreement": sum(top1) / len(top1),
+                "greedy_identical": sum(p == GREEDY_TOKENS for p in prefix), "greedy_prefix": prefix,
+                "tokenization_identical": sum(a == b for a, b in zip(got["tokens"], prompts)),
+                "ppl": ppl, "ppl_rel_diff": ppl / unit["hf_ppl"] - 1,
+                "bytes": os.path.getsize(files[name][t])}
+            r = unit["types"][label]
+            print(f"  {label}: max |dlogit| {r['max_logit_diff']:.4f}, "
+                  f"greedy {r['greedy_identical']}/{len(PROMPTS)}, ppl {ppl:.3f} vs {unit['hf_ppl']:.3f} "
+                  f"({100 * r['ppl_rel_diff']:+.2f}%)", flush=True)
+        unit["seconds"] = round(time.time() - t0, 1)
+        write_json(path, unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: one fresh process per unit
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def speed_child(runtime: str, path: str, prompt: list[int]) -> dict:
+    """Runs in its own process: load, then REPEATS x (prefill the prompt, decode DECODE_LEN greedily)."""
+    if runtime == "baseline-llama.cpp":
+        import llama_cpp  # noqa: F401
+        import numpy  # noqa: F401
+        return {"peak_rss_mb": peak_rss_mb()}
+    if runtime == "baseline-elmkit":
+        import torch  # noqa: F401
+
+        from elmkit import infer  # noqa: F401
+        from elmkit.models import load_model  # noqa: F401
+        return {"peak_rss_mb": peak_rss_mb()}
+    prefill, decode = [], []
+    if runtime == "llama.cpp":
+        import numpy as np
+        from llama_cpp import Llama
+
+        t0 = time.perf_counter()
+        llm = Llama(path, n_ctx=PROMPT_LEN + DECODE_LEN, n_batch=PROMPT_LEN, n_threads=THREADS, verbose=False)
+        load_s = time.perf_counter() - t0
+        for _ in range(REPEATS):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            for _ in range(DECODE_LEN):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            t2 = time.perf_counter()
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append(DECODE_LEN / (t2 - t1))
+    else:
+        import torch
+
+        from elmkit.infer import DecodeConfig, generate
+        from elmkit.models import load_model
+
+        torch.set_num_threads(THREADS)
+        t0 = time.perf_counter()
+        model = load_model(path, dtype="float32", device="cpu")
+        load_s = time.perf_counter() - t0
+        ids = torch.tensor([prompt])
+        cfg = DecodeConfig(max_new_tokens=DECODE_LEN + 1, stop_at_eos=False)
+        for _ in range(REPEATS):
+            _, st = generate(model, ids, cfg=cfg, cuda_graphs=False)
+            prefill.append(len(prompt) / st.prefill_s)
+            decode.append(st.tokens_per_s)  # DECODE_LEN steps after the first token
+    return {"load_s": load_s, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def speed(run: Path, data: Path, models: dict, files: dict, folder: Path) -> None:
+    from elmkit.models import load_tokenizer
+
+    tok = load_tokenizer(models["dense"]["path"])
+    prompt = wikitext_ids(tok, data)[:PROMPT_LEN]
+    units = [("baseline-llama.cpp", "-", "-", ""), ("baseline-elmkit", "-", "-", "")]
+    units += [("llama.cpp", n, t, files[n][t]) for n in SPEED_GGUF for t in SPEED_GGUF_TYPES]
+    units += [("elmkit", n, "f32", models[n]["path"]) for n in SPEED_ELMKIT]
+    for runtime, name, t, path in units:
+        out = folder / f"speed_{runtime}_{name}_{t}.json".replace("_-_-", "")
+        if out.is_file() and read_json(out).get("settings") == settings():
+            continue
+        print(f"== speed {runtime} {name} {t}", flush=True)
+        cmd = [sys.executable, __file__, "--child", runtime, path, ",".join(map(str, prompt))]
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            raise SystemExit(f"speed unit {runtime} {name} {t} failed:\n{res.stderr[-2000:]}")
+        r = eval_json(res.stdout)
+        size = (os.path.getsize(path) if runtime == "llama.cpp" else
+                sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if path else 0)
+        unit = {"settings": settings(), "runtime": runtime, "model": name, "type": t, "bytes": size, **r}
+        write_json(out, unit)
+        if "decode_tokens_per_s" in r:
+            print(f"  decode {mean(r['decode_tokens_per_s']):.1f} tokens/s, prefill "
+                  f"{mean(r['prefill_tokens_per_s']):.0f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def eval_json(stdout: str) -> dict:
+    import json
+
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def std(xs: list[float]) -> float:
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import llama_cpp
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
+            "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__}
+
+
+def report(folder: Path, models: dict) -> str:
+    """results.json, report.md and edge_speed.png from the saved units; returns the Markdown body."""
+    verify_units = [read_json(folder / f"verify_{n}.json") for n in VERIFY_MODELS
+                    if (folder / f"verify_{n}.json").is_file()]
+    speed_units = {(u["runtime"], u["model"], u["type"]): u
+                   for u in map(read_json, sorted(folder.glob("speed_*.json")))}
+    env = read_json(folder / "machine.json")
+    write_json(folder / "results.json", {"settings": settings(), "machine": env, "models": models,
+                                         "verify": verify_units, "speed": list(speed_units.values())})
+    lines = [f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} threads used; "
+             f"llama-cpp-python {env['llama_cpp_python']} (llama.cpp built for AVX2), torch {env['torch']}, "
+             f"Python {env['python']}.",
+             "", "Command: `python benchmarks/edge_gguf.py --data ../shared/data --out "
+             "benchmarks/results/edge_gguf` (stages build, export, verify, speed, report; each "
+             "resumable).", ""]
+    lines += ["### llama.cpp runs what `elmkit export` writes", "",
+              f"transformers (fp32) against llama.cpp on the same token ids: {len(PROMPTS)} fixed prompts "
+              f"(every position's logits; greedy continuations of {GREEDY_TOKENS} tokens) and WikiText-2 "
+              f"perplexity over its first {PPL_WINDOWS} windows of {PPL_WINDOW} tokens. Tokenization: "
+              "llama.cpp's own tokenizer, from the file, against transformers' on the prompt texts. "
+              "f16 rounding: transformers itself running the model in float16 moves the logits by the "
+              "amount in the last column; llama.cpp's f16 file is held to that. llama.cpp keeps its KV cache "
+              "in f16 unless told otherwise, and every row but \"f32, KV f32\" runs so; that row, f32 "
+              "throughout, checks the export alone. Greedy: the argmax fed back, 32 times, end-of-text not "
+              "special, in both runtimes.", "",
+              "| model | type | file MB | max abs logit diff | top-1 agree | greedy identical "
+              "| tokens identical | ppl llama.cpp | ppl transformers | ppl diff | within f16 rounding |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for u in verify_units:
+        for t, r in u["types"].items():
+            within = (("yes" if r["max_logit_diff"] <= u["hf_f16_max_logit_diff"] else "**no**")
+                      + f" ({u['hf_f16_max_logit_diff']:.3f})") if t == "f16" else ""
+            lines.append(f"| {u['model']} | {t} | {r['bytes'] / 1e6:.1f} | {r['max_logit_diff']:.4f} | "
+                         f"{100 * r['top1_agreement']:.1f}% | {r['greedy_identical']}/{len(PROMPTS)} | "
+                         f"{r['tokenization_identical']}/{len(PROMPTS)} | {r['ppl']:.3f} | "
+                         f"{u['hf_ppl']:.3f} | {100 * r['ppl_rel_diff']:+.2f}% | {within} |")
+    base = {rt: speed_units.get((f"baseline-{rt}", "-", "-"), {}).get("peak_rss_mb", 0.0)
+            for rt in ("llama.cpp", "elmkit")}
+    dense = {rt: speed_units.get((rt, "dense", t)) for rt, t in (("llama.cpp", "q8_0"), ("elmkit", "f32"))}
+    lines += ["", "### Speed and memory on this CPU", "",
+              f"Prompt of {PROMPT_LEN} WikiText-2 tokens, then {DECODE_LEN} tokens decoded greedily, "
+              f"{THREADS} threads; mean +- std over {REPEATS} repeats in one process, each configuration "
+              "in a fresh process. Peak RSS: the process's VmHWM; \"model\" subtracts the runtime's own "
+              f"(a process that only imports it: llama.cpp {base['llama.cpp']:.0f} MB, elmkit + torch "
+              f"{base['elmkit']:.0f} MB). Removed: share of the non-embedding parameters. Compressed "
+              "models are not healed: this table is about size and speed; what each keeps is RESULTS.md's "
+              "subject. The ELM decodes with its block evaluated at every one of its M iterations (no "
+              "early stop), in elmkit's fp32 decoder (no llama.cpp graph computes its loop). x dense: "
+              "decode speed against the dense model in the same runtime and type.", "",
+              "| runtime | model | kind | layers | removed | type | file MB | peak RSS MB (model) "
+              "| prefill tokens/s | decode tokens/s | x dense |",
+              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for (rt, name, t), u in speed_units.items():
+        if rt.startswith("baseline"):
+            continue
+        m = models[name]
+        ref = speed_units.get((rt, "dense", t))
+        ratio = mean(u["decode_tokens_per_s"]) / mean(ref["decode_tokens_per_s"]) if ref else float("nan")
+        kind = m["kind"] + (f" ({m['evaluations']} evaluations)" if m["kind"] == "elm" else "")
+        lines.append(f"| {rt} | {name} | {kind} | {m['layers']} | {100 * m['removed']:.0f}% | {t} | "
+                     f"{u['bytes'] / 1e6:.1f} | {u['peak_rss_mb']:.0f} ({u['peak_rss_mb'] - base[rt]:.0f}) | "
+                     f"{mean(u['prefill_tokens_per_s']):.0f} +- {std(u['prefill_tokens_per_s']):.0f} | "
+                     f"{mean(u['decode_tokens_per_s']):.1f} +- {std(u['decode_tokens_per_s']):.1f} | "
+                     f"{ratio:.2f} |")
+    if dense["llama.cpp"] and dense["elmkit"]:
+        r = mean(dense["llama.cpp"]["decode_tokens_per_s"]) / mean(dense["elmkit"]["decode_tokens_per_s"])
+        lines += ["", f"The dense model decodes {r:.1f}x faster in llama.cpp (q8_0) than in elmkit's fp32 "
+                  "decoder on this CPU."]
+    lines += ["", "![edge speed](edge_speed.png)"]
+    body = "\n".join(lines) + "\n"
+    _plot(folder / "edge_speed.png", speed_units, models)
+    atomic_write_text(folder / "report.md", "# The edge pay-off: GGUF in llama.cpp on a CPU\n\n" + body)
+    return body
+
+
+def _plot(png: Path, units: dict, models: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, u) for k, u in units.items() if not k[0].startswith("baseline")]
+    if not rows:
+        return
+    labels = [f"{name}\n{rt} {t}" for (rt, name, t), _ in rows]
+    colors = {"dense": "tab:grey", "depth": "tab:blue", "width": "tab:orange", "elm": "tab:green"}
+    c = [colors[models[k[1]]["kind"]] for k, _ in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 5.5))
+    y = range(len(rows))
+    ax[0].barh(y, [mean(u["decode_tokens_per_s"]) for _, u in rows],
+               xerr=[std(u["decode_tokens_per_s"]) for _, u in rows], color=c)
+    ax[0].set_xlabel("decode tokens/s (mean +- std)")
+    ax[1].barh(y, [u["peak_rss_mb"] for _, u in rows], color=c)
+    ax[1].set_xlabel("peak resident memory, MB")
+    for a in ax:
+        a.set_yticks(list(y), labels, fontsize=7)
+        a.invert_yaxis()
+    from matplotlib.patches import Patch
+    ax[1].legend(handles=[Patch(color=v, label=k) for k, v in colors.items()], fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct on a CPU: llama.cpp (GGUF) and elmkit's decoder")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"),
+                    help="folder with calibration/redpajama_c4_sample1.jsonl and wikitext2/wiki.test.raw")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "edge_gguf"),
+                    help="results folder (committed)")
+    ap.add_argument("--run", default=str(ROOT / "runs" / "edge_gguf"),
+                    help="work folder: models, GGUF files")
+    ap.add_argument("--stages", default="build,export,verify,speed,report",
+                    help="stages to run, in order: build, export, verify, speed, report")
+    ap.add_argument("--child", nargs=3, metavar=("RUNTIME", "PATH", "PROMPT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        rt, path, prompt = args.child
+        print(__import__("json").dumps(speed_child(rt, path, [int(x) for x in prompt.split(",")])))
+        return
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed; build it as this script's docstring "
+                         "says") from None
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"build", "export", "verify", "speed", "report"}
+    if unknown:
+        raise SystemExit(f"unknown --stages {sorted(unknown)}; choose from build, export, verify, speed, "
+                         "report")
+    out, run, data = Path(args.out), Path(args.run), Path(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "machine.json", machine())
+    models = build(run, data)  # each model is built once; later calls read what is there
+    files = export_all(run, models) if {"export", "verify", "speed"} & set(stages) else {}
+    if "verify" in stages:
+        verify(run, data, models, files, out)
+    if "speed" in stages:
+        speed(run, data, models, files, out)
+    if "report" in stages:
+        body = report(out, models)
+        from md_sections import put
+
+        md = ROOT / "BENCHMARKS.md"
+        text = md.read_text() if md.is_file() else "# Benchmarks\n"
+        body = body.replace("](edge_speed.png)", "](benchmarks/results/edge_gguf/edge_speed.png)")
+        title = "## The edge pay-off on a CPU: GGUF in llama.cpp\n\n"
+        atomic_write_text(md, put(text, "edge-cpu", title + body))
+        print(f"wrote {out / 'report.md'} and the edge-cpu section of {md}")
+
+
+if __name__ == "__main__":
+    main()
