@@ -71,13 +71,21 @@ PROMPTS = [
 ]
 GREEDY_TOKENS = 32
 PPL_WINDOW, PPL_WINDOWS = 512, 16
-PROMPT_LEN, DECODE_LEN, REPEATS, THREADS = 128, 128, 3, 2
+PROMPT_LEN, DECODE_LEN, REPEATS, THREADS, ROUNDS = 128, 128, 5, 2, 3
 
 
-def settings() -> dict:
-    """What every unit's numbers depend on; a unit saved with other settings is measured again."""
-    return {"model": MODEL, "remove": REMOVE, "calib": CALIB, "prompts": PROMPTS, "greedy": GREEDY_TOKENS,
-            "ppl": [PPL_WINDOW, PPL_WINDOWS], "speed": [PROMPT_LEN, DECODE_LEN, REPEATS, THREADS]}
+def settings(stage: str) -> dict:
+    """What a unit of ``stage`` (verify or speed) depends on; one saved with other settings is
+    measured again."""
+    import json
+
+    common = {"model": MODEL, "remove": REMOVE, "calib": CALIB}
+    if stage == "verify":
+        s = {**common, "prompts": PROMPTS, "greedy": GREEDY_TOKENS, "ppl": [PPL_WINDOW, PPL_WINDOWS],
+             "types": VERIFY_TYPES}
+    else:
+        s = {**common, "speed": [PROMPT_LEN, DECODE_LEN, REPEATS, THREADS, ROUNDS]}
+    return json.loads(json.dumps(s))  # as read back from a unit's JSON (tuples are lists there)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,16 +134,16 @@ def build(run: Path, data: Path) -> dict:
         if not (out / "model" / "config.json").is_file():
             print(f"== build {name}", flush=True)
             torch.manual_seed(0)
-            # the block replaces k + 1 layers: as many stored layers as ShortGPT leaves; 8 of 30 removed
-            # means the span 9 from layer 30 - 2 - 9 (elmkit's default end, before the last two)
-            plan = elm_method.plan(dense, span=k + 1)
+            # the block replaces k + 1 layers (elmkit's default start, the middle): as many stored
+            # layers as ShortGPT leaves; evaluated k + 1 times per token, the paper's M
+            plan = elm_method.plan(dense, span=k + 1, max_iter=k + 1, tol=0.0)
             elm = elm_method.apply_(load_model(dense_dir, dtype="float32", device="cpu"), plan)
             elm.save_pretrained(out / "model")
             load_tokenizer(dense_dir).save_pretrained(out / "model")
         elm = load_model(out / "model", dtype="float32", device="cpu")
         models[name] = {"path": str(out / "model"), "kind": "elm", "layers": LAYERS - k,
                         "removed": 1 - non_embedding_parameters(elm) / e0, "params": count_parameters(elm),
-                        "evaluations": k + 1}
+                        "evaluations": elm.config.max_iter, "tol": elm.config.tol}
     return models
 
 
@@ -241,7 +249,7 @@ def verify(run: Path, data: Path, models: dict, files: dict, folder: Path) -> No
 
     for name in VERIFY_MODELS:
         path = folder / f"verify_{name}.json"
-        if path.is_file() and read_json(path).get("settings") == settings():
+        if path.is_file() and read_json(path).get("settings") == settings("verify"):
             continue
         print(f"== verify {name}", flush=True)
         t0 = time.time()
@@ -251,7 +259,7 @@ def verify(run: Path, data: Path, models: dict, files: dict, folder: Path) -> No
         ref = hf_reference(models[name]["path"], prompts, wiki)
         half = hf_reference(models[name]["path"], prompts, wiki, dtype="float16")
         n_scored = PPL_WINDOWS * (PPL_WINDOW - 1)
-        unit = {"settings": settings(), "model": name, "hf_ppl": math.exp(ref["nll"] / n_scored),
+        unit = {"settings": settings("verify"), "model": name, "hf_ppl": math.exp(ref["nll"] / n_scored),
                 "hf_f16_max_logit_diff": max((a - b).abs().max().item()
                                              for a, b in zip(half["logits"], ref["logits"])),
                 "types": {}}
@@ -284,65 +292,11 @@ def verify(run: Path, data: Path, models: dict, files: dict, folder: Path) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def speed_child(runtime: str, path: str, prompt: list[int]) -> dict:
-    """Runs in its own process: load, then REPEATS x (prefill the prompt, decode DECODE_LEN greedily)."""
-    if runtime == "baseline-llama.cpp":
-        import llama_cpp  # noqa: F401
-        import numpy  # noqa: F401
-        return {"peak_rss_mb": peak_rss_mb()}
-    if runtime == "baseline-elmkit":
-        import torch  # noqa: F401
-
-        from elmkit import infer  # noqa: F401
-        from elmkit.models import load_model  # noqa: F401
-        return {"peak_rss_mb": peak_rss_mb()}
-    prefill, decode = [], []
-    if runtime == "llama.cpp":
-        import numpy as np
-        from llama_cpp import Llama
-
-        t0 = time.perf_counter()
-        llm = Llama(path, n_ctx=PROMPT_LEN + DECODE_LEN, n_batch=PROMPT_LEN, n_threads=THREADS, verbose=False)
-        load_s = time.perf_counter() - t0
-        for _ in range(REPEATS):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for _ in range(DECODE_LEN):
-                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-            t2 = time.perf_counter()
-            prefill.append(len(prompt) / (t1 - t0))
-            decode.append(DECODE_LEN / (t2 - t1))
-    else:
-        import torch
-
-        from elmkit.infer import DecodeConfig, generate
-        from elmkit.models import load_model
-
-        torch.set_num_threads(THREADS)
-        t0 = time.perf_counter()
-        model = load_model(path, dtype="float32", device="cpu")
-        load_s = time.perf_counter() - t0
-        ids = torch.tensor([prompt])
-        cfg = DecodeConfig(max_new_tokens=DECODE_LEN + 1, stop_at_eos=False)
-        for _ in range(REPEATS):
-            _, st = generate(model, ids, cfg=cfg, cuda_graphs=False)
-            prefill.append(len(prompt) / st.prefill_s)
-            decode.append(st.tokens_per_s)  # DECODE_LEN steps after the first token
-    return {"load_s": load_s, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-            "peak_rss_mb": peak_rss_mb()}
-
-
 def speed(run: Path, data: Path, models: dict, files: dict, folder: Path) -> None:
+    """ROUNDS rounds over every configuration, each run in a fresh process; a configuration's numbers
+    pool its rounds (between-process drift on a shared CPU is larger than the spread within one).
+    Interleaved, so that a slow spell of the machine does not land on one configuration; resumable
+    round by round."""
     from elmkit.models import load_tokenizer
 
     tok = load_tokenizer(models["dense"]["path"])
@@ -350,24 +304,41 @@ def speed(run: Path, data: Path, models: dict, files: dict, folder: Path) -> Non
     units = [("baseline-llama.cpp", "-", "-", ""), ("baseline-elmkit", "-", "-", "")]
     units += [("llama.cpp", n, t, files[n][t]) for n in SPEED_GGUF for t in SPEED_GGUF_TYPES]
     units += [("elmkit", n, "f32", models[n]["path"]) for n in SPEED_ELMKIT]
-    for runtime, name, t, path in units:
-        out = folder / f"speed_{runtime}_{name}_{t}.json".replace("_-_-", "")
-        if out.is_file() and read_json(out).get("settings") == settings():
-            continue
-        print(f"== speed {runtime} {name} {t}", flush=True)
-        cmd = [sys.executable, __file__, "--child", runtime, path, ",".join(map(str, prompt))]
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode:
-            raise SystemExit(f"speed unit {runtime} {name} {t} failed:\n{res.stderr[-2000:]}")
-        r = eval_json(res.stdout)
-        size = (os.path.getsize(path) if runtime == "llama.cpp" else
-                sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if path else 0)
-        unit = {"settings": settings(), "runtime": runtime, "model": name, "type": t, "bytes": size, **r}
-        write_json(out, unit)
-        if "decode_tokens_per_s" in r:
-            print(f"  decode {mean(r['decode_tokens_per_s']):.1f} tokens/s, prefill "
-                  f"{mean(r['prefill_tokens_per_s']):.0f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    for rnd in range(ROUNDS):
+        for runtime, name, t, path in units:
+            out = folder / f"speed_{runtime}_{name}_{t}.json".replace("_-_-", "")
+            info = models.get(name, {})  # what was timed: a model rebuilt differently is timed again
+            unit = read_json(out) if out.is_file() else {}
+            if unit.get("settings") != settings("speed") or unit.get("model_info", {}) != info:
+                size = (os.path.getsize(path) if runtime == "llama.cpp" else
+                        sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if path else 0)
+                unit = {"settings": settings("speed"), "runtime": runtime, "model": name, "type": t,
+                        "bytes": size, "model_info": info, "rounds": []}
+            if len(unit["rounds"]) > rnd:
+                continue
+            print(f"== speed round {rnd + 1}/{ROUNDS}: {runtime} {name} {t}", flush=True)
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "edge_child.py"), runtime, path,
+                   ",".join(map(str, prompt)), str(DECODE_LEN), str(REPEATS), str(THREADS)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(f"speed unit {runtime} {name} {t} failed:\n{res.stderr[-2000:]}")
+            r = eval_json(res.stdout)
+            unit["rounds"].append(r)
+            write_json(out, unit)
+            if "decode_tokens_per_s" in r:
+                print(f"  decode {mean(r['decode_tokens_per_s']):.1f} tokens/s, prefill "
+                      f"{mean(r['prefill_tokens_per_s']):.0f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def pooled(unit: dict, key: str) -> list[float]:
+    """Every repeat of every round of a speed unit."""
+    return [x for r in unit["rounds"] for x in r[key]]
+
+
+def peak(unit: dict) -> float:
+    """The largest peak resident memory of the unit's rounds, MB."""
+    return max(r["peak_rss_mb"] for r in unit["rounds"])
 
 
 def eval_json(stdout: str) -> dict:
@@ -405,10 +376,11 @@ def report(folder: Path, models: dict) -> str:
     verify_units = [read_json(folder / f"verify_{n}.json") for n in VERIFY_MODELS
                     if (folder / f"verify_{n}.json").is_file()]
     speed_units = {(u["runtime"], u["model"], u["type"]): u
-                   for u in map(read_json, sorted(folder.glob("speed_*.json")))}
+                   for u in map(read_json, sorted(folder.glob("speed_*.json"))) if u.get("rounds")}
     env = read_json(folder / "machine.json")
-    write_json(folder / "results.json", {"settings": settings(), "machine": env, "models": models,
-                                         "verify": verify_units, "speed": list(speed_units.values())})
+    write_json(folder / "results.json", {"settings": {s: settings(s) for s in ("verify", "speed")},
+                                         "machine": env, "models": models, "verify": verify_units,
+                                         "speed": list(speed_units.values())})
     lines = [f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} threads used; "
              f"llama-cpp-python {env['llama_cpp_python']} (llama.cpp built for AVX2), torch {env['torch']}, "
              f"Python {env['python']}.",
@@ -424,7 +396,11 @@ def report(folder: Path, models: dict) -> str:
               "amount in the last column; llama.cpp's f16 file is held to that. llama.cpp keeps its KV cache "
               "in f16 unless told otherwise, and every row but \"f32, KV f32\" runs so; that row, f32 "
               "throughout, checks the export alone. Greedy: the argmax fed back, 32 times, end-of-text not "
-              "special, in both runtimes.", "",
+              "special, in both runtimes. The source folder holds SmolLM2's published Q4_1 weights, "
+              "dequantized (`elmkit fetch`): at q4_1 the dense and ShortGPT files hold those very blocks "
+              "again (lossless; tests/test_export.py checks it byte for byte), so their q4_1 rows measure "
+              "llama.cpp's arithmetic alone, while LLM-Pruner's removed channels shift the 32-weight blocks "
+              "and its q4_1 file pays a second 4-bit rounding.", "",
               "| model | type | file MB | max abs logit diff | top-1 agree | greedy identical "
               "| tokens identical | ppl llama.cpp | ppl transformers | ppl diff | within f16 rounding |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -436,13 +412,15 @@ def report(folder: Path, models: dict) -> str:
                          f"{100 * r['top1_agreement']:.1f}% | {r['greedy_identical']}/{len(PROMPTS)} | "
                          f"{r['tokenization_identical']}/{len(PROMPTS)} | {r['ppl']:.3f} | "
                          f"{u['hf_ppl']:.3f} | {100 * r['ppl_rel_diff']:+.2f}% | {within} |")
-    base = {rt: speed_units.get((f"baseline-{rt}", "-", "-"), {}).get("peak_rss_mb", 0.0)
-            for rt in ("llama.cpp", "elmkit")}
+    base = {rt: peak(speed_units[(f"baseline-{rt}", "-", "-")]) if (f"baseline-{rt}", "-", "-") in speed_units
+            else 0.0 for rt in ("llama.cpp", "elmkit")}
     dense = {rt: speed_units.get((rt, "dense", t)) for rt, t in (("llama.cpp", "q8_0"), ("elmkit", "f32"))}
     lines += ["", "### Speed and memory on this CPU", "",
               f"Prompt of {PROMPT_LEN} WikiText-2 tokens, then {DECODE_LEN} tokens decoded greedily, "
-              f"{THREADS} threads; mean +- std over {REPEATS} repeats in one process, each configuration "
-              "in a fresh process. Peak RSS: the process's VmHWM; \"model\" subtracts the runtime's own "
+              f"{THREADS} threads; mean +- std over {ROUNDS} rounds x {REPEATS} repeats: each round runs "
+              "every configuration once, interleaved, each in a fresh process (the drift between "
+              "processes on this shared CPU is larger than the spread within one). Peak RSS: the largest "
+              "VmHWM of a configuration's processes; \"model\" subtracts the runtime's own "
               f"(a process that only imports it: llama.cpp {base['llama.cpp']:.0f} MB, elmkit + torch "
               f"{base['elmkit']:.0f} MB). Removed: share of the non-embedding parameters. Compressed "
               "models are not healed: this table is about size and speed; what each keeps is RESULTS.md's "
@@ -453,19 +431,20 @@ def report(folder: Path, models: dict) -> str:
               "| prefill tokens/s | decode tokens/s | x dense |",
               "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for (rt, name, t), u in speed_units.items():
-        if rt.startswith("baseline"):
+        if rt.startswith("baseline") or not u.get("rounds"):
             continue
         m = models[name]
         ref = speed_units.get((rt, "dense", t))
-        ratio = mean(u["decode_tokens_per_s"]) / mean(ref["decode_tokens_per_s"]) if ref else float("nan")
+        dec, pre = pooled(u, "decode_tokens_per_s"), pooled(u, "prefill_tokens_per_s")
+        ratio = mean(dec) / mean(pooled(ref, "decode_tokens_per_s")) if ref else float("nan")
         kind = m["kind"] + (f" ({m['evaluations']} evaluations)" if m["kind"] == "elm" else "")
         lines.append(f"| {rt} | {name} | {kind} | {m['layers']} | {100 * m['removed']:.0f}% | {t} | "
-                     f"{u['bytes'] / 1e6:.1f} | {u['peak_rss_mb']:.0f} ({u['peak_rss_mb'] - base[rt]:.0f}) | "
-                     f"{mean(u['prefill_tokens_per_s']):.0f} +- {std(u['prefill_tokens_per_s']):.0f} | "
-                     f"{mean(u['decode_tokens_per_s']):.1f} +- {std(u['decode_tokens_per_s']):.1f} | "
+                     f"{u['bytes'] / 1e6:.1f} | {peak(u):.0f} ({peak(u) - base[rt]:.0f}) | "
+                     f"{mean(pre):.0f} +- {std(pre):.0f} | {mean(dec):.1f} +- {std(dec):.1f} | "
                      f"{ratio:.2f} |")
     if dense["llama.cpp"] and dense["elmkit"]:
-        r = mean(dense["llama.cpp"]["decode_tokens_per_s"]) / mean(dense["elmkit"]["decode_tokens_per_s"])
+        r = mean(pooled(dense["llama.cpp"], "decode_tokens_per_s")) / mean(pooled(dense["elmkit"],
+                                                                                 "decode_tokens_per_s"))
         lines += ["", f"The dense model decodes {r:.1f}x faster in llama.cpp (q8_0) than in elmkit's fp32 "
                   "decoder on this CPU."]
     lines += ["", "![edge speed](edge_speed.png)"]
@@ -481,7 +460,7 @@ def _plot(png: Path, units: dict, models: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(k, u) for k, u in units.items() if not k[0].startswith("baseline")]
+    rows = [(k, u) for k, u in units.items() if not k[0].startswith("baseline") and u.get("rounds")]
     if not rows:
         return
     labels = [f"{name}\n{rt} {t}" for (rt, name, t), _ in rows]
@@ -489,10 +468,10 @@ def _plot(png: Path, units: dict, models: dict) -> None:
     c = [colors[models[k[1]]["kind"]] for k, _ in rows]
     fig, ax = plt.subplots(1, 2, figsize=(13, 5.5))
     y = range(len(rows))
-    ax[0].barh(y, [mean(u["decode_tokens_per_s"]) for _, u in rows],
-               xerr=[std(u["decode_tokens_per_s"]) for _, u in rows], color=c)
+    ax[0].barh(y, [mean(pooled(u, "decode_tokens_per_s")) for _, u in rows],
+               xerr=[std(pooled(u, "decode_tokens_per_s")) for _, u in rows], color=c)
     ax[0].set_xlabel("decode tokens/s (mean +- std)")
-    ax[1].barh(y, [u["peak_rss_mb"] for _, u in rows], color=c)
+    ax[1].barh(y, [peak(u) for _, u in rows], color=c)
     ax[1].set_xlabel("peak resident memory, MB")
     for a in ax:
         a.set_yticks(list(y), labels, fontsize=7)
@@ -517,36 +496,39 @@ def main() -> None:
                     help="work folder: models, GGUF files")
     ap.add_argument("--stages", default="build,export,verify,speed,report",
                     help="stages to run, in order: build, export, verify, speed, report")
-    ap.add_argument("--child", nargs=3, metavar=("RUNTIME", "PATH", "PROMPT"), help=argparse.SUPPRESS)
+    ap.add_argument("--benchmarks-md", default=str(ROOT / "BENCHMARKS.md"),
+                    help="the Markdown file whose edge-cpu section the report stage writes")
     args = ap.parse_args()
-    if args.child:
-        rt, path, prompt = args.child
-        print(__import__("json").dumps(speed_child(rt, path, [int(x) for x in prompt.split(",")])))
-        return
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise SystemExit("llama-cpp-python is not installed; build it as this script's docstring "
-                         "says") from None
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - {"build", "export", "verify", "speed", "report"}
     if unknown:
         raise SystemExit(f"unknown --stages {sorted(unknown)}; choose from build, export, verify, speed, "
                          "report")
     out, run, data = Path(args.out), Path(args.run), Path(args.data)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "machine.json", machine())
-    models = build(run, data)  # each model is built once; later calls read what is there
-    files = export_all(run, models) if {"export", "verify", "speed"} & set(stages) else {}
-    if "verify" in stages:
-        verify(run, data, models, files, out)
-    if "speed" in stages:
-        speed(run, data, models, files, out)
+    if stages == ["report"]:  # from the committed JSON alone: no model, no llama.cpp needed
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"{out / 'results.json'} is missing: run the other stages first")
+        models = read_json(out / "results.json")["models"]
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise SystemExit("llama-cpp-python is not installed; build it as this script's docstring "
+                             "says") from None
+        out.mkdir(parents=True, exist_ok=True)
+        models = build(run, data)  # each model is built once; later calls read what is there
+        files = export_all(run, models) if {"export", "verify", "speed"} & set(stages) else {}
+        if {"verify", "speed"} & set(stages):
+            write_json(out / "machine.json", machine())  # where the measurements were taken
+        if "verify" in stages:
+            verify(run, data, models, files, out)
+        if "speed" in stages:
+            speed(run, data, models, files, out)
     if "report" in stages:
         body = report(out, models)
         from md_sections import put
 
-        md = ROOT / "BENCHMARKS.md"
+        md = Path(args.benchmarks_md)
         text = md.read_text() if md.is_file() else "# Benchmarks\n"
         body = body.replace("](edge_speed.png)", "](benchmarks/results/edge_gguf/edge_speed.png)")
         title = "## The edge pay-off on a CPU: GGUF in llama.cpp\n\n"
