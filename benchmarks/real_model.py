@@ -667,19 +667,23 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     side finish several times sooner than in a row; each unit's numbers are what it would give alone
     (its own seed and data order), only its wall time grows. Each process writes its own unit file;
     the reports are rewritten at the end. A unit is started only while its expected time fits the
-    budget; logs go to RUN/<screen>/unit_<method>.log (unit_<method>_s<seed>.log for curves)."""
+    budget; logs go to RUN/<screen>/unit_<method>.log (unit_<method>_s<seed>.log for curves). Each
+    process may hold 0.95 / jobs of the GPU's memory (``--device-share``), so that the cache one unit
+    keeps cannot starve another."""
     import os
     import subprocess
 
     folder, logs = out / screen_name(), run / screen_name()
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 2) // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    # expandable segments: memory a unit frees goes back to the device sooner (less fragmentation)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     base = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--data", str(data),
             "--out", str(out), "--run", str(run), "--budget-s", "1e9",
             "--stages", {"general": "screen"}.get(SCREEN["protocol"], SCREEN["protocol"]),
             "--seed", str(SCREEN["seed"]),
-            "--span", str(SCREEN["span"]),
+            "--span", str(SCREEN["span"]), "--device-share", f"{0.95 / jobs:.4f}",
             *(["--smoke"] if SMOKE["on"] else [])]
     queue, running, stopped, failed = list(todo), {}, False, []
     while queue or running:
@@ -1224,7 +1228,15 @@ def main() -> None:
                     help=f"curves: only this seed (default: each of {', '.join(map(str, SEEDS))} in turn)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="screen: units run side by side as this many processes on the one device")
+    ap.add_argument("--device-share", type=float, default=None,
+                    help="fraction of the GPU's memory this process may hold (--jobs gives each of its "
+                         "processes 0.95 / jobs, so that no unit keeps a cache the others need)")
     args = ap.parse_args()
+    if args.device_share is not None:
+        if not 0 < args.device_share <= 1:
+            raise SystemExit("--device-share must be in (0, 1]")
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(args.device_share)
     SMOKE["on"] = args.smoke
     out = Path(args.out)
     stages = [x for x in args.stages.split(",") if x]
