@@ -26,7 +26,8 @@ def peak_rss_mb() -> float:
 
 def speed_child(runtime: str, path: str, prompt: list[int], decode_len: int, repeats: int,
                 threads: int) -> dict:
-    """Runs in its own process: load, then repeats x (prefill the prompt, decode decode_len greedily)."""
+    """Runs in its own process: load, one warm-up, then repeats x (prefill the prompt, decode
+    decode_len greedily)."""
     if runtime == "baseline-llama.cpp":
         import llama_cpp  # noqa: F401
         import numpy  # noqa: F401
@@ -44,14 +45,14 @@ def speed_child(runtime: str, path: str, prompt: list[int], decode_len: int, rep
 
         t0 = time.perf_counter()
         llm = Llama(path, n_ctx=len(prompt) + decode_len, n_batch=len(prompt), n_threads=threads,
-                    verbose=False)
+                    n_threads_batch=threads, verbose=False)
         load_s = time.perf_counter() - t0
         n_vocab = llm.n_vocab()
 
         def last_argmax() -> int:  # the one row of logits the last eval asked for
             return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
-        for _ in range(repeats):
+        for i in range(repeats + 1):  # the first is a warm-up (page faults, caches), not kept
             llm.reset()
             t0 = time.perf_counter()
             llm.eval(prompt)
@@ -59,8 +60,9 @@ def speed_child(runtime: str, path: str, prompt: list[int], decode_len: int, rep
             for _ in range(decode_len):
                 llm.eval([last_argmax()])
             t2 = time.perf_counter()
-            prefill.append(len(prompt) / (t1 - t0))
-            decode.append(decode_len / (t2 - t1))
+            if i:
+                prefill.append(len(prompt) / (t1 - t0))
+                decode.append(decode_len / (t2 - t1))
     else:
         import torch
 
@@ -73,10 +75,11 @@ def speed_child(runtime: str, path: str, prompt: list[int], decode_len: int, rep
         load_s = time.perf_counter() - t0
         ids = torch.tensor([prompt])
         cfg = DecodeConfig(max_new_tokens=decode_len + 1, stop_at_eos=False)
-        for _ in range(repeats):
+        for i in range(repeats + 1):  # the first is a warm-up, not kept
             _, st = generate(model, ids, cfg=cfg, cuda_graphs=False)
-            prefill.append(len(prompt) / st.prefill_s)
-            decode.append(st.tokens_per_s)  # decode_len steps after the first token
+            if i:
+                prefill.append(len(prompt) / st.prefill_s)
+                decode.append(st.tokens_per_s)  # decode_len steps after the first token
     return {"load_s": load_s, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
             "peak_rss_mb": peak_rss_mb()}
 

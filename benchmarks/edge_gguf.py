@@ -22,9 +22,10 @@ Stages, each resumable (a unit whose JSON exists with the same settings is not r
   held to "within f16 rounding": its largest logit difference no larger than transformers' own when
   it runs the model in float16.
 - ``speed``: file size, peak resident memory, prompt and decode tokens/s (prompt of 128 tokens, 128
-  generated, greedy, 2 threads), 3 repeats, mean +- std; each unit in a fresh process, so that its
-  peak memory is its own. llama.cpp at q8_0 and q4_1 for dense, depth- and width-pruned models;
-  elmkit's fast decoder (fp32, the only way an ELM runs) for dense, ShortGPT and the ELMs.
+  generated, greedy, 2 threads): 3 rounds, each running every configuration once in a fresh process
+  (its peak memory is its own), one warm-up and 5 timed repeats there; mean +- std over the 15.
+  llama.cpp at q8_0 and q4_1 for dense, depth- and width-pruned models and f32 for dense; elmkit's
+  fast decoder (fp32, the only way an ELM runs) for dense, ShortGPT and the ELMs.
 - ``report``: results.json, report.md and edge_speed.png, and the CPU section of BENCHMARKS.md.
 
 The work folder (``--run``) holds the models and GGUF files (about 2 GB); nothing there is committed.
@@ -56,8 +57,10 @@ VERIFY_MODELS = ("dense", "shortgpt-25", "llm-pruner-25")
 # asks for f32 there too, so that it checks the export alone
 VERIFY_TYPES = (("f32, KV f32", "f32", "f32"), ("f32", "f32", "f16"), ("f16", "f16", "f16"),
                 ("q8_0", "q8_0", "f16"), ("q4_1", "q4_1", "f16"))
-SPEED_GGUF = ("dense", "shortgpt-25", "shortgpt-50", "llm-pruner-25", "llm-pruner-50")
-SPEED_GGUF_TYPES = ("q8_0", "q4_1")
+# llama.cpp's configurations: q8_0 and q4_1 for every model, and the dense f32 file, so that the gap
+# to elmkit's fp32 decoder can be read at the same precision too
+SPEED_GGUF = (("dense", "f32"), *((n, t) for n in ("dense", "shortgpt-25", "shortgpt-50", "llm-pruner-25",
+                                                   "llm-pruner-50") for t in ("q8_0", "q4_1")))
 SPEED_ELMKIT = ("dense", "shortgpt-25", "elm-25", "shortgpt-50", "elm-50")
 PROMPTS = [
     "The capital of France is",
@@ -84,7 +87,8 @@ def settings(stage: str) -> dict:
         s = {**common, "prompts": PROMPTS, "greedy": GREEDY_TOKENS, "ppl": [PPL_WINDOW, PPL_WINDOWS],
              "types": VERIFY_TYPES}
     else:
-        s = {**common, "speed": [PROMPT_LEN, DECODE_LEN, REPEATS, THREADS, ROUNDS]}
+        s = {**common, "speed": [PROMPT_LEN, DECODE_LEN, REPEATS, THREADS, ROUNDS], "warmup": 1,
+             "gguf": [[n, t] for n, t in SPEED_GGUF]}
     return json.loads(json.dumps(s))  # as read back from a unit's JSON (tuples are lists there)
 
 
@@ -221,7 +225,8 @@ def llama_run(gguf_path: str, prompts: list[list[int]], texts: list[str], wiki: 
 
     kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[kv]
     llm = llama_cpp.Llama(gguf_path, n_ctx=PPL_WINDOW, n_batch=PPL_WINDOW, logits_all=True,
-                          n_threads=THREADS, type_k=kv_type, type_v=kv_type, verbose=False)
+                          n_threads=THREADS, n_threads_batch=THREADS, type_k=kv_type, type_v=kv_type,
+                          verbose=False)
     out = {"logits": [], "greedy": [], "nll": 0.0, "tokens": []}
     for ids, text in zip(prompts, texts):
         out["tokens"].append(llm.tokenize(text.encode(), add_bos=False, special=True))
@@ -302,7 +307,7 @@ def speed(run: Path, data: Path, models: dict, files: dict, folder: Path) -> Non
     tok = load_tokenizer(models["dense"]["path"])
     prompt = wikitext_ids(tok, data)[:PROMPT_LEN]
     units = [("baseline-llama.cpp", "-", "-", ""), ("baseline-elmkit", "-", "-", "")]
-    units += [("llama.cpp", n, t, files[n][t]) for n in SPEED_GGUF for t in SPEED_GGUF_TYPES]
+    units += [("llama.cpp", n, t, files[n][t]) for n, t in SPEED_GGUF]
     units += [("elmkit", n, "f32", models[n]["path"]) for n in SPEED_ELMKIT]
     for rnd in range(ROUNDS):
         for runtime, name, t, path in units:
@@ -414,10 +419,10 @@ def report(folder: Path, models: dict) -> str:
                          f"{u['hf_ppl']:.3f} | {100 * r['ppl_rel_diff']:+.2f}% | {within} |")
     base = {rt: peak(speed_units[(f"baseline-{rt}", "-", "-")]) if (f"baseline-{rt}", "-", "-") in speed_units
             else 0.0 for rt in ("llama.cpp", "elmkit")}
-    dense = {rt: speed_units.get((rt, "dense", t)) for rt, t in (("llama.cpp", "q8_0"), ("elmkit", "f32"))}
     lines += ["", "### Speed and memory on this CPU", "",
               f"Prompt of {PROMPT_LEN} WikiText-2 tokens, then {DECODE_LEN} tokens decoded greedily, "
-              f"{THREADS} threads; mean +- std over {ROUNDS} rounds x {REPEATS} repeats: each round runs "
+              f"{THREADS} threads; mean +- std over {ROUNDS} rounds x {REPEATS} repeats (after one warm-up "
+              "in each process): each round runs "
               "every configuration once, interleaved, each in a fresh process (the drift between "
               "processes on this shared CPU is larger than the spread within one). Peak RSS: the largest "
               "VmHWM of a configuration's processes; \"model\" subtracts the runtime's own "
@@ -442,11 +447,13 @@ def report(folder: Path, models: dict) -> str:
                      f"{u['bytes'] / 1e6:.1f} | {peak(u):.0f} ({peak(u) - base[rt]:.0f}) | "
                      f"{mean(pre):.0f} +- {std(pre):.0f} | {mean(dec):.1f} +- {std(dec):.1f} | "
                      f"{ratio:.2f} |")
-    if dense["llama.cpp"] and dense["elmkit"]:
-        r = mean(pooled(dense["llama.cpp"], "decode_tokens_per_s")) / mean(pooled(dense["elmkit"],
-                                                                                 "decode_tokens_per_s"))
-        lines += ["", f"The dense model decodes {r:.1f}x faster in llama.cpp (q8_0) than in elmkit's fp32 "
-                  "decoder on this CPU."]
+    el = speed_units.get(("elmkit", "dense", "f32"))
+    if el:
+        base_dec = mean(pooled(el, "decode_tokens_per_s"))
+        gaps = [f"{mean(pooled(u, 'decode_tokens_per_s')) / base_dec:.1f}x at {t}"
+                for t in ("f32", "q8_0", "q4_1") if (u := speed_units.get(("llama.cpp", "dense", t)))]
+        lines += ["", "The dense model decodes faster in llama.cpp than in elmkit's fp32 decoder on this "
+                  "CPU: " + ", ".join(gaps) + " (same precision: the f32 file)."]
     lines += ["", "![edge speed](edge_speed.png)"]
     body = "\n".join(lines) + "\n"
     _plot(folder / "edge_speed.png", speed_units, models)

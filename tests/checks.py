@@ -98,12 +98,19 @@ def deci_logits(path: Path, ids: list[int]) -> torch.Tensor:
 
     Per layer: no heads -> the attention is skipped and the layer's input goes on; width 0 -> the
     layer's update is dropped entirely (llama.cpp's ``continue``); RoPE on adjacent pairs; query head
-    h reads KV head h // (n_head / n_head_kv)."""
+    h reads KV head h // (n_head / n_head_kv). Not modelled: on the last layer, llama.cpp's ``continue``
+    also skips the selection of the output rows and aborts (the export never writes such a layer;
+    test_llama_cpp_runs_the_deci_file_with_the_source_logits checks it where llama.cpp is installed)."""
     r = gguf.GGUFReader(path)
     def field(key):
         return r.fields[key].contents()
 
     arch = field("general.architecture")
+    # what this reference does not compute must not pass unnoticed
+    if any(t.tensor_type != gguf.GGMLQuantizationType.F32 for t in r.tensors):
+        raise ValueError("deci_logits reads f32 files only")
+    if "rope_freqs.weight" in {t.name for t in r.tensors} or f"{arch}.rope.scaling.type" in r.fields:
+        raise ValueError("deci_logits computes plain RoPE only (no frequency factors or scaling)")
     W = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in r.tensors}
     heads, kv_heads, widths = (field(f"{arch}.{k}") for k in
                                ("attention.head_count", "attention.head_count_kv", "feed_forward_length"))

@@ -327,10 +327,12 @@ def slim_case(family: str, **kw):
     """A tiny model cut to widths that exercise every deci rule: 4 query heads over 2 KV heads, and
     per layer: (0) query heads 0-2 (KV head 0 serves two, head 1 one: written twice), fewer MLP
     channels, FLAP output biases; (1) attention removed, its bias a constant before a kept MLP;
-    (2) query heads 1 and 3, MLP removed with a bias; (3) both removed, both biases left."""
+    (2) query heads 1 and 3, MLP removed with a bias; (3) both removed, both biases left; (4) query
+    heads kept out of order (2, 0, 3, 1: regrouped behind their KV heads, none repeated); (5) the
+    last layer, both branches removed, no bias."""
     from elmkit.models.slim import LayerKeep, to_slim
 
-    dense = tiny_model(family, seed=3, vocab_size=300, num_layers=4, hidden_size=64, num_heads=4,
+    dense = tiny_model(family, seed=3, vocab_size=300, num_layers=6, hidden_size=64, num_heads=4,
                        num_kv_heads=2, **kw)
     g = torch.Generator().manual_seed(0)
 
@@ -340,27 +342,35 @@ def slim_case(family: str, **kw):
     keep = [LayerKeep([0, 1, 2], [0, 1], range(0, 96, 2), o_bias=b(), down_bias=b()),
             LayerKeep([], [], range(40), o_bias=b()),
             LayerKeep([1, 3], [0, 1], [], down_bias=b()),
-            LayerKeep([], [], [], o_bias=b(), down_bias=b())]
+            LayerKeep([], [], [], o_bias=b(), down_bias=b()),
+            LayerKeep([2, 0, 3, 1], [1, 0], range(10, 42)),
+            LayerKeep([], [], [])]
     return to_slim(dense, keep)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_a_slim_model_exports_as_deci_and_computes_the_same_logits(tmp_path, family):
+def export_slim(tmp_path: Path, family: str) -> tuple:
     slim = slim_case(family, tie_word_embeddings=family == "qwen2")
     folder = tmp_path / f"slim-{family}"
     slim.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     out = tmp_path / "f32" / "m.gguf"
-    info = export(folder, out, ExportConfig(type="f32"), progress=False)
+    return slim, out, export(folder, out, ExportConfig(type="f32"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_slim_model_exports_as_deci_and_computes_the_same_logits(tmp_path, family):
+    slim, out, info = export_slim(tmp_path, family)
+    assert slim.config.slim_layers[4]["q_to_kv"] == [0, 1, 0, 1]  # heads 2, 0, 3, 1 -> KV 1, 0, 1, 0
     assert info["architecture"] == "deci"
-    assert info["layout"] == {"head_count": [3, 0, 2, 0], "head_count_kv": [3, 0, 2, 0],
-                              "feed_forward_length": [48, 40, 1, 1], "kv_heads_repeated": 1}
+    assert info["layout"] == {"head_count": [3, 0, 2, 0, 4, 0], "head_count_kv": [3, 0, 2, 0, 2, 0],
+                              "feed_forward_length": [48, 40, 1, 1, 32, 1], "kv_heads_repeated": 1}
     r = gguf.GGUFReader(out)
-    assert field(r, "deci.attention.head_count") == [3, 0, 2, 0]
-    assert field(r, "deci.feed_forward_length") == [48, 40, 1, 1]
+    assert field(r, "deci.attention.head_count") == [3, 0, 2, 0, 4, 0]
+    assert field(r, "deci.feed_forward_length") == [48, 40, 1, 1, 32, 1]
     names = {t.name for t in r.tensors}
     assert "blk.1.attn_norm.weight" not in names and "blk.1.attn_q.weight" not in names
     assert "blk.0.ffn_down.bias" in names and "blk.0.attn_output.bias" in names
+    assert "blk.4.ffn_down.bias" not in names and "blk.5.ffn_down.bias" not in names  # zeros left out
     assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
     assert ("output.weight" in names) == (family == "llama")
 
@@ -368,6 +378,24 @@ def test_a_slim_model_exports_as_deci_and_computes_the_same_logits(tmp_path, fam
     with torch.no_grad():
         want = slim(torch.tensor([ids])).logits[0].float()
     got = deci_logits(out, ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_runs_the_deci_file_with_the_source_logits(tmp_path, family):
+    """Where llama-cpp-python is installed (benchmarks/edge_gguf.py builds it): llama.cpp itself,
+    f32 file and f32 KV cache, every position's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    slim, out, _ = export_slim(tmp_path, family)
+    ids = [5, 17, 99, 3, 250, 42, 7, 7, 1]
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(out), n_ctx=32, logits_all=True, n_threads=1, type_k=f32, type_v=f32,
+                          verbose=False)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    llm.close()
+    with torch.no_grad():
+        want = slim(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 

@@ -30,8 +30,11 @@ A slim (width-pruned) model, whose layers differ in head count and MLP width, go
   KV head that serves more queries than the others is written more than once, runs of the gcd.
 - a layer with attention but no MLP: the deci graph skips the rest of a layer whose width is 0,
   its attention output included (it was written for Nemotron layers that have neither; measured with
-  llama-cpp-python 0.3.36: the logits move by 0.3, and on the last layer it aborts), so such a layer
-  gets an MLP of width 1 with zero weights, which adds nothing.
+  llama-cpp-python 0.3.36: the logits move by 0.3), so such a layer gets an MLP of width 1 with zero
+  weights, which adds nothing. So does a last layer that keeps neither branch: there the skip also
+  misses the selection of the output rows, and llama.cpp aborts.
+- RoPE: deci rotates adjacent pairs, as llama does, so Q and K rows (and Qwen2's Q/K biases) of a
+  slim model are reordered like a Llama's, whatever its family.
 - FLAP's output biases: an attention or MLP output bias goes to attn_output.bias / ffn_down.bias; the
   constant a removed branch adds (its bias alone) goes to that zero MLP's ffn_down.bias, or, where the
   removed branch is an attention before a kept MLP, to the bias of the branch before it (the residual
@@ -148,7 +151,7 @@ class _Tensor:
     qtype: Q
     """Storage type."""
     heads: int = 0
-    """Reorder the rows over this many heads (Llama's Q and K; 0: as they are)."""
+    """Reorder the rows over this many heads (Q and K of llama and deci files; 0: as they are)."""
     data: np.ndarray | None = None
     """The values of a computed tensor (llama3 rope factors, a zero MLP, a folded bias)."""
     rows: list[int] | None = None
@@ -432,7 +435,8 @@ def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]
                     shape = (len(order) * hd, *weights.shape(take(key))[1:])
                     plan.append(tensor(kind, i, key, shape, suffix, heads=heads, rows=heads_rows(order)))
             key = take(pre + "self_attn.o_proj.weight")
-            plan.append(tensor(T.ATTN_OUT, i, key, (d, n_q * hd), cols=heads_rows(q_order)))
+            shape = (weights.shape(key)[0], n_q * hd)
+            plan.append(tensor(T.ATTN_OUT, i, key, shape, cols=heads_rows(q_order)))
             if pre + "self_attn.o_proj.bias" in weights:
                 plan.append(tensor(T.ATTN_OUT, i, take(pre + "self_attn.o_proj.bias"), (d,), "bias"))
         else:
@@ -440,7 +444,9 @@ def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]
             if c_attn is not None and m > 0:  # the MLP reads h + c: add c where the stream was last written
                 last_down.data = last_down.data + c_attn.numpy()
                 c_attn = None
-        zero = m == 0 and (n_q > 0 or c_attn is not None or c_mlp is not None)
+        # the last layer too: deci's width-0 `continue` skips its selection of the output rows there,
+        # and llama.cpp aborts (measured)
+        zero = m == 0 and (n_q > 0 or c_attn is not None or c_mlp is not None or i == len(specs) - 1)
         n_ff = 1 if zero else m
         if n_ff:
             if zero:  # adds nothing but its bias; keeps llama.cpp from skipping the layer's attention
