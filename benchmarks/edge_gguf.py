@@ -34,6 +34,7 @@ The work folder (``--run``) holds the models and GGUF files (about 2 GB); nothin
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -41,11 +42,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean, stdev
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from elmkit.io import atomic_write_text, read_json, write_json  # noqa: E402
+from elmkit.io import atomic_write_text, read_json, save_figure, write_json  # noqa: E402
 
 MODEL = "smollm2-135m"
 LAYERS = 30
@@ -80,8 +82,6 @@ PROMPT_LEN, DECODE_LEN, REPEATS, THREADS, ROUNDS = 128, 128, 5, 2, 3
 def settings(stage: str) -> dict:
     """What a unit of ``stage`` (verify or speed) depends on; one saved with other settings is
     measured again."""
-    import json
-
     common = {"model": MODEL, "remove": REMOVE, "calib": CALIB}
     if stage == "verify":
         s = {**common, "prompts": PROMPTS, "greedy": GREEDY_TOKENS, "ppl": [PPL_WINDOW, PPL_WINDOWS],
@@ -328,7 +328,7 @@ def speed(run: Path, data: Path, models: dict, files: dict, folder: Path) -> Non
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode:
                 raise SystemExit(f"speed unit {runtime} {name} {t} failed:\n{res.stderr[-2000:]}")
-            r = eval_json(res.stdout)
+            r = json.loads(res.stdout.strip().splitlines()[-1])  # the child's one JSON line
             unit["rounds"].append(r)
             write_json(out, unit)
             if "decode_tokens_per_s" in r:
@@ -344,21 +344,6 @@ def pooled(unit: dict, key: str) -> list[float]:
 def peak(unit: dict) -> float:
     """The largest peak resident memory of the unit's rounds, MB."""
     return max(r["peak_rss_mb"] for r in unit["rounds"])
-
-
-def eval_json(stdout: str) -> dict:
-    import json
-
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def std(xs: list[float]) -> float:
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +430,7 @@ def report(folder: Path, models: dict) -> str:
         kind = m["kind"] + (f" ({m['evaluations']} evaluations)" if m["kind"] == "elm" else "")
         lines.append(f"| {rt} | {name} | {kind} | {m['layers']} | {100 * m['removed']:.0f}% | {t} | "
                      f"{u['bytes'] / 1e6:.1f} | {peak(u):.0f} ({peak(u) - base[rt]:.0f}) | "
-                     f"{mean(pre):.0f} +- {std(pre):.0f} | {mean(dec):.1f} +- {std(dec):.1f} | "
+                     f"{mean(pre):.0f} +- {stdev(pre):.0f} | {mean(dec):.1f} +- {stdev(dec):.1f} | "
                      f"{ratio:.2f} |")
     el = speed_units.get(("elmkit", "dense", "f32"))
     if el:
@@ -476,7 +461,7 @@ def _plot(png: Path, units: dict, models: dict) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(13, 5.5))
     y = range(len(rows))
     ax[0].barh(y, [mean(pooled(u, "decode_tokens_per_s")) for _, u in rows],
-               xerr=[std(pooled(u, "decode_tokens_per_s")) for _, u in rows], color=c)
+               xerr=[stdev(pooled(u, "decode_tokens_per_s")) for _, u in rows], color=c)
     ax[0].set_xlabel("decode tokens/s (mean +- std)")
     ax[1].barh(y, [peak(u) for _, u in rows], color=c)
     ax[1].set_xlabel("peak resident memory, MB")
@@ -487,10 +472,7 @@ def _plot(png: Path, units: dict, models: dict) -> None:
     ax[1].legend(handles=[Patch(color=v, label=k) for k, v in colors.items()], fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct on a CPU: llama.cpp (GGUF) and elmkit's decoder")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png, dpi=110)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ halves like transformers and take the rows as they are. The tokenizer goes in as
 
 A slim (width-pruned) model, whose layers differ in head count and MLP width, goes to llama.cpp's
 ``deci`` graph, which reads the head count, KV-head count and MLP width as one array entry per layer
-(0 heads: no attention; width 0: no MLP). Three things need care (``_plan_deci``):
+(0 heads: no attention; width 0: no MLP). Four things need care (``_plan_deci``):
 
 - grouping: llama.cpp's query head h reads KV head h // (n_head / n_head_kv), equal runs, while a
   slim layer maps each kept query head to any kept KV head (``q_to_kv``). The query heads are
@@ -154,9 +154,9 @@ class _Tensor:
     """Reorder the rows over this many heads (Q and K of llama and deci files; 0: as they are)."""
     data: np.ndarray | None = None
     """The values of a computed tensor (llama3 rope factors, a zero MLP, a folded bias)."""
-    rows: list[int] | None = None
+    rows: torch.Tensor | None = None
     """Take these rows (a bias: entries) first: a slim layer's heads regrouped (before ``heads``)."""
-    cols: list[int] | None = None
+    cols: torch.Tensor | None = None
     """Take these columns first: o_proj's inputs in the regrouped head order."""
 
     @property
@@ -231,13 +231,14 @@ def write_gguf(folder: Path, out: Path, weight_type: str = "f16", progress: bool
 def _check_model_type(folder: Path) -> Path:
     """Refuse elmkit's own model types and unknown families before anything is loaded."""
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        raw = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder}/config.json could not be read: {e}") from e
+    model_type = raw.get("model_type")
     if model_type in NO_GGUF:
         raise ValueError(f"{folder} {NO_GGUF[model_type]}")
     if model_type == "slim":
-        base = json.loads((folder / "config.json").read_text()).get("base_model_type")
+        base = raw.get("base_model_type")
         if base not in SLIM_BASES:
             raise ValueError(f"{folder} is a slim {base} model; llama.cpp's deci graph, which runs layers of "
                              f"different widths, computes {', '.join(SLIM_BASES)} layers only (no per-head "
@@ -379,6 +380,8 @@ def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]
     Returns the plan and ``{"head_count", "head_count_kv", "feed_forward_length": [one per layer],
     "kv_heads_repeated": extra KV heads written}``.
     """
+    from ..models.slim import head_rows
+
     tied = bool(getattr(config, "tie_word_embeddings", False))
     hd, d = _head_dim(config), config.hidden_size
     specs = config.slim_layers
@@ -394,9 +397,6 @@ def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]
             raise ValueError(f"the weights have no {key}, which slim_layers says the model has")
         used.add(key)
         return key
-
-    def heads_rows(heads: list[int]) -> list[int]:
-        return [h * hd + r for h in heads for r in range(hd)]
 
     def bias(key: str) -> torch.Tensor | None:
         return weights.get(take(key)) if key in weights else None
@@ -433,10 +433,10 @@ def _plan_deci(weights: _Weights, config, base: Q) -> tuple[list[_Tensor], dict]
                     if suffix == "bias" and key not in weights:
                         continue
                     shape = (len(order) * hd, *weights.shape(take(key))[1:])
-                    plan.append(tensor(kind, i, key, shape, suffix, heads=heads, rows=heads_rows(order)))
+                    plan.append(tensor(kind, i, key, shape, suffix, heads=heads, rows=head_rows(order, hd)))
             key = take(pre + "self_attn.o_proj.weight")
             shape = (weights.shape(key)[0], n_q * hd)
-            plan.append(tensor(T.ATTN_OUT, i, key, shape, cols=heads_rows(q_order)))
+            plan.append(tensor(T.ATTN_OUT, i, key, shape, cols=head_rows(q_order, hd)))
             if pre + "self_attn.o_proj.bias" in weights:
                 plan.append(tensor(T.ATTN_OUT, i, take(pre + "self_attn.o_proj.bias"), (d,), "bias"))
         else:

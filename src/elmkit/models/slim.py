@@ -82,8 +82,8 @@ def to_slim(model, keep: Sequence[LayerKeep]) -> SlimForCausalLM:
         b.input_layernorm.load_state_dict(a.input_layernorm.state_dict())
         b.post_attention_layernorm.load_state_dict(a.post_attention_layernorm.state_dict())
         if spec["q_to_kv"]:
-            rows_q = _rows(k.q_heads, hd)
-            rows_kv = _rows(k.kv_heads, hd)
+            rows_q = head_rows(k.q_heads, hd)
+            rows_kv = head_rows(k.kv_heads, hd)
             sa, sb = a.self_attn, b.self_attn
             _copy(sb.q_proj, sa.q_proj, rows=rows_q)
             _copy(sb.k_proj, sa.k_proj, rows=rows_kv)
@@ -109,7 +109,7 @@ def to_slim(model, keep: Sequence[LayerKeep]) -> SlimForCausalLM:
     return slim.eval()
 
 
-def _rows(heads: Sequence[int], hd: int) -> torch.Tensor:
+def head_rows(heads: Sequence[int], hd: int) -> torch.Tensor:
     """Row indices of whole heads: head h owns rows [h * hd, (h + 1) * hd)."""
     return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if len(heads) else \
         torch.zeros(0, dtype=torch.long)
