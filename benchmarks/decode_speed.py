@@ -2,17 +2,25 @@
 
     python benchmarks/decode_speed.py --out benchmarks/results/decode_speed
 
-For each shape (Qwen2.5-1.5B and 7B, random bf16 weights), batch size and prompt length, the
-decode rate after the prompt (tokens/s summed over the batch) and the per-token latency of:
+For each shape (Qwen2.5-1.5B and 7B, random bf16 weights; with --real, the real SmolLM2-135M-Instruct
+and its ELM), batch size and prompt length, the decode rate after the prompt (tokens/s summed over
+the batch) and the per-token latency of:
 
   hf-eager       model.generate, transformers' dynamic cache, eager (per step: the time of N new
                  tokens minus that of 1, over N - 1, so the prompt cancels out)
-  fast           elmkit.infer.Decoder: static cache, the whole step in one CUDA graph, RMSNorm,
-                 RoPE and SiLU x up fused by torch.compile
-  fast-unfused   the same without the fused kernels (eager kernels in the graph; not run unless
-                 named in --paths)
-  elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, fast path
-  elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop), fast path
+  fast-unfused   elmkit.infer.Decoder: static cache, the whole step in one CUDA graph, eager
+                 kernels in it (not run unless named in --paths)
+  fast-ops       the same with RMSNorm, RoPE and SiLU x up compiled one kernel each (the fast path
+                 before the compiled step)
+  fast           the default Decoder: q/k/v and gate/up packed into one GEMM each, the whole step
+                 through torch.compile, then one CUDA graph
+  fast-math      the same with the one-token attention as matmul, softmax, matmul instead of SDPA
+  elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, --elm-step path
+  elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop)
+
+Every fast row also records whether its greedy tokens equal model.generate's (the first 32 new
+tokens, same prompt) and, at batch 1, the kernels the GPU runs per decoded token and how busy it is
+(kernel time over wall time, from torch.profiler).
 
 Each rate is set against the HBM roofline: batch / (bytes a step must read / copy bandwidth),
 where the bytes are every weight the step multiplies by (the block's once per evaluation) plus the
@@ -20,6 +28,8 @@ KV cache up to the mean context, and the bandwidth is a device-to-device copy me
 run. The ELM starts from random weights (W_z small, W_h = I), so its adaptive stop converges in the
 evaluations shown; on a trained model, see solver_savings.py. Results accumulate in results.json
 (finished rows are skipped, so a re-run resumes); report.md and decode_speed.png are rebuilt from it.
+Rows saved by an earlier version of this script are measured again, so that every row of the table
+comes from one run.
 """
 
 from __future__ import annotations
@@ -32,14 +42,20 @@ from pathlib import Path
 import torch
 from gpu_shapes import OFFICIAL_ELM, SHAPES, copy_bandwidth, gpu_info, random_model
 
-from elmkit.infer import DecodeConfig, Decoder
+from elmkit.infer import DecodeConfig, Decoder, StepConfig
 from elmkit.io import read_json, save_figure, write_json
 from elmkit.methods import elm as elm_method
 
-PATHS = ("hf-eager", "fast-unfused", "fast", "elm-fixed", "elm-anderson")
-DEFAULT_PATHS = ("hf-eager", "fast", "elm-fixed", "elm-anderson")
+PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast", "fast-math", "elm-fixed", "elm-anderson")
+DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast", "fast-math", "elm-fixed", "elm-anderson")
+STEPS = {"fast-unfused": StepConfig(compile="none", pack=False),
+         "fast-ops": StepConfig(compile="ops", pack=False),
+         "fast": StepConfig(), "fast-math": StepConfig(attention="math")}
 ELM = dict(start=2, span=8, max_iter=8)
 ADAPTIVE = dict(solver="anderson", tol=1e-2, tol_mode="rel")
+REAL = "smollm2-135m"  # the real model's rows (--real)
+VERSION = 2  # rows of results.json measured by this version of the script
+CHECK_TOKENS = 32  # greedy tokens compared with model.generate
 
 
 def _key(r: dict) -> tuple:
@@ -85,24 +101,84 @@ def hf_eager(model, ids: torch.Tensor, new: int) -> float:
     return (run(new) - run(1)) / (new - 1)
 
 
-def fast(model, ids: torch.Tensor, new: int, repeats: int = 3, fuse: bool = True):
-    """(seconds per decode step, stats) of the fast path, median of ``repeats`` after a warm-up."""
-    dec = Decoder(model, ids.shape[0], ids.shape[1] + new, fuse=fuse)
+def fast(model, ids: torch.Tensor, new: int, step: StepConfig, ref: torch.Tensor, repeats: int = 3,
+         profile: bool = False):
+    """(seconds per decode step, stats, extra) of a fast path: the median of ``repeats`` after a
+    warm-up; extra holds the greedy check against ``ref`` (generate's first tokens) and, with
+    ``profile``, kernels per token and GPU busy %."""
+    dec = Decoder(model, ids.shape[0], ids.shape[1] + new, step=step)
     cfg = DecodeConfig(max_new_tokens=new, stop_at_eos=False)
-    dec.generate(ids, cfg=cfg)  # captures the graphs
+    out, _ = dec.generate(ids, cfg=cfg)  # captures the graphs (and compiles the step)
+    n = min(ref.shape[1], out.shape[1])
+    same = (out[:, :n] == ref[:, :n]).all(0)  # (n,) every row agrees at this position
+    first = None if same.all() else int((~same).nonzero()[0])
+    extra = {"greedy_equal": first is None, "greedy_first_diff": first}
     runs = [dec.generate(ids, cfg=cfg)[1] for _ in range(repeats)]
     per = statistics.median(s.decode_s / (s.new_tokens - 1) for s in runs)
+    if profile:
+        extra.update(kernel_profile(dec, ids, new))
     del dec
     torch.cuda.empty_cache()
-    return per, runs[-1]
+    return per, runs[-1], extra
 
 
-def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float, emit) -> None:
-    model, elm = random_model(shape), None
+def kernel_profile(dec: Decoder, ids: torch.Tensor, new: int) -> dict:
+    """Kernels per decoded token and GPU busy % over the decode steps: a run of ``new`` tokens
+    minus a run of 1 (the prompt and first token), both under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(n: int):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _, stats = dec.generate(ids, cfg=DecodeConfig(max_new_tokens=n, stop_at_eos=False,
+                                                          check_every=10**6))
+        ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return len(ev), sum(e.device_time for e in ev) / 1e6, stats  # count, seconds, stats
+
+    n1, t1, _ = kernels(1)
+    nn, tn, stats = kernels(new)
+    steps = stats.new_tokens - 1
+    return {"kernels_per_step": (nn - n1) / steps, "gpu_busy_pct": 100 * (tn - t1) / stats.decode_s}
+
+
+def reference_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """model.generate's first CHECK_TOKENS greedy tokens (B, n) after the prompt."""
+    out = model.generate(ids, max_new_tokens=CHECK_TOKENS, min_new_tokens=CHECK_TOKENS,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:]
+
+
+def load_models(shape: str, real: str | None, real_elm: str | None):
+    """(dense, build_elm): the model of ``shape`` on the GPU and a function giving its ELM (the
+    trained one from --real-elm for the real model, else ELM's construction from the dense weights,
+    which consumes them)."""
+    if shape != REAL:
+        model = random_model(shape)
+        return model, lambda m: elm_method.apply_(m, elm_method.plan(m, **ELM))
+    from elmkit.models.loading import load_model
+
+    if real is None:
+        raise SystemExit(f"the {REAL} rows need --real, the converted model's folder")
+
+    def build(m):
+        if real_elm is not None:
+            return load_model(real_elm, dtype="bfloat16", device="cuda").eval()
+        return elm_method.apply_(m, elm_method.plan(m, **ELM))
+
+    model = load_model(real, dtype="bfloat16", device="cuda").eval()
+    for m in (model.generation_config,):
+        m.eos_token_id, m.pad_token_id = None, 0
+    return model, build
+
+
+def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float, emit,
+            real: str | None = None, real_elm: str | None = None, elm_step: str = "fast") -> None:
+    model, build_elm = load_models(shape, real, real_elm)
+    elm, refs = None, {}
     for path in sorted(paths, key=PATHS.index):  # dense first: building the ELM consumes the model
         if path.startswith("elm") and elm is None:
-            elm = elm_method.apply_(model, elm_method.plan(model, **ELM))
-            model = None
+            elm = build_elm(model)
+            elm.generation_config.eos_token_id, elm.generation_config.pad_token_id = None, 0
+            model, refs = None, {}
         for B in batches:
             for T in prompts:
                 if (shape, path, B, T) in done:
@@ -110,29 +186,32 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
                 torch.manual_seed(B * 7919 + T)
                 ids = torch.randint(1, 1000, (B, T), device="cuda")
                 rec = {"shape": shape, "path": path, "batch": B, "prompt": T, "new_tokens": new}
+                m = model if elm is None else elm
+                if elm is not None:  # the solver of this row, before generate's reference tokens
+                    for k, v in {"tol": 0.0, "solver": "naive", "tol_mode": "abs",
+                                 **(ADAPTIVE if path == "elm-anderson" else {})}.items():
+                        setattr(elm.config, k, v)
+                key = ("dense" if elm is None else path, B, T)
+                if key not in refs:
+                    refs[key] = reference_tokens(m, ids)
                 evals = None
                 if path == "hf-eager":
                     per = hf_eager(model, ids, min(new, 32))
                     rec["new_tokens"] = min(new, 32)
-                    m = model
-                elif path in ("fast", "fast-unfused"):
-                    per, _ = fast(model, ids, new, fuse=path == "fast")
-                    m = model
+                elif path in STEPS:
+                    per, _, extra = fast(model, ids, new, STEPS[path], refs[key], profile=B == 1)
+                    rec.update(extra)
                 else:
-                    for k, v in {"tol": 0.0, "solver": "naive", "tol_mode": "abs"}.items():
-                        setattr(elm.config, k, v)
-                    if path == "elm-anderson":
-                        for k, v in ADAPTIVE.items():
-                            setattr(elm.config, k, v)
-                    per, stats = fast(elm, ids, new)
+                    per, stats, extra = fast(elm, ids, new, STEPS[elm_step], refs[key], profile=B == 1)
                     evals = stats.block_launches
-                    rec.update(block_evaluations=stats.block_evaluations, block_launches=evals,
-                               solver=elm.config.solver, tol=elm.config.tol, tol_mode=elm.config.tol_mode)
-                    m = elm
+                    rec.update(extra, block_evaluations=stats.block_evaluations, block_launches=evals,
+                               solver=elm.config.solver, tol=elm.config.tol, tol_mode=elm.config.tol_mode,
+                               step=elm_step, trained=shape == REAL and real_elm is not None)
                 step_bytes = weight_bytes(m, evals) + kv_bytes_read(m, B, T + new / 2, evals)
                 roof = B / (step_bytes / bw)
                 rec.update(ms_per_token=per * 1e3, tokens_per_s=B / per, bytes_per_step=step_bytes,
-                           roofline_tokens_per_s=roof, roofline_pct=100 * (B / per) / roof)
+                           roofline_tokens_per_s=roof, roofline_pct=100 * (B / per) / roof,
+                           version=VERSION)
                 emit(rec)
     del model, elm
     torch.cuda.empty_cache()
@@ -145,6 +224,8 @@ def report(res: Path, data: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
+    if not rows or "env" not in data:
+        raise SystemExit(f"no measured rows in {res / 'results.json'}; run this script on a GPU first")
     by = {_key(r): r for r in rows}
     lines = [
         "# Decode speed: transformers eager vs elmkit's fast path (dense and ELM)", "",
@@ -154,22 +235,42 @@ def report(res: Path, data: dict) -> None:
         f"Command: `python benchmarks/decode_speed.py`.", "",
         "tokens/s = decode tokens per second summed over the batch (prompt excluded); "
         "roofline = batch / (weight + KV bytes a step reads / copy bandwidth); "
-        "ELM: start 2, M = 8 of 28, one-step KV; evals = block evaluations run per step.", "",
-        "| shape | batch | prompt | path | tokens/s | ms/token | % roofline | evals | vs hf-eager |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "ELM: start 2, M = 8, one-step KV; evals = block evaluations run per step. "
+        f"greedy: the first {CHECK_TOKENS} greedy tokens of every row equal model.generate's (yes), or "
+        "the first position where some row differs; kernels and busy: GPU kernels per decode step and "
+        "kernel time / wall time over the decode steps (torch.profiler, batch 1). "
+        + (f"{REAL}: the real SmolLM2-135M-Instruct (30 layers, d = 576) and its ELM "
+           + ("(trained)." if any(r.get("trained") for r in rows if r["shape"] == REAL) else
+              "(built from its weights, untrained: its adaptive stop is not a trained model's).")
+           if any(r["shape"] == REAL for r in rows) else ""), "",
+        "| shape | batch | prompt | path | tokens/s | ms/token | % roofline | evals | vs hf-eager | greedy "
+        "| kernels | busy % |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["shape"], r["batch"], r["prompt"], PATHS.index(r["path"]))):
         base = by.get((r["shape"], "hf-eager", r["batch"], r["prompt"]))
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else ""
         ev = f"{r['block_launches']:.2f}" if r.get("block_launches") is not None else ""
+        greedy = {True: "yes", False: f"from {r.get('greedy_first_diff')}", None: ""}[r.get("greedy_equal")]
+        kern = f"{r['kernels_per_step']:.0f}" if "kernels_per_step" in r else ""
+        busy = f"{r['gpu_busy_pct']:.0f}" if "gpu_busy_pct" in r else ""
         lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt']} | {r['path']} | "
                      f"{r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {r['roofline_pct']:.1f} | "
-                     f"{ev} | {speedup} |")
+                     f"{ev} | {speedup} | {greedy} | {kern} | {busy} |")
     # the must-show ratios, computed from the rows above
     lines += ["", "## Checks", ""]
-    for shape in SHAPES:
+    for shape in [*SHAPES, REAL]:
         for T in sorted({r["prompt"] for r in rows}):
-            f1 = by.get((shape, "fast", 1, T))
+            f1, o1 = by.get((shape, "fast", 1, T)), by.get((shape, "fast-ops", 1, T))
+            a1 = by.get((shape, "elm-anderson", 1, T))
+            if f1 and o1:
+                lines.append(f"- {shape}, prompt {T}, batch 1: fast at {f1['roofline_pct']:.1f}% of the "
+                             f"roofline, {f1['tokens_per_s'] / o1['tokens_per_s']:.2f}x fast-ops "
+                             f"({o1['roofline_pct']:.1f}%)")
+            if f1 and a1:
+                lines.append(f"- {shape}, prompt {T}, batch 1: ELM adaptive ({a1['block_launches']:.2f} "
+                             f"evaluations) latency / dense fast latency = "
+                             f"{a1['ms_per_token'] / f1['ms_per_token']:.3f}")
             e1 = by.get((shape, "elm-fixed", 1, T))
             h1 = by.get((shape, "hf-eager", 1, T))
             if f1 and h1:
@@ -222,18 +323,30 @@ def main() -> None:
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--paths", default=",".join(DEFAULT_PATHS))
+    ap.add_argument("--real", default=None,
+                    help=f"folder of the real SmolLM2-135M-Instruct (elmkit fetch / convert): adds the "
+                         f"{REAL} rows")
+    ap.add_argument("--real-elm", default=None,
+                    help="folder of its trained ELM (else the ELM is built from its weights, untrained)")
+    ap.add_argument("--elm-step", default="fast", choices=sorted(STEPS),
+                    help="the decode step the ELM rows run")
     ap.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot")
     args = ap.parse_args()
     res = Path(args.out)
     res.mkdir(parents=True, exist_ok=True)
     js = res / "results.json"
     data = read_json(js) if js.exists() else {"rows": []}
+    for r in data["rows"]:
+        if r.get("version") is None and r["path"] == "fast":  # the first version's fast path
+            r["path"] = "fast-ops"
+    shapes = args.shapes.split(",") + ([REAL] if args.real and REAL not in args.shapes else [])
     if not args.report_only:
         if not torch.cuda.is_available():
             raise SystemExit("decode_speed.py measures a GPU; none is present")
         data["env"] = gpu_info()
         data["bandwidth_tb_s"] = copy_bandwidth() / 1e12
-        done = {_key(r) for r in data["rows"]}
+        done = {_key(r) for r in data["rows"] if r.get("version") == VERSION}
+        data["rows"] = [r for r in data["rows"] if r.get("version") == VERSION]  # one run's rows
 
         def emit(rec):
             data["rows"] = [r for r in data["rows"] if _key(r) != _key(rec)] + [rec]
@@ -242,10 +355,11 @@ def main() -> None:
                   f"{rec['tokens_per_s']:9.1f} tok/s {rec['ms_per_token']:7.2f} ms "
                   f"{rec['roofline_pct']:5.1f}% roofline", flush=True)
 
-        for shape in args.shapes.split(","):
+        for shape in shapes:
             measure(shape, [int(b) for b in args.batches.split(",")],
                     [int(t) for t in args.prompts.split(",")], args.new_tokens,
-                    args.paths.split(","), done, data["bandwidth_tb_s"] * 1e12, emit)
+                    args.paths.split(","), done, data["bandwidth_tb_s"] * 1e12, emit,
+                    real=args.real, real_elm=args.real_elm, elm_step=args.elm_step)
     report(res, data)
     print((res / "report.md").read_text())
 

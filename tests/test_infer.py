@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from elmkit.infer import DecodeConfig, Decoder, generate
+from elmkit.infer import DecodeConfig, Decoder, StepConfig, generate
 from elmkit.methods import elm as elm_method
 from elmkit.models.adapters import UnsupportedModelError
 from elmkit.models.elm_solvers import NonFiniteError
@@ -122,10 +122,95 @@ def test_bad_input_is_refused():
         Decoder(_elm(dict(max_iter=4, solver="broyden")), 1, 16)
     with pytest.raises(ValueError):
         DecodeConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        StepConfig(compile="max")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        StepConfig(attention="flash")
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError):
         dec.generate(ids, cfg=DecodeConfig(max_new_tokens=4))
+
+
+# -- the packed projections and the compiled step ---------------------------------------------
+
+
+def test_packing_changes_no_weight_and_saves_identically(tmp_path):
+    """Packing makes q/k/v and gate/up row views of one matrix each: same values, same parameter
+    count, nothing copied by a second decoder, and save/load gives the same model."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2", num_layers=3, hidden_size=32)  # Qwen2: q/k/v carry biases
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = sum(p.numel() for p in model.parameters())
+    dec = Decoder(model, 1, 16)
+    assert sum(p.numel() for p in model.parameters()) == n
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    a, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    W, b, sizes = dec.packed[1]["qkv"]
+    assert sizes == [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+    assert a.k_proj.weight.data_ptr() == W[sizes[0]:].data_ptr()
+    assert a.v_proj.bias.data_ptr() == b[sizes[0] + sizes[1]:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == dec.packed[1]["gu"][0][mlp.gate_proj.out_features:].data_ptr()
+    again = Decoder(model, 1, 16)  # reuses the packed matrices
+    assert again.packed[1]["qkv"][0].data_ptr() == W.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+
+
+def test_packing_skips_modules_it_cannot_stack():
+    """A LoRA-wrapped projection is not a plain Linear: that group runs module by module and the
+    tokens are still generate()'s."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama", num_layers=2, hidden_size=32),
+                           LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    model = model.base_model.model  # the wrapped transformers model
+    dec = Decoder(model, 3, 24)
+    assert all("qkv" not in p and "gu" not in p for p in dec.packed.values())
+    ids, mask = _prompts()
+    out, _ = dec.generate(ids, mask, DecodeConfig(max_new_tokens=8))
+    assert torch.equal(out, _reference(model, ids, mask, 8))
+
+
+COMPILED = [("dense", "math"), ("elm-fixed", "sdpa"), ("elm-adaptive", "math")]
+
+
+@pytest.mark.parametrize("kind,attention", COMPILED, ids=lambda x: x)
+def test_compiled_step_equals_generate(kind, attention):
+    """The whole step through torch.compile (here on the CPU's inductor backend) gives generate()'s
+    tokens and the eager step's evaluation counts, on the first (compiling) and a later call."""
+    model = {"dense": lambda: tiny_model("qwen2", num_layers=3, hidden_size=32),
+             "elm-fixed": lambda: _elm(dict(max_iter=3)),
+             "elm-adaptive": lambda: _elm(dict(max_iter=5, tol=1e-2, tol_mode="rel", solver="anderson")),
+             }[kind]()
+    ids, mask = _prompts()
+    ref = _reference(model, ids, mask, 10)
+    eager = Decoder(model, 3, 20)
+    _, want = eager.generate(ids, mask, DecodeConfig(max_new_tokens=10))
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    dec = Decoder(model, 3, 20, step=StepConfig(compile="step", attention=attention))
+    for _ in range(2):
+        out, stats = dec.generate(ids, mask, DecodeConfig(max_new_tokens=10))
+        assert torch.equal(out, ref)
+        assert stats.block_evaluations == want.block_evaluations
+    assert counters["stats"]["unique_graphs"] > graphs  # the step ran compiled
+    if kind != "dense":
+        assert torch.equal(dec.evals, eager.evals)
+
+
+def test_compiled_sampling_is_seeded():
+    model = tiny_model("llama", num_layers=2, hidden_size=32)
+    ids, mask = _prompts()
+    dec = Decoder(model, 3, 24, step=StepConfig(compile="step"))
+    cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, top_k=5, seed=3)
+    a, _ = dec.generate(ids, mask, cfg)
+    b, _ = dec.generate(ids, mask, cfg)
+    c, _ = dec.generate(ids, mask, DecodeConfig(max_new_tokens=12, temperature=1.0, top_k=5, seed=4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 # -- on a GPU: the captured graphs ---------------------------------------------------------------
@@ -136,16 +221,21 @@ def _fp32_exact():
     torch.backends.cudnn.allow_tf32 = False
 
 
+STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(compile="ops", pack=False),
+         StepConfig(compile="none", pack=False)]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: f"{s.compile}-{s.attention}-pack{int(s.pack)}")
 @pytest.mark.parametrize("settings", [None, *ELM_SETTINGS], ids=lambda s: "dense" if s is None else
                          "-".join(f"{k}={v}" for k, v in s.items()))
-def test_cuda_graphs_equal_eager_and_generate(settings):
+def test_cuda_graphs_equal_eager_and_generate(settings, step):
     _fp32_exact()
     model = tiny_model("qwen2", num_layers=6, hidden_size=64).cuda() if settings is None \
         else _elm(settings, device="cuda")
     ids, mask = (t.cuda() for t in _prompts(B=4, T=9, pad=(4, 0, 2, 1)))
     ref = _reference(model, ids, mask, 20)
-    dec = Decoder(model, 4, 40)
+    dec = Decoder(model, 4, 40, step=step)
     for _ in range(2):  # the second call replays the graphs captured by the first
         out, stats = dec.generate(ids, mask, DecodeConfig(max_new_tokens=20))
         assert torch.equal(out, ref)

@@ -11,6 +11,13 @@ decode step of fixed-shape tensor operations:
   ``max_iter`` (``"per_iter"``);
 * the step reads its token, position, cache slot and key mask from device buffers and writes the
   next token back, so it is captured once in a CUDA graph and replayed with no host work per token;
+* packed projections: each layer's q/k/v and gate/up weights are stacked into one matrix and the
+  modules' own weights become row views of it, so a step runs one GEMM per group and no weight is
+  held twice (``StepConfig.pack``);
+* the whole step through ``torch.compile`` (``StepConfig.compile="step"``, the GPU default): the
+  embedding gather, residual adds, RMSNorms, RoPE, the K/V cache writes and SiLU x up fuse into a
+  few kernels between the matmuls, and the ELM's ``W_z z + (W_h h + b)`` add into the block's first
+  norm;
 * the ELM fixed-point loop is inside the step. W_h h + b is computed once per token, so an
   evaluation costs W_z z plus the layer. Per-token convergence masks freeze converged tokens
   exactly as ``elm_solvers`` does (naive and Anderson), and an evaluation's K/V write is kept only
@@ -22,7 +29,8 @@ decode step of fixed-shape tensor operations:
 
 Greedy decoding gives the tokens of the reference ``model.generate`` (tested); sampling uses
 temperature and top-k with the Gumbel-max trick, seeded. Prompts of different lengths are left
-padded, as for ``generate``. On a CPU (or with ``cuda_graphs=False``) the same step runs eagerly.
+padded, as for ``generate``. On a CPU (or with ``cuda_graphs=False``) the same step runs eagerly
+unless ``StepConfig(compile="step")`` asks for inductor's CPU kernels.
 
 Example::
 
@@ -64,11 +72,37 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
-# Fused on the GPU: torch.compile turns each into one kernel (RMSNorm alone is six eager kernels,
-# RoPE about ten); they see tensors only, so every layer reuses one compilation per shape.
+# compile="ops": one compiled kernel each (RMSNorm alone is six eager kernels, RoPE about ten); they
+# see tensors only, so every layer reuses one compilation per shape
 _FUSED = {"rms": torch.compile(_rms, dynamic=False),
           "rope": torch.compile(apply_rotary_pos_emb, dynamic=False),
           "silu_mul": torch.compile(_silu_mul, dynamic=False)}
+
+COMPILE = ("auto", "step", "ops", "none")
+ATTENTION = ("sdpa", "math")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How the decode step is built: what is compiled, packed and which attention it runs."""
+
+    compile: str = "auto"
+    """"step": the whole decode step through torch.compile (inductor), so residual adds, norms,
+    RoPE, cache writes and SiLU x up fuse between the matmuls; "ops": only RMSNorm, RoPE and
+    SiLU x up, one compiled kernel each; "none": eager kernels; "auto": "step" on a GPU with CUDA
+    graphs, "none" elsewhere (compiling costs tens of seconds, a CPU decodes eagerly)."""
+    pack: bool = True
+    """q/k/v and gate/up of each layer as one matrix each, so a decode step runs one GEMM for
+    each group; the modules' weights become views of it (nothing is copied, save/load unchanged)."""
+    attention: str = "sdpa"
+    """The one-token attention of the decode step: "sdpa" (PyTorch's fused kernels) or "math"
+    (scores, masked softmax, weighted sum: two batched matmuls and one fusable softmax)."""
+
+    def __post_init__(self):
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +150,62 @@ class DecodeStats:
     """ELM: mean evaluations the batch actually ran per decode step."""
 
 
+def _stack(mods: list) -> tuple[Tensor, Tensor | None] | None:
+    """One (sum of out, in) weight and bias for Linear modules that read the same input; their own
+    weights and biases become row views of it, so the model is unchanged and nothing is copied.
+    None where a module is not a plain ``nn.Linear`` (PEFT, quantized) or they differ in device,
+    dtype, input width or having a bias: that layer then runs its modules one by one."""
+    if not all(type(m) is torch.nn.Linear for m in mods):
+        return None
+    ws = [m.weight.data for m in mods]
+    if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or len({m.bias is None for m in mods}) != 1:
+        return None
+    packed = []
+    for part in ("weight", "bias"):
+        if part == "bias" and mods[0].bias is None:
+            packed.append(None)
+            continue
+        ts = [getattr(m, part).data for m in mods]
+        rows = [t.shape[0] for t in ts]
+        if _tiled(ts):  # packed before (another Decoder on this model): view the whole again
+            packed.append(ts[0].as_strided((sum(rows), *ts[0].shape[1:]), ts[0].stride()))
+            continue
+        full = torch.cat(ts)
+        start = 0
+        for m, n in zip(mods, rows):
+            getattr(m, part).data = full[start:start + n]
+            start += n
+        packed.append(full)
+    return packed[0], packed[1]
+
+
+def _tiled(ts: list[Tensor]) -> bool:
+    """Whether contiguous tensors lie back to back, in order, in one storage."""
+    first = ts[0]
+    at = first.data_ptr()
+    for t in ts:
+        if (not t.is_contiguous() or t.data_ptr() != at
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return False
+        at += t.nbytes
+    return True
+
+
+def _pack(layer) -> dict:
+    """A decoder layer's packed projections: {"qkv": (W, b, sizes), "gu": (W, b, sizes)} for the
+    groups that could be stacked (see ``_stack``)."""
+    a, m = layer.self_attn, layer.mlp
+    out = {}
+    for name, mods in (("qkv", [a.q_proj, a.k_proj, a.v_proj]),
+                       ("gu", [getattr(m, "gate_proj", None), getattr(m, "up_proj", None)])):
+        if any(x is None for x in mods):
+            continue
+        wb = _stack(mods)
+        if wb is not None:
+            out[name] = (*wb, [x.weight.shape[0] for x in mods])
+    return out
+
+
 class Decoder:
     """A static-cache decoder for one model at a fixed batch size and cache length.
 
@@ -124,7 +214,7 @@ class Decoder:
     """
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graphs: bool = True,
-                 fuse: bool = True):
+                 step: StepConfig = StepConfig()):
         family = family_of(model)
         fam = family.name
         if fam == "slim" or not family.sequential:
@@ -151,8 +241,10 @@ class Decoder:
         self.d = cfg.hidden_size
         self.head_dim = getattr(base, "head_dim", None) or self.d // base.num_attention_heads
         self.graphs = cuda_graphs and self.device.type == "cuda"
-        # fused elementwise kernels in the decode step (CUDA graphs only; prefill stays eager)
-        self.fuse = fuse and self.graphs
+        mode = step.compile if step.compile != "auto" else ("step" if self.graphs else "none")
+        self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
+        self.compiled = mode == "step"
+        self.attention = step.attention
         self.silu = getattr(base, "hidden_act", None) == "silu"
         B, L, dev = batch_size, max_len, self.device
 
@@ -181,7 +273,10 @@ class Decoder:
         self.temperature = torch.ones((), device=dev)
         if self.elm is not None:
             self._init_block()
+        # packed[i] = (W_qkv, b_qkv or None, W_gu or None): q/k/v and gate/up stacked row-wise
+        self.packed = {i: _pack(layer) for i, layer in enumerate(self.layers)} if step.pack else {}
         self._captured: dict = {}
+        self._compiled: dict = {}
 
     # -- the ELM block ----------------------------------------------------------------------
 
@@ -222,10 +317,15 @@ class Decoder:
         a = layer.self_attn
         B, T, _ = x.shape
         fused = self.fuse and T == 1
+        packed = self.packed.get(i, {}) if T == 1 else {}  # prefill runs the modules themselves
         r = x
         x = self._norm(layer.input_layernorm, x, fused)
         shape = (B, T, -1, self.head_dim)
-        q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+        if "qkv" in packed:
+            W, b, sizes = packed["qkv"]
+            q, k, v = (t.view(shape) for t in F.linear(x, W, b).split(sizes, -1))
+        else:
+            q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
         if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
             q, k = self._norm(a.q_norm, q, fused), self._norm(a.k_norm, k, fused)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -234,18 +334,30 @@ class Decoder:
         g = q.shape[1] // keys.shape[1]  # query heads per KV head
         if T == 1:  # decode: the g heads of a KV head are g queries of one (B, H_kv) problem,
             # so K/V are read once and never replicated
-            o = F.scaled_dot_product_attention(q.reshape(B, -1, g, self.head_dim), keys, values,
-                                               attn_mask=mask, scale=a.scaling)  # (B, H_kv, g, D)
+            o = self._attend(q.reshape(B, -1, g, self.head_dim), keys, values, mask, a.scaling)
             o = o.reshape(B, -1, 1, self.head_dim)
         else:  # prefill: replicate K/V per query head (as transformers does), mask broadcast
             keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling)
         x = r + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # o: (B, H, T, D)
         h = self._norm(layer.post_attention_layernorm, x, fused)
+        m = layer.mlp
+        if "gu" in packed and self.silu:
+            W, b, sizes = packed["gu"]
+            g, u = F.linear(h, W, b).split(sizes, -1)
+            return x + m.down_proj((_FUSED["silu_mul"] if fused else _silu_mul)(g, u))
         if fused and self.silu:
-            m = layer.mlp
             return x + m.down_proj(_FUSED["silu_mul"](m.gate_proj(h), m.up_proj(h)))
-        return x + layer.mlp(h)
+        return x + m(h)
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """One token's attention: q (B, H_kv, g, D) over keys/values (B, H_kv, L, D), mask
+        (B, 1, 1, L) -> (B, H_kv, g, D)."""
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        s = (q @ keys.transpose(-1, -2)).float() * scale  # (B, H_kv, g, L), fp32 softmax as sdpa
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+        return p @ values
 
     def _write_prefill(self, slot: int, k: Tensor, v: Tensor, gate=None):
         T = k.shape[2]
@@ -382,8 +494,8 @@ class Decoder:
         """Final norm, head, next token; advance the position."""
         logits = get_head(self.model)(self._norm(get_norm(self.model), x, self.fuse))[:, 0].float()
         self._emit(self._choose(logits))
-        self.pos += 1
-        self.cur += 1
+        self.pos.add_(1)
+        self.cur.add_(1)
 
     def _choose(self, logits: Tensor) -> Tensor:
         self.bad |= ~torch.isfinite(logits).all()
@@ -406,19 +518,31 @@ class Decoder:
     # -- running the step -------------------------------------------------------------------------
 
     def _pieces(self) -> list:
-        """The step as a list of callables; the ELM's evaluations are listed one by one."""
+        """The step as a list of callables: [pre, evaluation 1..K, after] for an ELM with a
+        tolerance (the host decides between them), else the whole step as one. Under
+        compile="step" each is compiled once (the greedy and top-k variants on first use)."""
+        if "pieces" in self._compiled:
+            return self._compiled["pieces"]
         if self.elm is None:
-            return [self._pre]
-        evals = [lambda k=k: self._eval(k) for k in range(1, self.elm.max_iter + 1)]
-        return [self._pre, *evals, self._after_block]
+            pieces = [self._pre]
+        else:
+            evals = [lambda k=k: self._eval(k) for k in range(1, self.elm.max_iter + 1)]
+            pieces = [self._pre, *evals, self._after_block]
+            if self.elm.tol == 0:
+                pieces = [lambda: [p() for p in (self._pre, *evals, self._after_block)]]
+        if self.compiled:
+            # fallback_random: sampling draws from torch's generator, as the eager step does
+            pieces = [torch.compile(p, fullgraph=True, dynamic=False, options={"fallback_random": True})
+                      for p in pieces]
+        self._compiled["pieces"] = pieces
+        return pieces
 
     def _capture(self, key) -> list:
         """CUDA graphs of the step: one whole, or [pre, eval 1..K, post] with a tolerance."""
         if key in self._captured:
             return self._captured[key]
         pieces = self._pieces()
-        adaptive = self.elm is not None and self.elm.tol > 0
-        groups = [[p] for p in pieces] if adaptive else [pieces]
+        groups = [[p] for p in pieces]
         for t in (self.n_out, self.cur, self.pos):  # the warm-up advances them; stay in bounds
             t.zero_()
         pool = torch.cuda.graph_pool_handle()
@@ -443,12 +567,12 @@ class Decoder:
     def _step(self, graphs: list | None) -> int:
         """One decode step; returns the block evaluations the batch ran (0 for a dense model)."""
         adaptive = self.elm is not None and self.elm.tol > 0
-        if graphs is not None and not adaptive:
-            graphs[0].replay()
+        if not adaptive:
+            if graphs is not None:
+                graphs[0].replay()
+            else:
+                self._pieces()[0]()
             return self.elm.max_iter if self.elm is not None else 0
-        if self.elm is None:
-            self._pre()
-            return 0
         run = (lambda i: graphs[i].replay()) if graphs is not None else (lambda i: self._pieces()[i]())
         run(0)
         K = self.elm.max_iter
