@@ -126,6 +126,8 @@ def test_bad_input_is_refused():
         StepConfig(compile="max")
     with pytest.raises(ValueError, match="attention must be one of"):
         StepConfig(attention="flash")
+    with pytest.raises(ValueError, match="compiled step on a GPU"):
+        Decoder(model, 1, 16, step=StepConfig(compile="step", attention="flex"))
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError):
@@ -221,7 +223,8 @@ def _fp32_exact():
     torch.backends.cudnn.allow_tf32 = False
 
 
-STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(compile="ops", pack=False),
+STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(attention="flex"),
+         StepConfig(compile="ops", pack=False),
          StepConfig(compile="none", pack=False)]
 
 

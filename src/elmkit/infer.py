@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .models.adapters import (
@@ -79,7 +80,8 @@ _FUSED = {"rms": torch.compile(_rms, dynamic=False),
           "silu_mul": torch.compile(_silu_mul, dynamic=False)}
 
 COMPILE = ("auto", "step", "ops", "none")
-ATTENTION = ("sdpa", "math")
+ATTENTION = ("sdpa", "math", "flex")
+FLEX_BLOCK = 128  # flex attention's key block: its cache is a whole number of them
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ class StepConfig:
     """q/k/v and gate/up of each layer as one matrix each, so a decode step runs one GEMM for
     each group; the modules' weights become views of it (nothing is copied, save/load unchanged)."""
     attention: str = "sdpa"
-    """The one-token attention of the decode step: "sdpa" (PyTorch's fused kernels) or "math"
-    (scores, masked softmax, weighted sum: two batched matmuls and one fusable softmax)."""
+    """The one-token attention of the decode step: "sdpa" (PyTorch's fused kernels), "math"
+    (scores, masked softmax, weighted sum: two batched matmuls and one fusable softmax) or "flex"
+    (flex attention, which inductor lowers to a decoding kernel split along the keys; a GPU and
+    compile="step" only, and the cache is rounded up to whole blocks of FLEX_BLOCK keys)."""
 
     def __post_init__(self):
         if self.compile not in COMPILE:
@@ -245,13 +249,19 @@ class Decoder:
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
         self.attention = step.attention
+        if step.attention == "flex" and not (self.compiled and self.device.type == "cuda"):
+            # inductor's CPU flex kernels gave wrong outputs for grouped heads and for key lengths
+            # that are not whole blocks (torch 2.13); the GPU's decoding kernel is what it is for
+            raise ValueError('attention="flex" runs in a compiled step on a GPU: use compile="step" on '
+                             'CUDA, or attention="sdpa" / "math"')
         self.silu = getattr(base, "hidden_act", None) == "silu"
         B, L, dev = batch_size, max_len, self.device
 
         # cache slots: layer i -> slot i; an ELM block's evaluation k -> block slot (+ k-1 per_iter)
         n = len(self.layers)
         extra = (self.elm.max_iter - 1) if self.elm is not None and self.elm.kv_mode == "per_iter" else 0
-        shape = (n + extra, B, base.num_key_value_heads, L, self.head_dim)
+        Lc = -(-L // FLEX_BLOCK) * FLEX_BLOCK if step.attention == "flex" else L  # cache length
+        shape = (n + extra, B, base.num_key_value_heads, Lc, self.head_dim)
         self.K = torch.zeros(shape, device=dev, dtype=self.dtype)
         self.V = torch.zeros(shape, device=dev, dtype=self.dtype)
         pos = torch.arange(L, device=dev)[None]
@@ -262,7 +272,7 @@ class Decoder:
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # token entering the step
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its RoPE position (pads skipped)
         self.cur = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
-        self.valid = torch.zeros(B, L, dtype=torch.bool, device=dev)  # keys that may be attended
+        self.valid = torch.zeros(B, Lc, dtype=torch.bool, device=dev)  # keys that may be attended
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.n_out = torch.zeros(1, dtype=torch.long, device=dev)  # tokens written so far
         self.out = torch.zeros(B, L, dtype=torch.long, device=dev)  # generated tokens
@@ -355,6 +365,15 @@ class Decoder:
         (B, 1, 1, L) -> (B, H_kv, g, D)."""
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        if self.attention == "flex":  # query head h reads KV head h // g, as the reshape above
+            B, H, g, D = q.shape
+
+            def keep(score, b, h, q_idx, kv_idx):
+                return torch.where(mask[b, 0, 0, kv_idx], score, float("-inf"))
+
+            o = flex_attention(q.reshape(B, H * g, 1, D), keys, values, score_mod=keep, scale=scale,
+                               enable_gqa=True)  # (B, H * g, 1, D)
+            return o.reshape(B, H, g, D)
         s = (q @ keys.transpose(-1, -2)).float() * scale  # (B, H_kv, g, L), fp32 softmax as sdpa
         p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
         return p @ values
