@@ -304,7 +304,6 @@ class Decoder:
         self.active = torch.ones(B, dtype=torch.bool, device=dev)
         self.any_active = torch.ones((), dtype=torch.bool, device=dev)
         self.iters = torch.zeros(B, dtype=torch.long, device=dev)
-        self.res = torch.zeros(B, device=dev)
         if self.graphs:  # the host reads "any token active after evaluation k" through these
             self._flags = torch.zeros(c.max_iter + 1, dtype=torch.bool).pin_memory()
             self._events = [torch.cuda.Event() for _ in range(c.max_iter + 1)]
@@ -470,15 +469,19 @@ class Decoder:
         gate = self.any_active if c.tol > 0 else None
         u = F.linear(self.z, self.wz) + self.hb
         fz = self._layer(self.bi, u, rope, mask, self._slot(self.bi, k), self._write_step, gate)
-        self.bad |= ~torch.isfinite(fz).all()
-        r = (fz - self.z).float().norm(dim=-1)[:, 0]  # (B,)
-        if c.tol_mode == "rel":
-            r = r / (fz.float().norm(dim=-1)[:, 0] + 1e-8)
-        act = self.active
-        self.res.copy_(torch.where(act, r, self.res))
-        self.iters.copy_(torch.where(act, torch.full_like(self.iters, k), self.iters))
-        self.zout.copy_(fz if k == 1 else torch.where(act[:, None, None], fz, self.zout))
-        if c.tol > 0:
+        if c.tol == 0:  # every token runs every evaluation: no residual, no masks (a NaN in fz
+            # reaches the logits, whose check catches it)
+            self.zout.copy_(fz)
+            if k == c.max_iter:
+                self.iters.fill_(k)
+        else:
+            self.bad |= ~torch.isfinite(fz).all()  # a frozen token's NaN would not reach the logits
+            r = (fz - self.z).float().norm(dim=-1)[:, 0]  # (B,)
+            if c.tol_mode == "rel":
+                r = r / (fz.float().norm(dim=-1)[:, 0] + 1e-8)
+            act = self.active
+            self.iters.copy_(torch.where(act, torch.full_like(self.iters, k), self.iters))
+            self.zout.copy_(fz if k == 1 else torch.where(act[:, None, None], fz, self.zout))
             self.active &= ~(r < c.tol)
             self.any_active.copy_(self.active.any())
         if c.solver == "naive":
