@@ -176,7 +176,48 @@ def test_packing_skips_modules_it_cannot_stack():
     assert torch.equal(out, _reference(model, ids, mask, 8))
 
 
-COMPILED = [("dense", "math"), ("elm-fixed", "sdpa"), ("elm-adaptive", "math")]
+def test_packing_leaves_shared_offloaded_and_inference_mode_weights_usable():
+    """Weights shared between layers, modules offloaded by accelerate and a decoder built under
+    inference_mode: the tokens are still generate()'s and the model still trains."""
+    from accelerate import cpu_offload
+
+    model = tiny_model("llama", num_layers=3, hidden_size=32)
+    layers = model.model.layers
+    layers[2].self_attn.q_proj.weight = layers[1].self_attn.q_proj.weight  # shared across layers
+    ids, mask = _prompts()
+    ref = _reference(model, ids, mask, 6)
+    with torch.inference_mode():
+        dec = Decoder(model, 3, 16)
+        out, _ = dec.generate(ids, mask, DecodeConfig(max_new_tokens=6))
+    assert torch.equal(out, ref)
+    assert "qkv" not in dec.packed[1] and "qkv" not in dec.packed[2] and "qkv" in dec.packed[0]
+    assert not layers[0].self_attn.q_proj.weight.is_inference()
+    model(ids).logits.sum().backward()  # packed weights are ordinary leaves
+    assert layers[0].self_attn.k_proj.weight.grad is not None
+    off = tiny_model("llama", num_layers=2, hidden_size=32)
+    ref = _reference(off, ids, mask, 4)
+    for layer in off.model.layers:
+        cpu_offload(layer, execution_device=torch.device("cpu"))  # weights on meta, hooks load them
+    dec = Decoder(off, 3, 16)
+    assert all(not p for p in dec.packed.values())
+    assert torch.equal(dec.generate(ids, mask, DecodeConfig(max_new_tokens=4))[0], ref)
+
+
+def test_decoder_keeps_the_solver_it_was_built_with():
+    """The step is built for the ELM's settings at construction; changing model.config later
+    changes nothing in this decoder (a new one picks it up)."""
+    elm = _elm(dict(max_iter=6, tol=1e-3))
+    ids, mask = _prompts()
+    ref = _reference(elm, ids, mask, 8)
+    dec = Decoder(elm, 3, 20)
+    elm.config.tol = 0.0
+    out, stats = dec.generate(ids, mask, DecodeConfig(max_new_tokens=8))
+    assert torch.equal(out, ref) and stats.block_evaluations < 6
+    _, fixed = Decoder(elm, 3, 20).generate(ids, mask, DecodeConfig(max_new_tokens=8))
+    assert fixed.block_evaluations == 6
+
+
+COMPILED = [("dense", "math"), ("elm-fixed", "sdpa"), ("elm-adaptive", "math"), ("elm-adaptive-9", "sdpa")]
 
 
 @pytest.mark.parametrize("kind,attention", COMPILED, ids=lambda x: x)
@@ -186,6 +227,8 @@ def test_compiled_step_equals_generate(kind, attention):
     model = {"dense": lambda: tiny_model("qwen2", num_layers=3, hidden_size=32),
              "elm-fixed": lambda: _elm(dict(max_iter=3)),
              "elm-adaptive": lambda: _elm(dict(max_iter=5, tol=1e-2, tol_mode="rel", solver="anderson")),
+             # more pieces than dynamo's eight variants per code object: each has a code of its own
+             "elm-adaptive-9": lambda: _elm(dict(max_iter=9, tol=1e-9)),
              }[kind]()
     ids, mask = _prompts()
     ref = _reference(model, ids, mask, 10)
@@ -198,9 +241,14 @@ def test_compiled_step_equals_generate(kind, attention):
     for _ in range(2):
         out, stats = dec.generate(ids, mask, DecodeConfig(max_new_tokens=10))
         assert torch.equal(out, ref)
-        assert stats.block_evaluations == want.block_evaluations
+        if kind == "elm-adaptive-9":
+            # at tol 1e-9 the residual sits at float32's rounding, where compiled and eager kernels
+            # round differently: the stop may move by one evaluation, so only the tokens must agree
+            assert stats.block_evaluations > 8
+        else:
+            assert stats.block_evaluations == want.block_evaluations
     assert counters["stats"]["unique_graphs"] > graphs  # the step ran compiled
-    if kind != "dense":
+    if kind not in ("dense", "elm-adaptive-9"):
         assert torch.equal(dec.evals, eager.evals)
 
 

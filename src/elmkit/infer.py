@@ -40,7 +40,10 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import time
+import types
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -154,15 +157,19 @@ class DecodeStats:
     """ELM: mean evaluations the batch actually ran per decode step."""
 
 
-def _stack(mods: list) -> tuple[Tensor, Tensor | None] | None:
+def _stack(mods: list, device: torch.device) -> tuple[Tensor, Tensor | None] | None:
     """One (sum of out, in) weight and bias for Linear modules that read the same input; their own
     weights and biases become row views of it, so the model is unchanged and nothing is copied.
-    None where a module is not a plain ``nn.Linear`` (PEFT, quantized) or they differ in device,
-    dtype, input width or having a bias: that layer then runs its modules one by one."""
-    if not all(type(m) is torch.nn.Linear for m in mods):
+    None where a module is not a plain ``nn.Linear`` (PEFT, quantized), carries hooks (accelerate's
+    offloading, weight norm), lives off ``device``, or where they differ in dtype, input width or
+    having a bias, or share a weight: that group then runs its modules one by one."""
+    if not all(type(m) is torch.nn.Linear and not _hooked(m) for m in mods):
         return None
     ws = [m.weight.data for m in mods]
-    if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or len({m.bias is None for m in mods}) != 1:
+    bs = [m.bias.data for m in mods if m.bias is not None]
+    if (len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or ws[0].device != device
+            or len(bs) not in (0, len(mods)) or len({(b.device, b.dtype) for b in bs}) > 1
+            or len({w.data_ptr() for w in ws + bs}) != len(ws + bs)):  # a weight shared in the group
         return None
     packed = []
     for part in ("weight", "bias"):
@@ -183,6 +190,10 @@ def _stack(mods: list) -> tuple[Tensor, Tensor | None] | None:
     return packed[0], packed[1]
 
 
+def _hooked(m) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+
+
 def _tiled(ts: list[Tensor]) -> bool:
     """Whether contiguous tensors lie back to back, in order, in one storage."""
     first = ts[0]
@@ -195,19 +206,42 @@ def _tiled(ts: list[Tensor]) -> bool:
     return True
 
 
-def _pack(layer) -> dict:
-    """A decoder layer's packed projections: {"qkv": (W, b, sizes), "gu": (W, b, sizes)} for the
-    groups that could be stacked (see ``_stack``)."""
+def _groups(layer) -> dict:
+    """The projections of a decoder layer that read one input: {"qkv": [q, k, v], "gu": [gate, up]}."""
     a, m = layer.self_attn, layer.mlp
-    out = {}
-    for name, mods in (("qkv", [a.q_proj, a.k_proj, a.v_proj]),
-                       ("gu", [getattr(m, "gate_proj", None), getattr(m, "up_proj", None)])):
-        if any(x is None for x in mods):
-            continue
-        wb = _stack(mods)
-        if wb is not None:
-            out[name] = (*wb, [x.weight.shape[0] for x in mods])
+    groups = {"qkv": [a.q_proj, a.k_proj, a.v_proj],
+              "gu": [getattr(m, "gate_proj", None), getattr(m, "up_proj", None)]}
+    return {k: v for k, v in groups.items() if all(x is not None for x in v)}
+
+
+def _pack(layers: list, device: torch.device) -> dict:
+    """Each layer's packed projections, {i: {"qkv": (W, b, sizes), "gu": (W, b, sizes)}}, for the
+    groups that could be stacked (see ``_stack``). A group holding a module or weight that another
+    group also holds (weights shared between layers) is left as it is: one matrix cannot be a view
+    of two."""
+    groups = {i: _groups(layer) for i, layer in enumerate(layers)}
+    seen = Counter(id(t) for g in groups.values() for mods in g.values() for m in mods
+                   for t in (m, m.weight))
+    out: dict = {}
+    for i, g in groups.items():
+        out[i] = {}
+        for name, mods in g.items():
+            if any(seen[id(m)] > 1 or seen[id(m.weight)] > 1 for m in mods):
+                continue
+            with torch.inference_mode(False), torch.no_grad():  # the weights stay trainable tensors
+                wb = _stack(mods, device)
+            if wb is not None:
+                out[i][name] = (*wb, [x.weight.shape[0] for x in mods])
     return out
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo keeps compiled code, and a limit of eight
+    variants, per code object: without this every Decoder in a process (and every evaluation's
+    lambda) would share one cache, and the ninth shape would fail under fullgraph."""
+    f = getattr(fn, "__func__", fn)
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, fn.__self__) if hasattr(fn, "__self__") else g
 
 
 class Decoder:
@@ -228,7 +262,9 @@ class Decoder:
             raise ValueError("batch_size must be >= 1 and max_len >= 2")
         cfg = model.config
         self.model = model.eval()
-        self.elm = cfg if fam == "elm" else None
+        # the ELM's solver settings as they are now: the pieces and graphs are built for them, so a
+        # later change to model.config takes effect in a new Decoder
+        self.elm = copy.deepcopy(cfg) if fam == "elm" else None
         base = cfg.base_config() if self.elm is not None else cfg
         limit = getattr(base, "max_position_embeddings", None)
         if limit is not None and max_len > limit:
@@ -284,9 +320,10 @@ class Decoder:
         if self.elm is not None:
             self._init_block()
         # packed[i] = (W_qkv, b_qkv or None, W_gu or None): q/k/v and gate/up stacked row-wise
-        self.packed = {i: _pack(layer) for i, layer in enumerate(self.layers)} if step.pack else {}
+        self.packed = _pack(self.layers, self.device) if step.pack else {}
         self._captured: dict = {}
         self._compiled: dict = {}
+        self._weights: tuple = ()  # the weights' addresses the graphs read
 
     # -- the ELM block ----------------------------------------------------------------------
 
@@ -554,8 +591,8 @@ class Decoder:
                 pieces = [lambda: [p() for p in (self._pre, *evals, self._after_block)]]
         if self.compiled:
             # fallback_random: sampling draws from torch's generator, as the eager step does
-            pieces = [torch.compile(p, fullgraph=True, dynamic=False, options={"fallback_random": True})
-                      for p in pieces]
+            pieces = [torch.compile(_own_code(p), fullgraph=True, dynamic=False,
+                                    options={"fallback_random": True}) for p in pieces]
         self._compiled["pieces"] = pieces
         return pieces
 
@@ -654,6 +691,11 @@ class Decoder:
         self._greedy, self._top_k = cfg.temperature == 0, cfg.top_k
         self.temperature.fill_(max(cfg.temperature, 1e-6))
         n_new = cfg.max_new_tokens
+        weights = tuple(t.data_ptr() for t in self.model.parameters())
+        if weights != self._weights:  # re-packed or moved since the graphs were captured
+            self._captured.clear()
+            self._compiled.clear()
+            self._weights = weights
         graphs = self._capture((self._greedy, self._top_k)) if self.graphs else None
 
         torch.manual_seed(cfg.seed)
@@ -692,15 +734,27 @@ class Decoder:
             stats.block_launches = launches / (steps - 1)
         return self.out[:, :steps].clone(), stats
 
+    def close(self) -> None:
+        """Drop the graphs, the compiled step and the cache now (the compiled step refers back to
+        the decoder, so ``del`` alone frees its GPU memory only at the next garbage collection)."""
+        self._captured.clear()
+        self._compiled.clear()
+        self.K = self.V = None
+
     def cache_bytes(self) -> int:
         """Bytes of the K and V cache tensors."""
         return self.K.nbytes + self.V.nbytes
 
 
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-             cfg: DecodeConfig = DecodeConfig(), cuda_graphs: bool = True
-             ) -> tuple[Tensor, DecodeStats]:
-    """One-off fast decoding: builds a Decoder sized for this call (see :class:`Decoder`)."""
+             cfg: DecodeConfig = DecodeConfig(), cuda_graphs: bool = True,
+             step: StepConfig = StepConfig(compile="ops")) -> tuple[Tensor, DecodeStats]:
+    """One-off fast decoding: builds a Decoder sized for this call (see :class:`Decoder`). Its
+    step compiles only the small fused kernels, shared by every call, since compiling the whole
+    step costs more than one call saves; keep a Decoder to decode many batches."""
     B, T = input_ids.shape
-    dec = Decoder(model, B, T + cfg.max_new_tokens, cuda_graphs=cuda_graphs)
-    return dec.generate(input_ids, attention_mask, cfg)
+    dec = Decoder(model, B, T + cfg.max_new_tokens, cuda_graphs=cuda_graphs, step=step)
+    try:
+        return dec.generate(input_ids, attention_mask, cfg)
+    finally:
+        dec.close()
