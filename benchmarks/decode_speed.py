@@ -36,6 +36,7 @@ comes from one run.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -62,7 +63,12 @@ CHECK_TOKENS = 32  # greedy tokens compared with model.generate
 
 
 def _key(r: dict) -> tuple:
-    return r["shape"], r["path"], r["batch"], r["prompt"]
+    return r["shape"], r["path"], r["batch"], r["prompt"], r.get("step")
+
+
+def _label(r: dict) -> str:
+    """The row's path, with the decode step when an ELM row ran another than the default."""
+    return r["path"] if r.get("step") in (None, "fast") else f"{r['path']} ({r['step']})"
 
 
 def weight_bytes(model, evaluations: float | None = None) -> float:
@@ -120,7 +126,9 @@ def fast(model, ids: torch.Tensor, new: int, step: StepConfig, ref: torch.Tensor
     per = statistics.median(s.decode_s / (s.new_tokens - 1) for s in runs)
     if profile:
         extra.update(kernel_profile(dec, ids, new))
+    dec.close()
     del dec
+    gc.collect()  # the compiled step's frames refer back to the decoder: free its cache now
     torch.cuda.empty_cache()
     return per, runs[-1], extra
 
@@ -134,7 +142,8 @@ def kernel_profile(dec: Decoder, ids: torch.Tensor, new: int) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             _, stats = dec.generate(ids, cfg=DecodeConfig(max_new_tokens=n, stop_at_eos=False,
                                                           check_every=10**6))
-        ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and not e.name.startswith(("Memcpy", "Memset"))]  # kernels only: the token copies out
         return len(ev), sum(e.device_time for e in ev) / 1e6, stats  # count, seconds, stats
 
     n1, t1, _ = kernels(1)
@@ -184,7 +193,8 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
             model, refs = None, {}
         for B in batches:
             for T in prompts:
-                if (shape, path, B, T) in done:
+                step = elm_step if path.startswith("elm") else None
+                if (shape, path, B, T, step) in done:
                     continue
                 torch.manual_seed(B * 7919 + T)
                 ids = torch.randint(1, 1000, (B, T), device="cuda")
@@ -209,7 +219,8 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
                     evals = stats.block_launches
                     rec.update(extra, block_evaluations=stats.block_evaluations, block_launches=evals,
                                solver=elm.config.solver, tol=elm.config.tol, tol_mode=elm.config.tol_mode,
-                               step=elm_step, trained=shape == REAL and real_elm is not None)
+                               step=step, trained=shape == REAL and real_elm is not None,
+                               elm_start=elm.config.start, elm_span=elm.config.span)
                 step_bytes = weight_bytes(m, evals) + kv_bytes_read(m, B, T + new / 2, evals)
                 roof = B / (step_bytes / bw)
                 rec.update(ms_per_token=per * 1e3, tokens_per_s=B / per, bytes_per_step=step_bytes,
@@ -227,9 +238,15 @@ def report(res: Path, data: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
+    if any(r.get("version") == VERSION for r in rows):  # one run's rows: older ones wait to be replaced
+        rows = [r for r in rows if r.get("version") == VERSION]
     if not rows or "env" not in data:
         raise SystemExit(f"no measured rows in {res / 'results.json'}; run this script on a GPU first")
-    by = {_key(r): r for r in rows}
+    # (shape, label, batch, prompt) -> row; ELM rows of the default step under their plain path
+    by = {(r["shape"], _label(r), r["batch"], r["prompt"]): r for r in rows}
+    elms = sorted({(r["shape"], r["elm_start"], r["elm_span"]) for r in rows if "elm_start" in r})
+    elm_text = ("; ".join(f"{s}: start {a}, M = {m}" for s, a, m in elms) if elms
+                else f"start {ELM['start']}, M = {ELM['span']}")
     lines = [
         "# Decode speed: transformers eager vs elmkit's fast path (dense and ELM)", "",
         f"{data['env']['device']}, torch {data['env']['torch']} (CUDA {data['env']['cuda']}), "
@@ -238,7 +255,7 @@ def report(res: Path, data: dict) -> None:
         f"Command: `python benchmarks/decode_speed.py`.", "",
         "tokens/s = decode tokens per second summed over the batch (prompt excluded); "
         "roofline = batch / (weight + KV bytes a step reads / copy bandwidth); "
-        "ELM: start 2, M = 8, one-step KV; evals = block evaluations run per step. "
+        f"ELM ({elm_text}), one-step KV, fixed rows M evaluations; evals = block evaluations run per step. "
         f"greedy: the first {CHECK_TOKENS} greedy tokens of every row equal model.generate's (yes), or "
         "the first position where some row differs; kernels and busy: GPU kernels per decode step and "
         "kernel time / wall time over the decode steps (torch.profiler, batch 1). "
@@ -257,7 +274,7 @@ def report(res: Path, data: dict) -> None:
         greedy = {True: "yes", False: f"from {r.get('greedy_first_diff')}", None: ""}[r.get("greedy_equal")]
         kern = f"{r['kernels_per_step']:.0f}" if "kernels_per_step" in r else ""
         busy = f"{r['gpu_busy_pct']:.0f}" if "gpu_busy_pct" in r else ""
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt']} | {r['path']} | "
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt']} | {_label(r)} | "
                      f"{r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {r['roofline_pct']:.1f} | "
                      f"{ev} | {speedup} | {greedy} | {kern} | {busy} |")
     # the must-show ratios, computed from the rows above
@@ -281,7 +298,8 @@ def report(res: Path, data: dict) -> None:
                              f"{f1['tokens_per_s'] / h1['tokens_per_s']:.1f}x; ELM fixed / hf-eager = "
                              + (f"{e1['tokens_per_s'] / h1['tokens_per_s']:.1f}x" if e1 else "n/a"))
             if f1 and e1:
-                lines.append(f"- {shape}, prompt {T}, batch 1: ELM fixed (8 evals) latency / dense "
+                lines.append(f"- {shape}, prompt {T}, batch 1: ELM fixed ({e1['block_launches']:.0f} evals) "
+                             f"latency / dense "
                              f"fast latency = {e1['ms_per_token'] / f1['ms_per_token']:.3f}")
     for path, kind in (("elm-fixed", "fixed"), ("elm-anderson", "anderson")):
         for B, (lo, hi) in OFFICIAL_ELM["decode_tokens_per_s"][kind].items():
@@ -300,15 +318,15 @@ def report(res: Path, data: dict) -> None:
         for j, T in enumerate(prompts):
             ax = axes[i][j]
             batches = sorted({r["batch"] for r in rows if r["shape"] == s})
-            w = 0.8 / len(PATHS)
-            for k, path in enumerate(PATHS):
+            shown = [p for p in PATHS if any((s, p, B, T) in by for B in batches)]
+            w = 0.8 / len(shown)
+            for k, path in enumerate(shown):  # bars centred on the batch's tick
                 ys = [by[(s, path, B, T)]["tokens_per_s"] if (s, path, B, T) in by else 0 for B in batches]
-                ax.bar([x + k * w for x in range(len(batches))], ys, w, label=path)
+                ax.bar([x + (k - (len(shown) - 1) / 2) * w for x in range(len(batches))], ys, w, label=path)
             roof = [by[(s, "fast", B, T)]["roofline_tokens_per_s"] if (s, "fast", B, T) in by else 0
                     for B in batches]
-            ax.plot([x + 0.3 for x in range(len(batches))], roof, "k_", markersize=30,
-                    label="roofline (dense)")
-            ax.set_xticks([x + 0.3 for x in range(len(batches))], [f"batch {b}" for b in batches])
+            ax.plot(range(len(batches)), roof, "k_", markersize=30, label="roofline (dense)")
+            ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
             ax.set_yscale("log")
             ax.set_ylabel("decode tokens/s")
             ax.set_title(f"{s}, prompt {T}")
@@ -349,12 +367,11 @@ def main() -> None:
         data["env"] = gpu_info()
         data["bandwidth_tb_s"] = copy_bandwidth() / 1e12
         done = {_key(r) for r in data["rows"] if r.get("version") == VERSION}
-        data["rows"] = [r for r in data["rows"] if r.get("version") == VERSION]  # one run's rows
 
         def emit(rec):
             data["rows"] = [r for r in data["rows"] if _key(r) != _key(rec)] + [rec]
             write_json(js, data)
-            print(f"{rec['shape']:13s} b{rec['batch']:<3d} p{rec['prompt']:<5d} {rec['path']:13s} "
+            print(f"{rec['shape']:13s} b{rec['batch']:<3d} p{rec['prompt']:<5d} {_label(rec):13s} "
                   f"{rec['tokens_per_s']:9.1f} tok/s {rec['ms_per_token']:7.2f} ms "
                   f"{rec['roofline_pct']:5.1f}% roofline", flush=True)
 

@@ -19,6 +19,7 @@ Writes results.json and report.md under --out.
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 import torch
@@ -58,7 +59,9 @@ def measure(kind: str, span: int) -> dict:
     slots = n if kind == "dense" else n - span + (1 if kind == "one_step" else span)
     rec = {"kind": kind, "span": span, "layers": n, "slots": slots, "static_bytes": static,
            "dynamic_bytes": dynamic, "peak_above_weights_bytes": peak, "weights_bytes": weights}
+    dec.close()
     del dec, model
+    gc.collect()  # the compiled step refers back to the decoder: free the next kind's memory now
     torch.cuda.empty_cache()
     return rec
 
