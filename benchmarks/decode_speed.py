@@ -71,6 +71,15 @@ def _label(r: dict) -> str:
     return r["path"] if r.get("step") in (None, "fast") else f"{r['path']} ({r['step']})"
 
 
+def current_rows(data: dict) -> list[dict]:
+    """The rows of this script's version when it has measured any (one run's machine and code),
+    else the older ones: an older row waits in results.json until it is measured again."""
+    rows = data["rows"]
+    if any(r.get("version") == VERSION for r in rows):
+        rows = [r for r in rows if r.get("version") == VERSION]
+    return rows
+
+
 def weight_bytes(model, evaluations: float | None = None) -> float:
     """Bytes of weights one decode step reads (embedding rows excluded, tied head counted once)."""
     emb = model.get_input_embeddings().weight
@@ -237,9 +246,7 @@ def report(res: Path, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = data["rows"]
-    if any(r.get("version") == VERSION for r in rows):  # one run's rows: older ones wait to be replaced
-        rows = [r for r in rows if r.get("version") == VERSION]
+    rows = current_rows(data)
     if not rows or "env" not in data:
         raise SystemExit(f"no measured rows in {res / 'results.json'}; run this script on a GPU first")
     # (shape, label, batch, prompt) -> row; ELM rows of the default step under their plain path
@@ -267,6 +274,11 @@ def report(res: Path, data: dict) -> None:
         "| kernels | busy % |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
+    older = len(data["rows"]) - len(rows)
+    if older:
+        lines[-2:-2] = [f"{older} rows measured by an earlier version of this script (other batch sizes "
+                        "and prompts, the 7B shape; their report is in this file's history) stay in "
+                        "results.json until they are measured again; this table is one run's.", ""]
     for r in sorted(rows, key=lambda r: (r["shape"], r["batch"], r["prompt"], PATHS.index(r["path"]))):
         base = by.get((r["shape"], "hf-eager", r["batch"], r["prompt"]))
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else ""
@@ -308,6 +320,19 @@ def report(res: Path, data: dict) -> None:
                 lines.append(f"- qwen2.5-1.5b {path}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
                              f"tokens/s = {r['tokens_per_s'] / hi:.1f}x to {r['tokens_per_s'] / lo:.1f}x "
                              f"the official ELM's {lo:.0f}-{hi:.0f} (cited, same settings)")
+    for shape in sorted({r["shape"] for r in rows}):  # the greedy check, per shape
+        checked = [r for r in rows if r["shape"] == shape and r.get("greedy_equal") is not None]
+        off = [r for r in checked if not r["greedy_equal"]]
+        if checked:
+            lines.append(f"- {shape}: {len(checked) - len(off)} of {len(checked)} fast rows give "
+                         f"model.generate's first {CHECK_TOKENS} greedy tokens"
+                         + (f"; the others leave them at positions "
+                            f"{', '.join(str(r['greedy_first_diff']) for r in off)} "
+                            f"({', '.join(_label(r) for r in off)})"
+                            + ("; random weights, on which bf16 kernels that sum in another "
+                               "order can flip a near tie (the logit margin there is not measured)"
+                               if shape != REAL else "")
+                            if off else ""))
     (res / "report.md").write_text("\n".join(lines) + "\n")
 
     shapes = sorted({r["shape"] for r in rows})
@@ -369,6 +394,7 @@ def main() -> None:
         done = {_key(r) for r in data["rows"] if r.get("version") == VERSION}
 
         def emit(rec):
+            rec["device"] = data["env"]["device"]
             data["rows"] = [r for r in data["rows"] if _key(r) != _key(rec)] + [rec]
             write_json(js, data)
             print(f"{rec['shape']:13s} b{rec['batch']:<3d} p{rec['prompt']:<5d} {_label(rec):13s} "

@@ -32,8 +32,8 @@ def _reference(model, ids, mask, n):
     return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)[:, ids.shape[1]:]
 
 
-def _elm(settings, seed=0, family="qwen2", device="cpu"):
-    m = tiny_model(family, seed=seed, num_layers=6, hidden_size=32).to(device)
+def _elm(settings, seed=0, family="qwen2", device="cpu", hidden_size=32):
+    m = tiny_model(family, seed=seed, num_layers=6, hidden_size=hidden_size).to(device)
     return elm_method.apply_(m, elm_method.plan(m, start=1, span=3, **settings))
 
 
@@ -126,8 +126,11 @@ def test_bad_input_is_refused():
         StepConfig(compile="max")
     with pytest.raises(ValueError, match="attention must be one of"):
         StepConfig(attention="flash")
-    with pytest.raises(ValueError, match="compiled step on a GPU"):
+    with pytest.raises(ValueError, match="head dimension of at least 16"):  # this model's is 8
         Decoder(model, 1, 16, step=StepConfig(compile="step", attention="flex"))
+    with pytest.raises(ValueError, match="compiled step on a GPU"):
+        Decoder(tiny_model("qwen2", num_layers=2, hidden_size=64), 1, 16,
+                step=StepConfig(compile="step", attention="flex"))
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError):
@@ -283,7 +286,7 @@ STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(attention="flex"
 def test_cuda_graphs_equal_eager_and_generate(settings, step):
     _fp32_exact()
     model = tiny_model("qwen2", num_layers=6, hidden_size=64).cuda() if settings is None \
-        else _elm(settings, device="cuda")
+        else _elm(settings, device="cuda", hidden_size=64)  # head dimension 16: flex's least
     ids, mask = (t.cuda() for t in _prompts(B=4, T=9, pad=(4, 0, 2, 1)))
     ref = _reference(model, ids, mask, 20)
     dec = Decoder(model, 4, 40, step=step)

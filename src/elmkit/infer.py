@@ -285,6 +285,9 @@ class Decoder:
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
         self.attention = step.attention
+        if step.attention == "flex" and self.head_dim < 16:
+            raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s flex '
+                             f'kernel); this model\'s is {self.head_dim}: use attention="sdpa" or "math"')
         if step.attention == "flex" and not (self.compiled and self.device.type == "cuda"):
             # inductor's CPU flex kernels gave wrong outputs for grouped heads and for key lengths
             # that are not whole blocks (torch 2.13); the GPU's decoding kernel is what it is for
