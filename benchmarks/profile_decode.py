@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--path", default="fast", choices=sorted(STEPS), help="which decode step")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", type=int, default=25, help="kernels shown, by total GPU time")
     args = ap.parse_args()
     model = random_model(args.shape)
     ids = torch.randint(1, 1000, (args.batch, args.prompt), device="cuda")
@@ -35,7 +36,8 @@ def main() -> None:
     dec.generate(ids, cfg=cfg)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         dec.generate(ids, cfg=DecodeConfig(max_new_tokens=21, stop_at_eos=False, check_every=1000))
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                      max_name_column_width=70)
     print(table)
     if args.out:
         Path(args.out).write_text(table)
