@@ -71,9 +71,26 @@ def _label(r: dict) -> str:
     return r["path"] if r.get("step") in (None, "fast") else f"{r['path']} ({r['step']})"
 
 
+def load(js: Path) -> dict:
+    """results.json with older rows under this version's keys: the first version's "fast" is the
+    step now called fast-ops, and its ELM rows ran that step; rows of this version saved before rows
+    named their machine were measured on the machine of data["env"] (every run rewrote it)."""
+    data = read_json(js) if js.exists() else {"rows": []}
+    for r in data["rows"]:
+        if r.get("version") is None:
+            if r["path"] == "fast":
+                r["path"] = "fast-ops"
+            if r["path"].startswith("elm-") and r.get("step") is None:
+                r["step"] = "fast-ops"
+        elif "device" not in r and "env" in data:
+            r["device"] = data["env"]["device"]
+    return data
+
+
 def current_rows(data: dict) -> list[dict]:
-    """The rows of this script's version when it has measured any (one run's machine and code),
-    else the older ones: an older row waits in results.json until it is measured again."""
+    """The rows of this script's version when it has measured any (this code, and one machine:
+    a run on another measures them again), else the older ones: an older row waits in results.json
+    until it is measured again."""
     rows = data["rows"]
     if any(r.get("version") == VERSION for r in rows):
         rows = [r for r in rows if r.get("version") == VERSION]
@@ -240,6 +257,64 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
     torch.cuda.empty_cache()
 
 
+def _older_text(all_rows: list[dict], rows: list[dict]) -> list[str]:
+    """A paragraph naming the rows of an earlier version that the table leaves out."""
+    older = [r for r in all_rows if r not in rows]
+    if not older:
+        return []
+    what = "; ".join((", ".join(sorted({r["shape"] for r in older})),
+                      "batch " + ", ".join(str(b) for b in sorted({r["batch"] for r in older})),
+                      "prompt " + ", ".join(str(t) for t in sorted({r["prompt"] for r in older}))))
+    return [f"{len(older)} rows measured earlier ({what}; by an older version of this script or on "
+            "another machine; their report is in this file's history) stay in results.json until "
+            "they are measured again; they are not in this table.", ""]
+
+
+def _greedy_line(shape: str, rows: list[dict]) -> str | None:
+    """How many of a shape's fast rows give generate's greedy tokens, and where the others leave."""
+    checked = [r for r in rows if r["shape"] == shape and r.get("greedy_equal") is not None]
+    if not checked:
+        return None
+    off = [r for r in checked if not r["greedy_equal"]]
+    line = (f"- {shape}: {len(checked) - len(off)} of {len(checked)} fast rows give model.generate's "
+            f"first {CHECK_TOKENS} greedy tokens")
+    if off:
+        where = ", ".join(str(r["greedy_first_diff"]) for r in off)
+        line += f"; the others leave them at positions {where} ({', '.join(_label(r) for r in off)})"
+        if shape != REAL:
+            line += ("; random weights, on which bf16 kernels that sum in another order can flip a near "
+                     "tie (the logit margin there is not measured)")
+    return line
+
+
+def step_targets(rows: list[dict], noise: float = 0.02) -> list[tuple[str, bool]]:
+    """The faster step's targets at batch 1, prompt 512, per shape: (statement, met). One run per
+    row, so a latency ratio within ``noise`` of 1 says so, and "faster than dense" is met only
+    beyond it (on SmolLM2 the fixed ELM, which reads more bytes, timed 0.985x dense)."""
+    by = {(r["shape"], _label(r), r["batch"], r["prompt"]): r for r in rows}
+    out = []
+    for shape in sorted({r["shape"] for r in rows}):
+        f, e, a = (by.get((shape, p, 1, 512)) for p in ("fast", "elm-fixed", "elm-anderson"))
+        if f:
+            out.append((f"Dense fast path >= 50% of the HBM roofline, {shape}, batch 1, prompt 512: "
+                        f"{f['roofline_pct']:.1f}%", f["roofline_pct"] >= 50))
+        for r, what, bound in ((e, "fixed", 1.03), (a, "adaptive", 1.0)):
+            if not (f and r):
+                continue
+            lat = r["ms_per_token"] / f["ms_per_token"]
+            trained = "trained" if r.get("trained") else "untrained"
+            ev = (f"{r['block_launches']:.2f} evaluations per token" if what == "adaptive"
+                  else f"{r['block_launches']:.0f} evaluations")
+            claim = "within 1.03x of" if what == "fixed" else "faster than"
+            out.append((f"ELM ({what}, {ev}, {trained} block) per-token latency {claim} the dense fast "
+                        f"path, {shape}: {lat:.3f}x"
+                        + (f" (within {noise:.0%} of 1: one run each, no spread measured)"
+                           if abs(lat - 1) < noise else ""),
+                        # "faster" must clear the noise; "within 1.03x" is itself a tolerance
+                        lat <= bound if what == "fixed" else lat < 1 - noise))
+    return out
+
+
 def report(res: Path, data: dict) -> None:
     import matplotlib
 
@@ -254,9 +329,13 @@ def report(res: Path, data: dict) -> None:
     elms = sorted({(r["shape"], r["elm_start"], r["elm_span"]) for r in rows if "elm_start" in r})
     elm_text = ("; ".join(f"{s}: start {a}, M = {m}" for s, a, m in elms) if elms
                 else f"start {ELM['start']}, M = {ELM['span']}")
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    machine = (data["env"]["device"] if len(devices) <= 1 else "rows from "
+               + ", ".join(f"{d} ({sum(r.get('device') == d for r in rows)})" for d in devices)
+               + f"; the last run on {data['env']['device']}")
     lines = [
         "# Decode speed: transformers eager vs elmkit's fast path (dense and ELM)", "",
-        f"{data['env']['device']}, torch {data['env']['torch']} (CUDA {data['env']['cuda']}), "
+        f"{machine}, torch {data['env']['torch']} (CUDA {data['env']['cuda']}), "
         f"transformers {data['env']['transformers']}; bf16, random weights; "
         f"copy bandwidth measured {data['bandwidth_tb_s']:.2f} TB/s. "
         f"Command: `python benchmarks/decode_speed.py`.", "",
@@ -270,15 +349,11 @@ def report(res: Path, data: dict) -> None:
            + ("(trained)." if any(r.get("trained") for r in rows if r["shape"] == REAL) else
               "(built from its weights, untrained: its adaptive stop is not a trained model's).")
            if any(r["shape"] == REAL for r in rows) else ""), "",
+        *_older_text(data["rows"], rows),
         "| shape | batch | prompt | path | tokens/s | ms/token | % roofline | evals | vs hf-eager | greedy "
         "| kernels | busy % |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    older = len(data["rows"]) - len(rows)
-    if older:
-        lines[-2:-2] = [f"{older} rows measured by an earlier version of this script (other batch sizes "
-                        "and prompts, the 7B shape; their report is in this file's history) stay in "
-                        "results.json until they are measured again; this table is one run's.", ""]
     for r in sorted(rows, key=lambda r: (r["shape"], r["batch"], r["prompt"], PATHS.index(r["path"]))):
         base = by.get((r["shape"], "hf-eager", r["batch"], r["prompt"]))
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else ""
@@ -320,19 +395,7 @@ def report(res: Path, data: dict) -> None:
                 lines.append(f"- qwen2.5-1.5b {path}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
                              f"tokens/s = {r['tokens_per_s'] / hi:.1f}x to {r['tokens_per_s'] / lo:.1f}x "
                              f"the official ELM's {lo:.0f}-{hi:.0f} (cited, same settings)")
-    for shape in sorted({r["shape"] for r in rows}):  # the greedy check, per shape
-        checked = [r for r in rows if r["shape"] == shape and r.get("greedy_equal") is not None]
-        off = [r for r in checked if not r["greedy_equal"]]
-        if checked:
-            lines.append(f"- {shape}: {len(checked) - len(off)} of {len(checked)} fast rows give "
-                         f"model.generate's first {CHECK_TOKENS} greedy tokens"
-                         + (f"; the others leave them at positions "
-                            f"{', '.join(str(r['greedy_first_diff']) for r in off)} "
-                            f"({', '.join(_label(r) for r in off)})"
-                            + ("; random weights, on which bf16 kernels that sum in another "
-                               "order can flip a near tie (the logit margin there is not measured)"
-                               if shape != REAL else "")
-                            if off else ""))
+    lines += [g for shape in sorted({r["shape"] for r in rows}) if (g := _greedy_line(shape, rows))]
     (res / "report.md").write_text("\n".join(lines) + "\n")
 
     shapes = sorted({r["shape"] for r in rows})
@@ -381,17 +444,16 @@ def main() -> None:
     res = Path(args.out)
     res.mkdir(parents=True, exist_ok=True)
     js = res / "results.json"
-    data = read_json(js) if js.exists() else {"rows": []}
-    for r in data["rows"]:
-        if r.get("version") is None and r["path"] == "fast":  # the first version's fast path
-            r["path"] = "fast-ops"
+    data = load(js)
     shapes = args.shapes.split(",") + ([REAL] if args.real and REAL not in args.shapes else [])
     if not args.report_only:
         if not torch.cuda.is_available():
             raise SystemExit("decode_speed.py measures a GPU; none is present")
         data["env"] = gpu_info()
         data["bandwidth_tb_s"] = copy_bandwidth() / 1e12
-        done = {_key(r) for r in data["rows"] if r.get("version") == VERSION}
+        # a row of another machine is measured again, so that the table stays one machine's
+        done = {_key(r) for r in data["rows"]
+                if r.get("version") == VERSION and r.get("device") == data["env"]["device"]}
 
         def emit(rec):
             rec["device"] = data["env"]["device"]

@@ -2,9 +2,11 @@
 report, its table holds one run's rows (an older version's rows are counted, not mixed in), and the
 greedy check is stated per shape."""
 
+import json
 import shutil
 from pathlib import Path
 
+import pytest
 from checks import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +27,15 @@ def test_report_from_the_committed_json_is_the_committed_report(tmp_path):
     assert (out / "report.md").read_text() == (RESULTS / "report.md").read_text()
 
 
-def test_one_runs_rows_and_the_greedy_check(tmp_path):
-    import json
-    import sys
+@pytest.fixture
+def ds(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # benchmarks/ is not a package
+    import decode_speed
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is not a package
-    import decode_speed as ds
+    return decode_speed
 
+
+def test_one_runs_rows_and_the_greedy_check(tmp_path, ds):
     env = {"device": "GPU", "torch": "t", "cuda": "c", "transformers": "x"}
     old = [_row("fast-ops", None, tokens_per_s=123.0), _row("hf-eager", None)]
     assert ds.current_rows({"rows": old}) == old  # nothing newer: the older rows are the table
@@ -43,9 +47,35 @@ def test_one_runs_rows_and_the_greedy_check(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(data))
     ds.report(tmp_path, data)
     md = (tmp_path / "report.md").read_text()
-    assert "2 rows measured by an earlier version" in md
+    assert "2 rows measured earlier (qwen2.5-1.5b; batch 1; prompt 512;" in md
     assert "123.0" not in md  # the older fast-ops row is not in the table
     assert md.count("| qwen2.5-1.5b |") == 3
     assert "qwen2.5-1.5b: 1 of 2 fast rows give model.generate's first 32 greedy tokens" in md
     assert "positions 7 (fast-math)" in md
     assert "fast / hf-eager = 10.0x" in md
+
+
+def test_older_rows_are_migrated_and_another_machines_rows_named(tmp_path, ds):
+    data = {"env": {"device": "GPU A"}, "rows": [
+        _row("fast", None), _row("elm-fixed", None), _row("fast", ds.VERSION), _row("hf-eager", ds.VERSION)]}
+    js = tmp_path / "results.json"
+    js.write_text(json.dumps(data))
+    rows = ds.load(js)["rows"]
+    assert [r["path"] for r in rows[:2]] == ["fast-ops", "elm-fixed"]
+    assert rows[1]["step"] == "fast-ops"  # the first version's ELM rows ran the step now called fast-ops
+    assert ds._label(rows[1]) == "elm-fixed (fast-ops)"
+    assert [r.get("device") for r in rows] == [None, None, "GPU A", "GPU A"]
+
+
+def test_step_targets(ds):
+    fast = _row("fast", ds.VERSION, ms_per_token=2.0, roofline_pct=55.0)
+    fixed = _row("elm-fixed", ds.VERSION, ms_per_token=2.02, block_launches=8.0)
+    adaptive = _row("elm-anderson", ds.VERSION, ms_per_token=1.99, block_launches=4.0)
+    got = dict(ds.step_targets([fast, fixed, adaptive]))
+    assert len(got) == 3
+    (roof, ok_roof), (fix, ok_fix), (ada, ok_ada) = got.items()
+    assert "55.0%" in roof and ok_roof
+    assert "1.010x" in fix and "within 2% of 1" in fix and ok_fix
+    assert "0.995x" in ada and not ok_ada  # faster, but not beyond one run's noise
+    adaptive["ms_per_token"] = 1.8
+    assert dict(ds.step_targets([fast, adaptive])).popitem()[1]

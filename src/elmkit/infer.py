@@ -285,7 +285,8 @@ class Decoder:
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
         self.attention = step.attention
-        if step.attention == "flex" and self.head_dim < 16:
+        if step.attention == "flex" and self.head_dim < 16:  # inductor's flex lowering raised
+            # NotImplementedError for a head dimension of 8 (torch 2.11, on an H100)
             raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s flex '
                              f'kernel); this model\'s is {self.head_dim}: use attention="sdpa" or "math"')
         if step.attention == "flex" and not (self.compiled and self.device.type == "cuda"):
