@@ -16,6 +16,8 @@ the batch) and the per-token latency of:
                  through torch.compile, then one CUDA graph
   fast-math      the same with the one-token attention as matmul, softmax, matmul instead of SDPA
   fast-flex      the same with flex attention (inductor's decoding kernel, split along the keys)
+  fast-triton    the same with elmkit.decode_attention (two Triton kernels, split along the keys,
+                 the query heads of a KV head together)
   elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, --elm-step path
   elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop)
 
@@ -48,13 +50,14 @@ from elmkit.infer import DecodeConfig, Decoder, StepConfig
 from elmkit.io import read_json, save_figure, write_json
 from elmkit.methods import elm as elm_method
 
-PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast", "fast-math", "fast-flex", "elm-fixed",
-         "elm-anderson")
-DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast", "fast-math", "fast-flex", "elm-fixed", "elm-anderson")
+PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast", "fast-math", "fast-flex", "fast-triton",
+         "elm-fixed", "elm-anderson")
+DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast", "fast-math", "fast-flex", "fast-triton", "elm-fixed",
+                 "elm-anderson")
 STEPS = {"fast-unfused": StepConfig(compile="none", pack=False),
          "fast-ops": StepConfig(compile="ops", pack=False),
          "fast": StepConfig(), "fast-math": StepConfig(attention="math"),
-         "fast-flex": StepConfig(attention="flex")}
+         "fast-flex": StepConfig(attention="flex"), "fast-triton": StepConfig(attention="triton")}
 ELM = dict(start=2, span=8, max_iter=8)
 ADAPTIVE = dict(solver="anderson", tol=1e-2, tol_mode="rel")
 REAL = "smollm2-135m"  # the real model's rows (--real)

@@ -4,8 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmkit.data import byte_tokenizer
-from elmkit.models.tiny import tiny_model
+# Without a GPU, elmkit's Triton kernels run in Triton's interpreter. Triton reads the switch when a
+# kernel is defined, its own library's too, so before anything imports triton (elmkit does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from elmkit.data import byte_tokenizer  # noqa: E402
+from elmkit.models.tiny import tiny_model  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 

@@ -255,6 +255,29 @@ def test_compiled_step_equals_generate(kind, attention):
         assert torch.equal(dec.evals, eager.evals)
 
 
+@pytest.mark.parametrize("settings", [None, *ELM_SETTINGS], ids=lambda s: "dense" if s is None else
+                         "-".join(f"{k}={v}" for k, v in s.items()))
+def test_triton_attention_equals_generate(settings):
+    """attention="triton" (elmkit.decode_attention; here in Triton's interpreter) gives generate()'s
+    tokens and the default step's evaluation counts."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+    model = tiny_model("qwen2", num_layers=3, hidden_size=32) if settings is None else _elm(settings)
+    ids, mask = _prompts()
+    ref = _reference(model, ids, mask, 8)
+    _, want = Decoder(model, 3, 20).generate(ids, mask, DecodeConfig(max_new_tokens=8))
+    out, stats = Decoder(model, 3, 20, step=StepConfig(attention="triton")).generate(
+        ids, mask, DecodeConfig(max_new_tokens=8))
+    assert torch.equal(out, ref)
+    assert stats.block_evaluations == want.block_evaluations
+
+
+def test_triton_attention_refuses_a_compiled_cpu_step():
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+    with pytest.raises(ValueError, match="only under Triton's interpreter"):
+        Decoder(tiny_model("qwen2", num_layers=2, hidden_size=32), 1, 16,
+                step=StepConfig(compile="step", attention="triton"))
+
+
 def test_compiled_sampling_is_seeded():
     model = tiny_model("llama", num_layers=2, hidden_size=32)
     ids, mask = _prompts()
@@ -275,6 +298,7 @@ def _fp32_exact():
 
 
 STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(attention="flex"),
+         StepConfig(attention="triton"),
          StepConfig(compile="ops", pack=False),
          StepConfig(compile="none", pack=False)]
 

@@ -76,6 +76,21 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
+def _triton_attention(device: torch.device, compiled: bool):
+    """elmkit.decode_attention's kernel, or one clear error where it cannot run."""
+    import os
+
+    try:
+        from .decode_attention import decode_attention
+    except ImportError as e:
+        raise ValueError(f'attention="triton" needs the triton package ({e}); it comes with CUDA '
+                         'builds of torch') from None
+    if device.type != "cuda" and (os.environ.get("TRITON_INTERPRET") != "1" or compiled):
+        raise ValueError('attention="triton" runs on a GPU; on a CPU only under Triton\'s interpreter '
+                         '(TRITON_INTERPRET=1, with compile="none" or "ops"), slowly, for tests')
+    return decode_attention
+
+
 # compile="ops": one compiled kernel each (RMSNorm alone is six eager kernels, RoPE about ten); they
 # see tensors only, so every layer reuses one compilation per shape
 _FUSED = {"rms": torch.compile(_rms, dynamic=False),
@@ -83,7 +98,7 @@ _FUSED = {"rms": torch.compile(_rms, dynamic=False),
           "silu_mul": torch.compile(_silu_mul, dynamic=False)}
 
 COMPILE = ("auto", "step", "ops", "none")
-ATTENTION = ("sdpa", "math", "flex")
+ATTENTION = ("sdpa", "math", "flex", "triton")
 FLEX_BLOCK = 128  # flex attention's key block: its cache is a whole number of them
 
 
@@ -103,7 +118,9 @@ class StepConfig:
     """The one-token attention of the decode step: "sdpa" (PyTorch's fused kernels), "math"
     (scores, masked softmax, weighted sum: two batched matmuls and one fusable softmax) or "flex"
     (flex attention, which inductor lowers to a decoding kernel split along the keys; a GPU and
-    compile="step" only, and the cache is rounded up to whole blocks of FLEX_BLOCK keys)."""
+    compile="step" only, and the cache is rounded up to whole blocks of FLEX_BLOCK keys) or
+    "triton" (elmkit.decode_attention: two Triton kernels, split along the keys, each KV head's
+    query heads together; a GPU, or a CPU under TRITON_INTERPRET=1 without compile="step")."""
 
     def __post_init__(self):
         if self.compile not in COMPILE:
@@ -289,6 +306,8 @@ class Decoder:
             # NotImplementedError for a head dimension of 8 (torch 2.11, on an H100)
             raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s flex '
                              f'kernel); this model\'s is {self.head_dim}: use attention="sdpa" or "math"')
+        if step.attention == "triton":
+            self._triton_attention = _triton_attention(self.device, self.compiled)
         if step.attention == "flex" and not (self.compiled and self.device.type == "cuda"):
             # inductor's CPU flex kernels gave wrong outputs for grouped heads and for key lengths
             # that are not whole blocks (torch 2.13); the GPU's decoding kernel is what it is for
@@ -405,6 +424,8 @@ class Decoder:
         (B, 1, 1, L) -> (B, H_kv, g, D)."""
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        if self.attention == "triton":
+            return self._triton_attention(q, keys, values, mask, scale)
         if self.attention == "flex":  # query head h reads KV head h // g, as the reshape above
             B, H, g, D = q.shape
 
