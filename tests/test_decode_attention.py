@@ -24,7 +24,8 @@ def _case(B, H, G, D, L, dtype, seed=0, cache=None):
 
 
 @pytest.mark.parametrize("B, H, G, D, L", [
-    (1, 2, 6, 64, 640),  # one row, many splits (the batch-1 decode this is for)
+    (1, 2, 6, 128, 640),  # one row, many splits: the 1.5B shape at batch 1, the decode this is for
+    (1, 3, 3, 64, 4000),  # SmolLM2's heads, more key blocks than chunks (pass 2's cap)
     (3, 2, 2, 8, 37),  # a head dimension below tl.dot's 16, keys fewer than a block
     (8, 8, 1, 128, 640),  # several key blocks per split, a last split that runs past L
     (2, 3, 4, 16, 130),
@@ -45,5 +46,8 @@ def test_masked_row_gives_zeros_and_bad_strides_are_refused():
     out = decode_attention(q, k, v, mask, 0.25)
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # no NaN from an empty softmax
     torch.testing.assert_close(out[1], attention_reference(q, k, v, mask, 0.25)[1])
+    strided = torch.stack([mask, ~mask], -1).flatten(-2)[..., ::2]  # the same mask, stride 2 along L
+    assert strided.stride(-1) == 2
+    torch.testing.assert_close(decode_attention(q, k, v, strided, 0.25), out)
     with pytest.raises(ValueError, match="unit stride"):
         decode_attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask, 0.25)

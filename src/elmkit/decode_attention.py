@@ -31,6 +31,7 @@ Tensor = torch.Tensor
 
 BLOCK_N = 64  # keys per inner block (a tl.dot needs 16 or more along every side)
 PROGRAMS = 256  # pass 1 aims for about this many programs: two per SM on an H100 or H200
+MAX_SPLITS = 32  # pass 2 unrolls its loop over the chunks
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -53,7 +54,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     block_g = max(16, triton.next_power_of_2(G))
     block_d = max(16, triton.next_power_of_2(D))
     blocks = triton.cdiv(L, BLOCK_N)
-    per_split = triton.cdiv(blocks * B * H, PROGRAMS)  # key blocks per chunk
+    # key blocks per chunk: about PROGRAMS programs in pass 1, at most MAX_SPLITS chunks to combine
+    per_split = max(triton.cdiv(blocks * B * H, PROGRAMS), triton.cdiv(blocks, MAX_SPLITS))
     S = triton.cdiv(blocks, per_split)
     # fp32 partials of pass 1: (B * H_kv, S, g, D) and (B * H_kv, S, g)
     o_part = torch.empty(B * H, S, G, D, device=q.device, dtype=torch.float32)
@@ -63,17 +65,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     ieee = q.dtype == torch.float32  # fp32 models compute in fp32 (no TF32), as the other paths
     _partials[(B * H, S)](
         q, k, v, mask, o_part, m_part, l_part, scale, L, H, G, D,
-        *k.stride()[:3], *v.stride()[:3], mask.stride(0),
-        SPLIT=per_split * BLOCK_N, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, IEEE=ieee)
+        *k.stride()[:3], *v.stride()[:3], *mask.stride(),
+        SPLIT=per_split * BLOCK_N, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, IEEE=ieee,
+        num_stages=2)  # one or a few key blocks per program: deeper pipelining only costs shared memory
     _combine[(B * H,)](o_part, m_part, l_part, out, G, D, S=S, BLOCK_G=block_g, BLOCK_D=block_d)
     return out
 
 
 @triton.jit
 def _partials(q, k, v, mask, o_part, m_part, l_part, scale, L, H, G, D,
-              skb, skh, skn, svb, svh, svn, smb, SPLIT: tl.constexpr,
+              skb, skh, skn, svb, svh, svn, smb, smn, SPLIT: tl.constexpr,
               BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    bh, s = tl.program_id(0), tl.program_id(1)
+    bh, s = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64 offsets: a cache may pass 2^31
     b, h = bh // H, bh % H
     S = tl.num_programs(1)  # noqa: N806 (the formula's name)
     rg, rd = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -84,7 +87,7 @@ def _partials(q, k, v, mask, o_part, m_part, l_part, scale, L, H, G, D,
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     for i in range(0, SPLIT, BLOCK_N):  # the last chunk may run past L: those keys are masked
         n = s * SPLIT + i + tl.arange(0, BLOCK_N)
-        keep = (n < L) & (tl.load(mask + b * smb + n, mask=n < L, other=0) != 0)  # (BN,)
+        keep = (n < L) & (tl.load(mask + b * smb + n * smn, mask=n < L, other=0) != 0)  # (BN,)
         nd = (n[:, None] < L) & (rd[None, :] < D)
         kt = tl.load(k + b * skb + h * skh + n[:, None] * skn + rd[None, :], mask=nd, other=0.0)
         vt = tl.load(v + b * svb + h * svh + n[:, None] * svn + rd[None, :], mask=nd, other=0.0)
@@ -113,19 +116,22 @@ def _partials(q, k, v, mask, o_part, m_part, l_part, scale, L, H, G, D,
 @triton.jit
 def _combine(o_part, m_part, l_part, out, G, D, S: tl.constexpr, BLOCK_G: tl.constexpr,
              BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     rg, rd = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     gd = (rg[:, None] < G) & (rd[None, :] < D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    for s in range(0, S):  # the largest chunk maximum first, so no weight overflows
-        m = tl.maximum(m, tl.load(m_part + (bh * S + s) * G + rg, mask=rg < G, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for s in range(0, S):
+    for s in tl.static_range(S):  # unrolled, so the chunks' loads need not wait on each other
         row = bh * S + s
-        w = tl.exp(tl.load(m_part + row * G + rg, mask=rg < G, other=float("-inf")) - m_safe)
-        l += w * tl.load(l_part + row * G + rg, mask=rg < G, other=0.0)
-        acc += w[:, None] * tl.load(o_part + (row * G + rg[:, None]) * D + rd[None, :], mask=gd, other=0.0)
+        m_s = tl.load(m_part + row * G + rg, mask=rg < G, other=float("-inf"))
+        l_s = tl.load(l_part + row * G + rg, mask=rg < G, other=0.0)
+        o_s = tl.load(o_part + (row * G + rg[:, None]) * D + rd[None, :], mask=gd, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a, w = tl.exp(m - m_safe), tl.exp(m_s - m_safe)  # rescale what is summed, weigh chunk s
+        l = l * a + w * l_s
+        acc = acc * a[:, None] + w[:, None] * o_s
+        m = m_new
     o = acc / tl.where(l > 0, l, 1.0)[:, None]  # every key masked: zeros
     tl.store(out + (bh * G + rg[:, None]) * D + rd[None, :], o.to(out.dtype.element_ty), mask=gd)
