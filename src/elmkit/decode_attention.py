@@ -3,8 +3,8 @@
 At decode time each KV head serves g query heads with one query token each, so the work of a
 (batch row, KV head) pair is a (g, D) x (D, L) product, a softmax over L keys and a (g, L) x (L, D)
 product: a few tens of KB to read, too little for one kernel to keep a GPU busy, and PyTorch's SDPA
-spends about 17 us per layer on it (cuDNN, batch 1, 640 keys: BENCHMARKS.md's profile of the old
-step), far above the time to read the keys. As in flash-decoding, the keys are split into S
+spends about 17 us per layer on it (cuDNN on an H200, Qwen2.5-1.5B's heads, batch 1, 576 keys:
+benchmarks/results/decode_speed/profile_1.5b_b1_fused.txt), far above the time to read the keys. As in flash-decoding, the keys are split into S
 chunks and
 
   pass 1, grid (B * H_kv, S):  for chunk s, over its keys n (masked keys excluded)
