@@ -4,8 +4,8 @@ At decode time each KV head serves g query heads with one query token each, so t
 (batch row, KV head) pair is a (g, D) x (D, L) product, a softmax over L keys and a (g, L) x (L, D)
 product: a few tens of KB to read, too little for one kernel to keep a GPU busy, and PyTorch's SDPA
 spends about 17 us per layer on it (cuDNN on an H200, Qwen2.5-1.5B's heads, batch 1, 576 keys:
-benchmarks/results/decode_speed/profile_1.5b_b1_fused.txt), far above the time to read the keys. As in flash-decoding, the keys are split into S
-chunks and
+benchmarks/results/decode_speed/profile_1.5b_b1_fused.txt), far above the time to read the keys.
+As in flash-decoding, the keys are split into S chunks and
 
   pass 1, grid (B * H_kv, S):  for chunk s, over its keys n (masked keys excluded)
       m_s = max_n q.k_n * scale,  l_s = sum_n exp(q.k_n * scale - m_s),
