@@ -74,6 +74,11 @@ def _label(r: dict) -> str:
     return r["path"] if r.get("step") in (None, "fast") else f"{r['path']} ({r['step']})"
 
 
+def by_label(rows: list[dict]) -> dict:
+    """(shape, label, batch, prompt) -> row: ELM rows of the default step under their plain path."""
+    return {(r["shape"], _label(r), r["batch"], r["prompt"]): r for r in rows}
+
+
 def load(js: Path) -> dict:
     """results.json with older rows under this version's keys: the first version's "fast" is the
     step now called fast-ops, and its ELM rows ran that step; rows of this version saved before rows
@@ -294,7 +299,7 @@ def step_targets(rows: list[dict], noise: float = 0.02) -> list[tuple[str, bool]
     """The faster step's targets at batch 1, prompt 512, per shape: (statement, met). One run per
     row, so a latency ratio within ``noise`` of 1 says so, and "faster than dense" is met only
     beyond it (on SmolLM2 the fixed ELM, which reads more bytes, timed 0.985x dense)."""
-    by = {(r["shape"], _label(r), r["batch"], r["prompt"]): r for r in rows}
+    by = by_label(rows)
     out = []
     for shape in sorted({r["shape"] for r in rows}):
         f, e, a = (by.get((shape, p, 1, 512)) for p in ("fast", "elm-fixed", "elm-anderson"))
@@ -327,8 +332,7 @@ def report(res: Path, data: dict) -> None:
     rows = current_rows(data)
     if not rows or "env" not in data:
         raise SystemExit(f"no measured rows in {res / 'results.json'}; run this script on a GPU first")
-    # (shape, label, batch, prompt) -> row; ELM rows of the default step under their plain path
-    by = {(r["shape"], _label(r), r["batch"], r["prompt"]): r for r in rows}
+    by = by_label(rows)
     elms = sorted({(r["shape"], r["elm_start"], r["elm_span"]) for r in rows if "elm_start" in r})
     elm_text = ("; ".join(f"{s}: start {a}, M = {m}" for s, a, m in elms) if elms
                 else f"start {ELM['start']}, M = {ELM['span']}")

@@ -66,7 +66,7 @@ def main() -> None:
     ]
     # -- targets ------------------------------------------------------------------------------
     rows = decode_speed.current_rows(data["decode_speed"])
-    by = {(r["shape"], decode_speed._label(r), r["batch"], r["prompt"]): r for r in rows}
+    by = decode_speed.by_label(rows)
     s15 = "qwen2.5-1.5b"
     checks = [f"- {text}: {_ok(met)}" for text, met in decode_speed.step_targets(rows)]
     for T in (512, 2048):

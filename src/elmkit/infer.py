@@ -41,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import os
 import time
 import types
 from collections import Counter
@@ -78,8 +79,6 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
 
 def _triton_attention(device: torch.device, compiled: bool):
     """elmkit.decode_attention's kernel, or one clear error where it cannot run."""
-    import os
-
     try:
         from .decode_attention import decode_attention
     except ImportError as e:
@@ -302,17 +301,19 @@ class Decoder:
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
         self.attention = step.attention
-        if step.attention == "flex" and self.head_dim < 16:  # inductor's flex lowering raised
-            # NotImplementedError for a head dimension of 8 (torch 2.11, on an H100)
-            raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s flex '
-                             f'kernel); this model\'s is {self.head_dim}: use attention="sdpa" or "math"')
         if step.attention == "triton":
             self._triton_attention = _triton_attention(self.device, self.compiled)
-        if step.attention == "flex" and not (self.compiled and self.device.type == "cuda"):
-            # inductor's CPU flex kernels gave wrong outputs for grouped heads and for key lengths
-            # that are not whole blocks (torch 2.13); the GPU's decoding kernel is what it is for
-            raise ValueError('attention="flex" runs in a compiled step on a GPU: use compile="step" on '
-                             'CUDA, or attention="sdpa" / "math"')
+        if step.attention == "flex":
+            if self.head_dim < 16:  # inductor's flex lowering raised NotImplementedError for a head
+                # dimension of 8 (torch 2.11, on an H100)
+                raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s '
+                                 f'flex kernel); this model\'s is {self.head_dim}: use attention="sdpa" '
+                                 'or "math"')
+            if not (self.compiled and self.device.type == "cuda"):
+                # inductor's CPU flex kernels gave wrong outputs for grouped heads and for key lengths
+                # that are not whole blocks (torch 2.13); the GPU's decoding kernel is what it is for
+                raise ValueError('attention="flex" runs in a compiled step on a GPU: use compile="step" '
+                                 'on CUDA, or attention="sdpa" / "math"')
         self.silu = getattr(base, "hidden_act", None) == "silu"
         B, L, dev = batch_size, max_len, self.device
 
