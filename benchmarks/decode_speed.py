@@ -30,7 +30,8 @@ where the bytes are every weight the step multiplies by (the block's once per ev
 KV cache up to the mean context, and the bandwidth is a device-to-device copy measured in the same
 run. The ELM starts from random weights (W_z small, W_h = I), so its adaptive stop converges in the
 evaluations shown; on a trained model, see solver_savings.py. Results accumulate in results.json
-(finished rows are skipped, so a re-run resumes); report.md and decode_speed.png are rebuilt from it.
+(finished rows are skipped, so a re-run resumes; --again measures the named ones anew);
+report.md and decode_speed.png are rebuilt from it.
 Rows saved by an earlier version of this script are measured again, so that every row of the table
 comes from one run.
 """
@@ -446,6 +447,9 @@ def main() -> None:
                     help="folder of its trained ELM (else the ELM is built from its weights, untrained)")
     ap.add_argument("--elm-step", default="fast", choices=sorted(STEPS),
                     help="the decode step the ELM rows run")
+    ap.add_argument("--again", action="store_true",
+                    help="measure the chosen rows again even where this machine has them (a comparison "
+                         "within one run)")
     ap.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot")
     args = ap.parse_args()
     res = Path(args.out)
@@ -459,8 +463,8 @@ def main() -> None:
         data["env"] = gpu_info()
         data["bandwidth_tb_s"] = copy_bandwidth() / 1e12
         # a row of another machine is measured again, so that the table stays one machine's
-        done = {_key(r) for r in data["rows"]
-                if r.get("version") == VERSION and r.get("device") == data["env"]["device"]}
+        done = set() if args.again else {_key(r) for r in data["rows"] if r.get("version") == VERSION
+                                         and r.get("device") == data["env"]["device"]}
 
         def emit(rec):
             rec["device"] = data["env"]["device"]

@@ -729,7 +729,9 @@ def unit_settings(name: str, s: dict, recipe: dict) -> dict:
            "streamline": {}}.get(name, {"heal_lr": s["heal_lr"]})
     if name == "darwinlm" or name in ("ziplm", "uniform"):
         own["darwinlm"] = json.loads(json.dumps(dataclasses.asdict(DARWINLM)))
-    shared = {k: v for k, v in s.items() if k not in ("heal_lr", "partial", "recurrence")}
+    # the untrained model draws nothing at random: seeding the unit cannot change its numbers
+    drop = ("heal_lr", "partial", "recurrence", *(("seeded_units",) if name == "original" else ()))
+    shared = {k: v for k, v in s.items() if k not in drop}
     return {**shared, **own}
 
 
