@@ -218,7 +218,11 @@ def load_models(shape: str, real: str | None, real_elm: str | None):
 
 
 def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float, emit,
-            real: str | None = None, real_elm: str | None = None, elm_step: str = "fast") -> None:
+            real: str | None = None, real_elm: str | None = None, elm_step: str = "fast",
+            failed: list | None = None) -> None:
+    """Every row of ``shape`` not in ``done``, each passed to ``emit``; a dense fast path that
+    cannot run here is added to ``failed`` and skipped."""
+    failed = [] if failed is None else failed
     model, build_elm = load_models(shape, real, real_elm)
     elm, refs = None, {}
     for path in sorted(paths, key=PATHS.index):  # dense first: building the ELM consumes the model
@@ -247,7 +251,16 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
                     per = hf_eager(model, ids, min(new, 32))
                     rec["new_tokens"] = min(new, 32)
                 elif path in STEPS:
-                    per, _, extra = fast(model, ids, new, STEPS[path], refs[key], profile=B == 1)
+                    try:
+                        per, _, extra = fast(model, ids, new, STEPS[path], refs[key], profile=B == 1)
+                    except Exception as e:  # a path that cannot build here (a compiler error) is
+                        # reported at the end; the other rows are still measured
+                        failed.append(f"{shape} {path} b{B} p{T}: {type(e).__name__}: "
+                                      f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+                        print(f"{shape} {path} b{B} p{T} failed: {failed[-1]}", flush=True)
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
                     rec.update(extra)
                 else:
                     per, stats, extra = fast(elm, ids, new, STEPS[elm_step], refs[key], profile=B == 1)
@@ -457,6 +470,7 @@ def main() -> None:
     js = res / "results.json"
     data = load(js)
     shapes = args.shapes.split(",") + ([REAL] if args.real and REAL not in args.shapes else [])
+    failed: list[str] = []  # rows that could not run here
     if not args.report_only:
         if not torch.cuda.is_available():
             raise SystemExit("decode_speed.py measures a GPU; none is present")
@@ -478,9 +492,11 @@ def main() -> None:
             measure(shape, [int(b) for b in args.batches.split(",")],
                     [int(t) for t in args.prompts.split(",")], args.new_tokens,
                     args.paths.split(","), done, data["bandwidth_tb_s"] * 1e12, emit,
-                    real=args.real, real_elm=args.real_elm, elm_step=args.elm_step)
+                    real=args.real, real_elm=args.real_elm, elm_step=args.elm_step, failed=failed)
     report(res, data)
     print((res / "report.md").read_text())
+    if failed:
+        raise SystemExit("these rows could not run (the others were measured):\n  " + "\n  ".join(failed))
 
 
 if __name__ == "__main__":

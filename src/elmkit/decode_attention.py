@@ -95,7 +95,8 @@ def _partials(q, k, v, mask, o_part, m_part, l_part, scale, L, H, G, D,
             sc = tl.dot(qt, tl.trans(kt), input_precision="ieee")
         else:
             sc = tl.dot(qt, tl.trans(kt))
-        sc = tl.where(keep[None, :], sc * scale, float("-inf"))  # (BG, BN) fp32
+        # inside torch.compile a Python float reaches the kernel as fp64: the scores stay fp32
+        sc = tl.where(keep[None, :], (sc * scale).to(tl.float32), float("-inf"))  # (BG, BN)
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key kept yet: exp(-inf) = 0
         p = tl.exp(sc - m_safe[:, None])
