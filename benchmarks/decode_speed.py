@@ -32,8 +32,8 @@ run. The ELM starts from random weights (W_z small, W_h = I), so its adaptive st
 evaluations shown; on a trained model, see solver_savings.py. Results accumulate in results.json
 (finished rows are skipped, so a re-run resumes; --again measures the named ones anew);
 report.md and decode_speed.png are rebuilt from it.
-Rows saved by an earlier version of this script are measured again, so that every row of the table
-comes from one run.
+Rows saved by an earlier version of this script are measured again; each row names its run, and
+the report says which rows came from which run when there are several.
 """
 
 from __future__ import annotations
@@ -279,6 +279,21 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
     torch.cuda.empty_cache()
 
 
+def _runs_text(rows: list[dict]) -> list[str]:
+    """Which rows came from which run, when the table holds more than one (--again, or a run that
+    stopped early): only rows of one run compare cleanly."""
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault(r.get("run") or "", []).append(r)
+    if len(runs) <= 1:
+        return []
+    parts = [f"{run or 'an earlier run (rows saved before runs were stamped)'}: "
+             + ", ".join(sorted({f"{r['shape']} {_label(r)}" for r in rs}))
+             for run, rs in sorted(runs.items())]
+    return ["Rows of more than one run (ratios in Checks compare rows of one run only where both are in "
+            "it): " + "; ".join(parts) + ".", ""]
+
+
 def _older_text(all_rows: list[dict], rows: list[dict]) -> list[str]:
     """A paragraph naming the rows of an earlier version that the table leaves out."""
     older = [r for r in all_rows if r not in rows]
@@ -371,6 +386,7 @@ def report(res: Path, data: dict) -> None:
               "(built from its weights, untrained: its adaptive stop is not a trained model's).")
            if any(r["shape"] == REAL for r in rows) else ""), "",
         *_older_text(data["rows"], rows),
+        *_runs_text(rows),
         "| shape | batch | prompt | path | tokens/s | ms/token | % roofline | evals | vs hf-eager | greedy "
         "| kernels | busy % |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -480,8 +496,10 @@ def main() -> None:
         done = set() if args.again else {_key(r) for r in data["rows"] if r.get("version") == VERSION
                                          and r.get("device") == data["env"]["device"]}
 
+        run = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # which rows were measured together
+
         def emit(rec):
-            rec["device"] = data["env"]["device"]
+            rec["device"], rec["run"] = data["env"]["device"], run
             data["rows"] = [r for r in data["rows"] if _key(r) != _key(rec)] + [rec]
             write_json(js, data)
             print(f"{rec['shape']:13s} b{rec['batch']:<3d} p{rec['prompt']:<5d} {_label(rec):13s} "

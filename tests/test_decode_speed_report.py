@@ -79,3 +79,14 @@ def test_step_targets(ds):
     assert "0.995x" in ada and not ok_ada  # faster, but not beyond one run's noise
     adaptive["ms_per_token"] = 1.8
     assert dict(ds.step_targets([fast, adaptive])).popitem()[1]
+
+
+def test_rows_of_several_runs_are_named(tmp_path, ds):
+    env = {"device": "GPU", "torch": "t", "cuda": "c", "transformers": "x"}
+    one = [_row("hf-eager", ds.VERSION, run="2026-01-01 10:00 UTC"), _row("fast", ds.VERSION)]
+    assert ds._runs_text(one[:1]) == []  # one run: nothing to say
+    data = {"env": env, "bandwidth_tb_s": 3.0, "rows": one}
+    ds.report(tmp_path, data)
+    md = (tmp_path / "report.md").read_text()
+    assert ("Rows of more than one run" in md and "2026-01-01 10:00 UTC: qwen2.5-1.5b hf-eager" in md
+            and "an earlier run (rows saved before runs were stamped): qwen2.5-1.5b fast" in md)
