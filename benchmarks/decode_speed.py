@@ -9,15 +9,16 @@ the batch) and the per-token latency of:
   hf-eager       model.generate, transformers' dynamic cache, eager (per step: the time of N new
                  tokens minus that of 1, over N - 1, so the prompt cancels out)
   fast-unfused   elmkit.infer.Decoder: static cache, the whole step in one CUDA graph, eager
-                 kernels in it (not run unless named in --paths)
+                 kernels in it, SDPA attention (not run unless named in --paths)
   fast-ops       the same with RMSNorm, RoPE and SiLU x up compiled one kernel each (the fast path
                  before the compiled step)
-  fast           the default Decoder: q/k/v and gate/up packed into one GEMM each, the whole step
-                 through torch.compile, then one CUDA graph
-  fast-math      the same with the one-token attention as matmul, softmax, matmul instead of SDPA
+  fast-sdpa      q/k/v and gate/up packed into one GEMM each, the whole step through
+                 torch.compile, then one CUDA graph; SDPA attention (the default step before "auto")
+  fast           the default Decoder: the same step with attention="auto", which on a GPU of
+                 compute capability 8.0+ is elmkit.decode_attention (two Triton kernels, split along
+                 the keys, the query heads of a KV head together); each row records what it ran
+  fast-math      the same with the one-token attention as matmul, softmax, matmul
   fast-flex      the same with flex attention (inductor's decoding kernel, split along the keys)
-  fast-triton    the same with elmkit.decode_attention (two Triton kernels, split along the keys,
-                 the query heads of a KV head together)
   elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, --elm-step path
   elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop)
 
@@ -51,18 +52,21 @@ from elmkit.infer import DecodeConfig, Decoder, StepConfig
 from elmkit.io import read_json, save_figure, write_json
 from elmkit.methods import elm as elm_method
 
-PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast", "fast-math", "fast-flex", "fast-triton",
+PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast-sdpa", "fast", "fast-math", "fast-flex",
          "elm-fixed", "elm-anderson")
-DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast", "fast-math", "fast-flex", "fast-triton", "elm-fixed",
+DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast-sdpa", "fast", "fast-math", "fast-flex", "elm-fixed",
                  "elm-anderson")
-STEPS = {"fast-unfused": StepConfig(compile="none", pack=False),
-         "fast-ops": StepConfig(compile="ops", pack=False),
-         "fast": StepConfig(), "fast-math": StepConfig(attention="math"),
-         "fast-flex": StepConfig(attention="flex"), "fast-triton": StepConfig(attention="triton")}
+STEPS = {"fast-unfused": StepConfig(compile="none", pack=False, attention="sdpa"),
+         "fast-ops": StepConfig(compile="ops", pack=False, attention="sdpa"),
+         "fast-sdpa": StepConfig(attention="sdpa"), "fast": StepConfig(),
+         "fast-math": StepConfig(attention="math"), "fast-flex": StepConfig(attention="flex")}
+# version 2 named the steps by the default of its day: its "fast" ran SDPA (v3's fast-sdpa) and its
+# "fast-triton" the Triton kernels that v3's default step runs on such a GPU; load() renames them
+V2_NAMES = {"fast": "fast-sdpa", "fast-triton": "fast"}
 ELM = dict(start=2, span=8, max_iter=8)
 ADAPTIVE = dict(solver="anderson", tol=1e-2, tol_mode="rel")
 REAL = "smollm2-135m"  # the real model's rows (--real)
-VERSION = 2  # rows of results.json measured by this version of the script
+VERSION = 3  # rows of results.json measured by this version of the script
 CHECK_TOKENS = 32  # greedy tokens compared with model.generate
 
 
@@ -82,10 +86,16 @@ def by_label(rows: list[dict]) -> dict:
 
 def load(js: Path) -> dict:
     """results.json with older rows under this version's keys: the first version's "fast" is the
-    step now called fast-ops, and its ELM rows ran that step; rows of this version saved before rows
+    step now called fast-ops, and its ELM rows ran that step; version 2's steps are renamed by
+    V2_NAMES (the same configurations, so its rows become this version's); rows saved before rows
     named their machine were measured on the machine of data["env"] (every run rewrote it)."""
     data = read_json(js) if js.exists() else {"rows": []}
     for r in data["rows"]:
+        if r.get("version") == 2:
+            r["path"] = V2_NAMES.get(r["path"], r["path"])
+            if r.get("step") is not None:
+                r["step"] = V2_NAMES.get(r["step"], r["step"])
+            r["version"] = 3
         if r.get("version") is None:
             if r["path"] == "fast":
                 r["path"] = "fast-ops"
@@ -156,7 +166,7 @@ def fast(model, ids: torch.Tensor, new: int, step: StepConfig, ref: torch.Tensor
     n = min(ref.shape[1], out.shape[1])
     same = (out[:, :n] == ref[:, :n]).all(0)  # (n,) every row agrees at this position
     first = None if same.all() else int((~same).nonzero()[0])
-    extra = {"greedy_equal": first is None, "greedy_first_diff": first}
+    extra = {"greedy_equal": first is None, "greedy_first_diff": first, "attention": dec.attention}
     runs = [dec.generate(ids, cfg=cfg)[1] for _ in range(repeats)]
     per = statistics.median(s.decode_s / (s.new_tokens - 1) for s in runs)
     if profile:
@@ -324,6 +334,23 @@ def _greedy_line(shape: str, rows: list[dict]) -> str | None:
     return line
 
 
+def elm_pair(rows: list[dict], shape: str, path: str, batch: int = 1, prompt: int = 512):
+    """(dense row, ELM row) of ``path`` that ran the same decode step: the default step's where
+    both were measured, else another step's; (None, None) where no such pair exists."""
+    by = by_label(rows)
+    elms = [r for r in rows
+            if (r["shape"], r["path"], r["batch"], r["prompt"]) == (shape, path, batch, prompt)]
+    for r in sorted(elms, key=lambda r: r.get("step") not in (None, "fast")):
+        dense = by.get((shape, r.get("step") or "fast", batch, prompt))
+        if dense:
+            return dense, r
+    return None, None
+
+
+def _on_step(r: dict) -> str:
+    return "" if r.get("step") in (None, "fast") else f" (both on the {r['step']} step)"
+
+
 def step_targets(rows: list[dict], noise: float = 0.02) -> list[tuple[str, bool]]:
     """The faster step's targets at batch 1, prompt 512, per shape: (statement, met). One run per
     row, so a latency ratio within ``noise`` of 1 says so, and "faster than dense" is met only
@@ -331,20 +358,21 @@ def step_targets(rows: list[dict], noise: float = 0.02) -> list[tuple[str, bool]
     by = by_label(rows)
     out = []
     for shape in sorted({r["shape"] for r in rows}):
-        f, e, a = (by.get((shape, p, 1, 512)) for p in ("fast", "elm-fixed", "elm-anderson"))
+        f = by.get((shape, "fast", 1, 512))
         if f:
             out.append((f"Dense fast path >= 50% of the HBM roofline, {shape}, batch 1, prompt 512: "
                         f"{f['roofline_pct']:.1f}%", f["roofline_pct"] >= 50))
-        for r, what, bound in ((e, "fixed", 1.03), (a, "adaptive", 1.0)):
-            if not (f and r):
+        for path, what, bound in (("elm-fixed", "fixed", 1.03), ("elm-anderson", "adaptive", 1.0)):
+            d, r = elm_pair(rows, shape, path)
+            if not r:
                 continue
-            lat = r["ms_per_token"] / f["ms_per_token"]
+            lat = r["ms_per_token"] / d["ms_per_token"]
             trained = "trained" if r.get("trained") else "untrained"
             ev = (f"{r['block_launches']:.2f} evaluations per token" if what == "adaptive"
                   else f"{r['block_launches']:.0f} evaluations")
             claim = "within 1.03x of" if what == "fixed" else "faster than"
             out.append((f"ELM ({what}, {ev}, {trained} block) per-token latency {claim} the dense fast "
-                        f"path, {shape}: {lat:.3f}x"
+                        f"path, {shape}{_on_step(r)}: {lat:.3f}x"
                         + (f" (within {noise:.0%} of 1: one run each, no spread measured)"
                            if abs(lat - 1) < noise else ""),
                         # "faster" must clear the noise; "within 1.03x" is itself a tolerance
@@ -406,30 +434,31 @@ def report(res: Path, data: dict) -> None:
     for shape in [*SHAPES, REAL]:
         for T in sorted({r["prompt"] for r in rows}):
             f1, o1 = by.get((shape, "fast", 1, T)), by.get((shape, "fast-ops", 1, T))
-            a1 = by.get((shape, "elm-anderson", 1, T))
+            fa, a1 = elm_pair(rows, shape, "elm-anderson", 1, T)
+            fe, e1 = elm_pair(rows, shape, "elm-fixed", 1, T)
             if f1 and o1:
                 lines.append(f"- {shape}, prompt {T}, batch 1: fast at {f1['roofline_pct']:.1f}% of the "
                              f"roofline, {f1['tokens_per_s'] / o1['tokens_per_s']:.2f}x fast-ops "
                              f"({o1['roofline_pct']:.1f}%)")
-            if f1 and a1:
+            if a1:
                 lines.append(f"- {shape}, prompt {T}, batch 1: ELM adaptive ({a1['block_launches']:.2f} "
-                             f"evaluations) latency / dense fast latency = "
-                             f"{a1['ms_per_token'] / f1['ms_per_token']:.3f}")
-            e1 = by.get((shape, "elm-fixed", 1, T))
+                             f"evaluations) latency / dense fast latency{_on_step(a1)} = "
+                             f"{a1['ms_per_token'] / fa['ms_per_token']:.3f}")
             h1 = by.get((shape, "hf-eager", 1, T))
             if f1 and h1:
                 lines.append(f"- {shape}, prompt {T}, batch 1: fast / hf-eager = "
                              f"{f1['tokens_per_s'] / h1['tokens_per_s']:.1f}x; ELM fixed / hf-eager = "
-                             + (f"{e1['tokens_per_s'] / h1['tokens_per_s']:.1f}x" if e1 else "n/a"))
-            if f1 and e1:
+                             + (f"{e1['tokens_per_s'] / h1['tokens_per_s']:.1f}x" if e1 else "n/a")
+                             + (f" (the ELM on the {e1['step']} step)" if e1 and _on_step(e1) else ""))
+            if e1:
                 lines.append(f"- {shape}, prompt {T}, batch 1: ELM fixed ({e1['block_launches']:.0f} evals) "
-                             f"latency / dense "
-                             f"fast latency = {e1['ms_per_token'] / f1['ms_per_token']:.3f}")
+                             f"latency / dense fast latency{_on_step(e1)} = "
+                             f"{e1['ms_per_token'] / fe['ms_per_token']:.3f}")
     for path, kind in (("elm-fixed", "fixed"), ("elm-anderson", "anderson")):
         for B, (lo, hi) in OFFICIAL_ELM["decode_tokens_per_s"][kind].items():
-            r = by.get(("qwen2.5-1.5b", path, B, 512))
+            _, r = elm_pair(rows, "qwen2.5-1.5b", path, B, 512)
             if r:
-                lines.append(f"- qwen2.5-1.5b {path}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
+                lines.append(f"- qwen2.5-1.5b {_label(r)}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
                              f"tokens/s = {r['tokens_per_s'] / hi:.1f}x to {r['tokens_per_s'] / lo:.1f}x "
                              f"the official ELM's {lo:.0f}-{hi:.0f} (cited, same settings)")
     lines += [g for shape in sorted({r["shape"] for r in rows}) if (g := _greedy_line(shape, rows))]

@@ -90,3 +90,30 @@ def test_rows_of_several_runs_are_named(tmp_path, ds):
     md = (tmp_path / "report.md").read_text()
     assert ("Rows of more than one run" in md and "2026-01-01 10:00 UTC: qwen2.5-1.5b hf-eager" in md
             and "an earlier run (rows saved before runs were stamped): qwen2.5-1.5b fast" in md)
+
+
+def test_version_2_steps_are_renamed_to_what_they_ran(tmp_path, ds):
+    """v2's default step ran SDPA (v3: fast-sdpa); its fast-triton is what v3's default runs."""
+    rows = [_row("fast", 2), _row("fast-triton", 2), _row("fast-ops", 2),
+            _row("elm-fixed", 2, step="fast"), _row("elm-fixed", 2, step="fast-triton")]
+    js = tmp_path / "results.json"
+    js.write_text(json.dumps({"env": {"device": "GPU"}, "rows": rows}))
+    got = ds.load(js)["rows"]
+    assert [ds._label(r) for r in got] == ["fast-sdpa", "fast", "fast-ops", "elm-fixed (fast-sdpa)",
+                                           "elm-fixed"]
+    assert {r["version"] for r in got} == {ds.VERSION}
+
+
+def test_elm_targets_compare_rows_of_one_step(ds):
+    """An ELM row is set against the dense row of the step it ran: the default's where both exist."""
+    sdpa = _row("fast-sdpa", ds.VERSION, ms_per_token=2.0)
+    fast = _row("fast", ds.VERSION, ms_per_token=1.6, roofline_pct=45.0)
+    adaptive = _row("elm-anderson", ds.VERSION, ms_per_token=1.8, block_launches=4.0, step="fast-sdpa")
+    assert ds.elm_pair([sdpa, fast, adaptive], "qwen2.5-1.5b", "elm-anderson") == (sdpa, adaptive)
+    (text, met), = [t for t in ds.step_targets([sdpa, fast, adaptive]) if "adaptive" in t[0]]
+    assert "(both on the fast-sdpa step): 0.900x" in text and met
+    fixed_default = _row("elm-fixed", ds.VERSION, ms_per_token=1.62, block_launches=8.0, step="fast")
+    fixed_sdpa = _row("elm-fixed", ds.VERSION, ms_per_token=2.5, block_launches=8.0, step="fast-sdpa")
+    rows = [sdpa, fast, fixed_sdpa, fixed_default]
+    assert ds.elm_pair(rows, "qwen2.5-1.5b", "elm-fixed") == (fast, fixed_default)
+    assert ds.elm_pair([fixed_default], "qwen2.5-1.5b", "elm-fixed") == (None, None)

@@ -278,6 +278,26 @@ def test_triton_attention_refuses_a_compiled_cpu_step():
                 step=StepConfig(compile="step", attention="triton"))
 
 
+def test_auto_attention_is_triton_only_in_a_compiled_gpu_step(monkeypatch):
+    """attention="auto" picks the Triton kernels where they were measured (a compiled step on a
+    CUDA GPU of compute capability 8.0+), SDPA elsewhere; a CPU decoder runs SDPA."""
+    from elmkit.infer import _auto_attention
+
+    cuda = torch.device("cuda")
+    assert _auto_attention(torch.device("cpu"), True) == "sdpa"
+    assert _auto_attention(cuda, False) == "sdpa"  # eager and "ops" steps were not timed with it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert _auto_attention(cuda, True) == "sdpa"  # no bf16 dots before compute capability 8.0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    try:
+        import triton  # noqa: F401
+        want = "triton"
+    except ImportError:
+        want = "sdpa"
+    assert _auto_attention(cuda, True) == want
+    assert Decoder(tiny_model("qwen2", num_layers=2, hidden_size=32), 1, 16).attention == "sdpa"
+
+
 def test_compiled_sampling_is_seeded():
     model = tiny_model("llama", num_layers=2, hidden_size=32)
     ids, mask = _prompts()
@@ -297,8 +317,9 @@ def _fp32_exact():
     torch.backends.cudnn.allow_tf32 = False
 
 
-STEPS = [StepConfig(), StepConfig(attention="math"), StepConfig(attention="flex"),
-         StepConfig(attention="triton"),
+# StepConfig() runs the Triton attention on a GPU ("auto"); "sdpa" is the step it replaced
+STEPS = [StepConfig(), StepConfig(attention="sdpa"), StepConfig(attention="math"),
+         StepConfig(attention="flex"),
          StepConfig(compile="ops", pack=False),
          StepConfig(compile="none", pack=False)]
 

@@ -90,6 +90,20 @@ def _triton_attention(device: torch.device, compiled: bool):
     return decode_attention
 
 
+def _auto_attention(device: torch.device, compiled: bool) -> str:
+    """attention="auto": elmkit's Triton kernels in a compiled step on a CUDA GPU of compute
+    capability 8.0 or newer (bf16 dots) with the triton package, where they were measured fastest
+    (BENCHMARKS.md: 1.10x SDPA's step on the 1.5B shape, 1.20x on SmolLM2-135M, H100); SDPA
+    elsewhere, including the eager and "ops" steps, which were not timed with them."""
+    if device.type != "cuda" or not compiled or torch.cuda.get_device_capability(device) < (8, 0):
+        return "sdpa"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "triton"
+
+
 # compile="ops": one compiled kernel each (RMSNorm alone is six eager kernels, RoPE about ten); they
 # see tensors only, so every layer reuses one compilation per shape
 _FUSED = {"rms": torch.compile(_rms, dynamic=False),
@@ -97,7 +111,7 @@ _FUSED = {"rms": torch.compile(_rms, dynamic=False),
           "silu_mul": torch.compile(_silu_mul, dynamic=False)}
 
 COMPILE = ("auto", "step", "ops", "none")
-ATTENTION = ("sdpa", "math", "flex", "triton")
+ATTENTION = ("auto", "sdpa", "math", "flex", "triton")
 FLEX_BLOCK = 128  # flex attention's key block: its cache is a whole number of them
 
 
@@ -113,8 +127,9 @@ class StepConfig:
     pack: bool = True
     """q/k/v and gate/up of each layer as one matrix each, so a decode step runs one GEMM for
     each group; the modules' weights become views of it (nothing is copied, save/load unchanged)."""
-    attention: str = "sdpa"
-    """The one-token attention of the decode step: "sdpa" (PyTorch's fused kernels), "math"
+    attention: str = "auto"
+    """The one-token attention of the decode step: "auto" ("triton" in a compiled step on a CUDA GPU
+    of compute capability 8.0 or newer, "sdpa" elsewhere), "sdpa" (PyTorch's fused kernels), "math"
     (scores, masked softmax, weighted sum: two batched matmuls and one fusable softmax) or "flex"
     (flex attention, which inductor lowers to a decoding kernel split along the keys; a GPU and
     compile="step" only, and the cache is rounded up to whole blocks of FLEX_BLOCK keys) or
@@ -300,10 +315,11 @@ class Decoder:
         mode = step.compile if step.compile != "auto" else ("step" if self.graphs else "none")
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
-        self.attention = step.attention
-        if step.attention == "triton":
+        self.attention = (_auto_attention(self.device, self.compiled) if step.attention == "auto"
+                          else step.attention)  # what the step runs: never "auto"
+        if self.attention == "triton":
             self._triton_attention = _triton_attention(self.device, self.compiled)
-        if step.attention == "flex":
+        if self.attention == "flex":
             if self.head_dim < 16:  # inductor's flex lowering raised NotImplementedError for a head
                 # dimension of 8 (torch 2.11, on an H100)
                 raise ValueError(f'attention="flex" needs a head dimension of at least 16 (inductor\'s '
@@ -320,7 +336,7 @@ class Decoder:
         # cache slots: layer i -> slot i; an ELM block's evaluation k -> block slot (+ k-1 per_iter)
         n = len(self.layers)
         extra = (self.elm.max_iter - 1) if self.elm is not None and self.elm.kv_mode == "per_iter" else 0
-        Lc = -(-L // FLEX_BLOCK) * FLEX_BLOCK if step.attention == "flex" else L  # cache length
+        Lc = -(-L // FLEX_BLOCK) * FLEX_BLOCK if self.attention == "flex" else L  # cache length
         shape = (n + extra, B, base.num_key_value_heads, Lc, self.head_dim)
         self.K = torch.zeros(shape, device=dev, dtype=self.dtype)
         self.V = torch.zeros(shape, device=dev, dtype=self.dtype)
