@@ -33,8 +33,9 @@ run. The ELM starts from random weights (W_z small, W_h = I), so its adaptive st
 evaluations shown; on a trained model, see solver_savings.py. Results accumulate in results.json
 (finished rows are skipped, so a re-run resumes; --again measures the named ones anew);
 report.md and decode_speed.png are rebuilt from it.
-Rows saved by an earlier version of this script are measured again; each row names its run, and
-the report says which rows came from which run when there are several.
+Rows saved by the first version of this script are measured again (version 2's are renamed to
+this version's names: the same steps); each row names its run, and the report says which rows came
+from which run when there are several.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import argparse
 import gc
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -92,6 +94,10 @@ def load(js: Path) -> dict:
     data = read_json(js) if js.exists() else {"rows": []}
     for r in data["rows"]:
         if r.get("version") == 2:
+            ran = r.get("step") or r["path"]  # the attention a v2 fast row ran, from its step's name
+            if ran in STEPS or ran in V2_NAMES:
+                r.setdefault("attention", {"fast-triton": "triton", "fast-math": "math",
+                                           "fast-flex": "flex"}.get(ran, "sdpa"))
             r["path"] = V2_NAMES.get(r["path"], r["path"])
             if r.get("step") is not None:
                 r["step"] = V2_NAMES.get(r["step"], r["step"])
@@ -161,20 +167,22 @@ def fast(model, ids: torch.Tensor, new: int, step: StepConfig, ref: torch.Tensor
     warm-up; extra holds the greedy check against ``ref`` (generate's first tokens) and, with
     ``profile``, kernels per token and GPU busy %."""
     dec = Decoder(model, ids.shape[0], ids.shape[1] + new, step=step)
-    cfg = DecodeConfig(max_new_tokens=new, stop_at_eos=False)
-    out, _ = dec.generate(ids, cfg=cfg)  # captures the graphs (and compiles the step)
-    n = min(ref.shape[1], out.shape[1])
-    same = (out[:, :n] == ref[:, :n]).all(0)  # (n,) every row agrees at this position
-    first = None if same.all() else int((~same).nonzero()[0])
-    extra = {"greedy_equal": first is None, "greedy_first_diff": first, "attention": dec.attention}
-    runs = [dec.generate(ids, cfg=cfg)[1] for _ in range(repeats)]
-    per = statistics.median(s.decode_s / (s.new_tokens - 1) for s in runs)
-    if profile:
-        extra.update(kernel_profile(dec, ids, new))
-    dec.close()
-    del dec
-    gc.collect()  # the compiled step's frames refer back to the decoder: free its cache now
-    torch.cuda.empty_cache()
+    try:  # closed also when the step fails to build, so the next row finds the memory free
+        cfg = DecodeConfig(max_new_tokens=new, stop_at_eos=False)
+        out, _ = dec.generate(ids, cfg=cfg)  # captures the graphs (and compiles the step)
+        n = min(ref.shape[1], out.shape[1])
+        same = (out[:, :n] == ref[:, :n]).all(0)  # (n,) every row agrees at this position
+        first = None if same.all() else int((~same).nonzero()[0])
+        extra = {"greedy_equal": first is None, "greedy_first_diff": first, "attention": dec.attention}
+        runs = [dec.generate(ids, cfg=cfg)[1] for _ in range(repeats)]
+        per = statistics.median(s.decode_s / (s.new_tokens - 1) for s in runs)
+        if profile:
+            extra.update(kernel_profile(dec, ids, new))
+    finally:
+        dec.close()
+        del dec
+        gc.collect()  # the compiled step's frames refer back to the decoder: free its cache now
+        torch.cuda.empty_cache()
     return per, runs[-1], extra
 
 
@@ -228,11 +236,10 @@ def load_models(shape: str, real: str | None, real_elm: str | None):
 
 
 def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float, emit,
-            real: str | None = None, real_elm: str | None = None, elm_step: str = "fast",
-            failed: list | None = None) -> None:
-    """Every row of ``shape`` not in ``done``, each passed to ``emit``; a dense fast path that
-    cannot run here is added to ``failed`` and skipped."""
-    failed = [] if failed is None else failed
+            failed: list, real: str | None = None, real_elm: str | None = None,
+            elm_step: str = "fast") -> None:
+    """Every row of ``shape`` not in ``done``, each passed to ``emit``; a fast path (dense or ELM)
+    that cannot run here is added to ``failed``, with its traceback printed, and skipped."""
     model, build_elm = load_models(shape, real, real_elm)
     elm, refs = None, {}
     for path in sorted(paths, key=PATHS.index):  # dense first: building the ELM consumes the model
@@ -260,33 +267,39 @@ def measure(shape: str, batches, prompts, new: int, paths, done: set, bw: float,
                 if path == "hf-eager":
                     per = hf_eager(model, ids, min(new, 32))
                     rec["new_tokens"] = min(new, 32)
-                elif path in STEPS:
-                    try:
-                        per, _, extra = fast(model, ids, new, STEPS[path], refs[key], profile=B == 1)
-                    except Exception as e:  # a path that cannot build here (a compiler error) is
-                        # reported at the end; the other rows are still measured
-                        failed.append(f"{shape} {path} b{B} p{T}: {type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
-                        print(f"{shape} {path} b{B} p{T} failed: {failed[-1]}", flush=True)
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        continue
+                    emit(_rate(rec, per, m, B, T, new, None, bw))
+                    continue
+                try:
+                    per, stats, extra = fast(m, ids, new, STEPS[path if elm is None else elm_step], refs[key],
+                                             profile=B == 1)
+                except Exception as e:  # a step that cannot build here (a compiler error) is reported
+                    # at the end, its traceback now; the other rows are still measured
+                    traceback.print_exc()
+                    text = str(e).strip().splitlines()
+                    failed.append(f"{shape} {_label({'path': path, 'step': step})} b{B} p{T}: "
+                                  f"{type(e).__name__}: {text[0][:300] if text else ''}")
+                    print(f"failed: {failed[-1]}", flush=True)
+                    continue
+                if elm is None:
                     rec.update(extra)
                 else:
-                    per, stats, extra = fast(elm, ids, new, STEPS[elm_step], refs[key], profile=B == 1)
                     evals = stats.block_launches
                     rec.update(extra, block_evaluations=stats.block_evaluations, block_launches=evals,
                                solver=elm.config.solver, tol=elm.config.tol, tol_mode=elm.config.tol_mode,
                                step=step, trained=shape == REAL and real_elm is not None,
                                elm_start=elm.config.start, elm_span=elm.config.span)
-                step_bytes = weight_bytes(m, evals) + kv_bytes_read(m, B, T + new / 2, evals)
-                roof = B / (step_bytes / bw)
-                rec.update(ms_per_token=per * 1e3, tokens_per_s=B / per, bytes_per_step=step_bytes,
-                           roofline_tokens_per_s=roof, roofline_pct=100 * (B / per) / roof,
-                           version=VERSION)
-                emit(rec)
+                emit(_rate(rec, per, m, B, T, new, evals, bw))
     del model, elm
     torch.cuda.empty_cache()
+
+
+def _rate(rec: dict, per: float, m, B: int, T: int, new: int, evals, bw: float) -> dict:
+    """``rec`` with its rate, latency and place against the roofline (``per`` s per step)."""
+    step_bytes = weight_bytes(m, evals) + kv_bytes_read(m, B, T + new / 2, evals)
+    roof = B / (step_bytes / bw)
+    rec.update(ms_per_token=per * 1e3, tokens_per_s=B / per, bytes_per_step=step_bytes,
+               roofline_tokens_per_s=roof, roofline_pct=100 * (B / per) / roof, version=VERSION)
+    return rec
 
 
 def _runs_text(rows: list[dict]) -> list[str]:
@@ -338,13 +351,20 @@ def elm_pair(rows: list[dict], shape: str, path: str, batch: int = 1, prompt: in
     """(dense row, ELM row) of ``path`` that ran the same decode step: the default step's where
     both were measured, else another step's; (None, None) where no such pair exists."""
     by = by_label(rows)
-    elms = [r for r in rows
-            if (r["shape"], r["path"], r["batch"], r["prompt"]) == (shape, path, batch, prompt)]
-    for r in sorted(elms, key=lambda r: r.get("step") not in (None, "fast")):
+    for r in _elm_rows(rows, shape, path, batch, prompt):
         dense = by.get((shape, r.get("step") or "fast", batch, prompt))
-        if dense:
+        # one step name can mean another attention on another machine ("auto")
+        a, b = (dense or {}).get("attention"), r.get("attention")
+        if dense and (a is None or b is None or a == b):
             return dense, r
     return None, None
+
+
+def _elm_rows(rows: list[dict], shape: str, path: str, batch: int, prompt: int) -> list[dict]:
+    """The rows of an ELM ``path``, the default step's first."""
+    elms = [r for r in rows
+            if (r["shape"], r["path"], r["batch"], r["prompt"]) == (shape, path, batch, prompt)]
+    return sorted(elms, key=lambda r: r.get("step") not in (None, "fast"))
 
 
 def _on_step(r: dict) -> str:
@@ -456,7 +476,7 @@ def report(res: Path, data: dict) -> None:
                              f"{e1['ms_per_token'] / fe['ms_per_token']:.3f}")
     for path, kind in (("elm-fixed", "fixed"), ("elm-anderson", "anderson")):
         for B, (lo, hi) in OFFICIAL_ELM["decode_tokens_per_s"][kind].items():
-            _, r = elm_pair(rows, "qwen2.5-1.5b", path, B, 512)
+            r = next(iter(_elm_rows(rows, "qwen2.5-1.5b", path, B, 512)), None)
             if r:
                 lines.append(f"- qwen2.5-1.5b {_label(r)}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
                              f"tokens/s = {r['tokens_per_s'] / hi:.1f}x to {r['tokens_per_s'] / lo:.1f}x "
@@ -538,8 +558,8 @@ def main() -> None:
         for shape in shapes:
             measure(shape, [int(b) for b in args.batches.split(",")],
                     [int(t) for t in args.prompts.split(",")], args.new_tokens,
-                    args.paths.split(","), done, data["bandwidth_tb_s"] * 1e12, emit,
-                    real=args.real, real_elm=args.real_elm, elm_step=args.elm_step, failed=failed)
+                    args.paths.split(","), done, data["bandwidth_tb_s"] * 1e12, emit, failed,
+                    real=args.real, real_elm=args.real_elm, elm_step=args.elm_step)
     report(res, data)
     print((res / "report.md").read_text())
     if failed:

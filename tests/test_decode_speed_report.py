@@ -102,6 +102,7 @@ def test_version_2_steps_are_renamed_to_what_they_ran(tmp_path, ds):
     assert [ds._label(r) for r in got] == ["fast-sdpa", "fast", "fast-ops", "elm-fixed (fast-sdpa)",
                                            "elm-fixed"]
     assert {r["version"] for r in got} == {ds.VERSION}
+    assert [r["attention"] for r in got] == ["sdpa", "triton", "sdpa", "sdpa", "triton"]
 
 
 def test_elm_targets_compare_rows_of_one_step(ds):
@@ -117,3 +118,11 @@ def test_elm_targets_compare_rows_of_one_step(ds):
     rows = [sdpa, fast, fixed_sdpa, fixed_default]
     assert ds.elm_pair(rows, "qwen2.5-1.5b", "elm-fixed") == (fast, fixed_default)
     assert ds.elm_pair([fixed_default], "qwen2.5-1.5b", "elm-fixed") == (None, None)
+
+
+def test_elm_rows_pair_only_with_a_dense_row_of_the_same_attention(ds):
+    dense = _row("fast", ds.VERSION, attention="sdpa")  # "auto" resolved to SDPA on that machine
+    elm = _row("elm-fixed", ds.VERSION, block_launches=8.0, step="fast", attention="triton")
+    assert ds.elm_pair([dense, elm], "qwen2.5-1.5b", "elm-fixed") == (None, None)
+    elm["attention"] = "sdpa"
+    assert ds.elm_pair([dense, elm], "qwen2.5-1.5b", "elm-fixed") == (dense, elm)

@@ -1,5 +1,7 @@
 """The fast decoder gives the reference generate()'s tokens, for dense and ELM models."""
 
+import sys
+
 import pytest
 import torch
 
@@ -295,6 +297,8 @@ def test_auto_attention_is_triton_only_in_a_compiled_gpu_step(monkeypatch):
     except ImportError:
         want = "sdpa"
     assert _auto_attention(cuda, True) == want
+    monkeypatch.setitem(sys.modules, "triton", None)  # not installed: import fails
+    assert _auto_attention(cuda, True) == "sdpa"
     assert Decoder(tiny_model("qwen2", num_layers=2, hidden_size=32), 1, 16).attention == "sdpa"
 
 
@@ -317,9 +321,10 @@ def _fp32_exact():
     torch.backends.cudnn.allow_tf32 = False
 
 
-# StepConfig() runs the Triton attention on a GPU ("auto"); "sdpa" is the step it replaced
+# StepConfig() runs the Triton attention on a GPU of compute capability 8.0+ ("auto"); "sdpa" is
+# the step it replaced
 STEPS = [StepConfig(), StepConfig(attention="sdpa"), StepConfig(attention="math"),
-         StepConfig(attention="flex"),
+         StepConfig(attention="flex"), StepConfig(attention="triton"),
          StepConfig(compile="ops", pack=False),
          StepConfig(compile="none", pack=False)]
 

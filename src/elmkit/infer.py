@@ -95,7 +95,8 @@ def _auto_attention(device: torch.device, compiled: bool) -> str:
     capability 8.0 or newer (bf16 dots) with the triton package, where they were measured fastest
     (BENCHMARKS.md: 1.10x SDPA's step on the 1.5B shape, 1.20x on SmolLM2-135M, H100); SDPA
     elsewhere, including the eager and "ops" steps, which were not timed with them."""
-    if device.type != "cuda" or not compiled or torch.cuda.get_device_capability(device) < (8, 0):
+    if (device.type != "cuda" or not compiled or torch.version.hip is not None  # ROCm: not measured
+            or torch.cuda.get_device_capability(device) < (8, 0)):
         return "sdpa"
     try:
         import triton  # noqa: F401
