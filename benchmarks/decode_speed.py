@@ -351,7 +351,7 @@ def elm_pair(rows: list[dict], shape: str, path: str, batch: int = 1, prompt: in
     """(dense row, ELM row) of ``path`` that ran the same decode step: the default step's where
     both were measured, else another step's; (None, None) where no such pair exists."""
     by = by_label(rows)
-    for r in _elm_rows(rows, shape, path, batch, prompt):
+    for r in elm_rows(rows, shape, path, batch, prompt):
         dense = by.get((shape, r.get("step") or "fast", batch, prompt))
         # one step name can mean another attention on another machine ("auto")
         a, b = (dense or {}).get("attention"), r.get("attention")
@@ -360,7 +360,7 @@ def elm_pair(rows: list[dict], shape: str, path: str, batch: int = 1, prompt: in
     return None, None
 
 
-def _elm_rows(rows: list[dict], shape: str, path: str, batch: int, prompt: int) -> list[dict]:
+def elm_rows(rows: list[dict], shape: str, path: str, batch: int, prompt: int) -> list[dict]:
     """The rows of an ELM ``path``, the default step's first."""
     elms = [r for r in rows
             if (r["shape"], r["path"], r["batch"], r["prompt"]) == (shape, path, batch, prompt)]
@@ -476,7 +476,7 @@ def report(res: Path, data: dict) -> None:
                              f"{e1['ms_per_token'] / fe['ms_per_token']:.3f}")
     for path, kind in (("elm-fixed", "fixed"), ("elm-anderson", "anderson")):
         for B, (lo, hi) in OFFICIAL_ELM["decode_tokens_per_s"][kind].items():
-            r = next(iter(_elm_rows(rows, "qwen2.5-1.5b", path, B, 512)), None)
+            r = next(iter(elm_rows(rows, "qwen2.5-1.5b", path, B, 512)), None)
             if r:
                 lines.append(f"- qwen2.5-1.5b {_label(r)}, batch {B}, prompt 512: {r['tokens_per_s']:.0f} "
                              f"tokens/s = {r['tokens_per_s'] / hi:.1f}x to {r['tokens_per_s'] / lo:.1f}x "
