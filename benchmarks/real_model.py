@@ -199,7 +199,10 @@ RECURRENCE = {"core": 4, "r": 3, "lr": 5e-5, "warmup": 20}
 # general knowledge: lm-eval on the full test sets, zero-shot, from ../shared/data/commonsense
 TASKS = ("elmkit_arc_easy", "elmkit_boolq", "elmkit_piqa")
 TASK_LABELS = {"elmkit_arc_easy": "ARC-E", "elmkit_boolq": "BoolQ", "elmkit_piqa": "PIQA"}
-TASK_BATCH = 64
+# lm-eval's batch. It holds a batch's logits twice, the model's (bf16) and their log-softmax (fp32):
+# 6 bytes x (B, T, V). At 64, BoolQ's longest request asked for 15.18 GiB of fp32 on an H100: about
+# 1,300 tokens (V 49,152), 23 GiB in all, more than a unit's share at --jobs 6; at 8 it is 2.9 GiB
+TASK_BATCH = 8
 # task retention (the paper's protocol): SmolLM2 LoRA-tuned on the base testbed's problems, until
 # validation accuracy stops improving, is the teacher; each method compresses the teacher and trains
 # on the same problems; greedy exact match on held-out test problems
@@ -228,7 +231,7 @@ def screen_settings() -> dict:
             "budgets": [b for b in ((2, 4, 8, 16) if small else BUDGETS) if b <= top],
             "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
             **({"val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
-                "tasks": list(TASKS), "tasks_limit": 4 if small else None}
+                "tasks": list(TASKS), "tasks_limit": 4 if small else None, "task_batch": TASK_BATCH}
                if SCREEN["protocol"] != "task" else {"task": task_sizes()}),
             **({"seed": SCREEN["seed"]} if SCREEN["protocol"] == "curves" else {}),
             "seeded_units": True,  # each unit seeds torch itself (units saved before did not)
@@ -660,6 +663,36 @@ def _check_tasks(data: Path) -> Path:
     return folder
 
 
+def task_logits_bytes(model: str, tasks_dir: Path, batch: int = TASK_BATCH) -> int:
+    """The bytes lm-eval's logits take for a batch of the longest request of TASKS: bf16 logits and
+    their fp32 log-softmax, 6 bytes x (batch, T, V). T: the query, its answer cue, a space and its
+    longest choice, in the model's tokens; V: the tokenizer's vocabulary (the head's rows, bar
+    padding)."""
+    from elmkit.eval.harness import ANSWER_CUE
+    from elmkit.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    longest = 0
+    for t in TASKS:
+        stem = t.removeprefix("elmkit_")
+        for line in (tasks_dir / f"{stem}.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                text = r["query"].strip() + ANSWER_CUE.get(stem, "") + " " + max(r["choices"], key=len)
+                longest = max(longest, len(tok(text)["input_ids"]))
+    return batch * longest * len(tok) * 6
+
+
+def check_task_share(share: float, need: int, jobs: int) -> None:
+    """Refuse a --jobs whose memory share per unit cannot hold lm-eval's logits twice over (the other
+    half is the model's and the activations'): the units would train and then fail at the end."""
+    if need > share / 2:
+        fits = max(1, int(jobs * share / (2 * need)))
+        raise SystemExit(f"--jobs {jobs} leaves each unit {share / 2**30:.1f} GiB of the GPU; lm-eval's "
+                         f"batch of {TASK_BATCH} needs {need / 2**30:.1f} GiB for its logits alone, and a "
+                         f"unit keeps half its share for the rest: use --jobs {fits} or fewer")
+
+
 def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], jobs: int,
                  budget: Budget) -> bool:
     """The screen's units as up to ``jobs`` processes of this script, one method each, sharing the
@@ -674,6 +707,9 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     import subprocess
 
     folder, logs = out / screen_name(), run / screen_name()
+    if SCREEN["protocol"] != "task" and torch.cuda.is_available():
+        check_task_share(0.95 / jobs * torch.cuda.get_device_properties(0).total_memory,
+                         task_logits_bytes(model, data / "commonsense"), jobs)
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 2) // jobs))
     # expandable segments: memory a unit frees goes back to the device sooner (less fragmentation)

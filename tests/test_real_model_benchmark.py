@@ -123,6 +123,26 @@ def test_screen_unit_is_measured_again_when_its_settings_change(tmp_path, monkey
     assert not real_model._unit_current(tmp_path, "dense", want)
 
 
+def test_jobs_whose_share_cannot_hold_lm_evals_logits_are_refused(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    _data(tmp_path)
+    tasks = tmp_path / "data" / "commonsense"
+    need = real_model.task_logits_bytes("testbed:tiny", tasks, batch=8)
+    assert need > 0 and real_model.task_logits_bytes("testbed:tiny", tasks, batch=16) == 2 * need
+    # the longest request sets it: a long passage in one task file raises it
+    with (tasks / "boolq.jsonl").open("a") as f:
+        f.write(json.dumps({"query": "Passage: " + "the river rose " * 50, "choices": ["no", "yes"],
+                            "gold": 1}) + "\n")
+    longer = real_model.task_logits_bytes("testbed:tiny", tasks, batch=8)
+    assert longer > 10 * need
+
+    real_model.check_task_share(2 * longer, longer, jobs=6)  # the logits fit half the share
+    with pytest.raises(SystemExit, match=r"--jobs 6 leaves each unit .* use --jobs 3 or fewer"):
+        real_model.check_task_share(longer, longer, jobs=6)
+
+
 @pytest.mark.slow
 def test_screen_jobs_run_units_side_by_side_and_refuse_missing_task_files(tmp_path):
     _data(tmp_path)
