@@ -989,6 +989,10 @@ def report_screen(out: Path) -> None:
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
                      + f" | {u['wikitext2']['ppl']:.2f} | " + " | ".join(task_cells)
                      + f" | {u['seconds']:.0f} |")
+    stale = _stale_units(out, units)
+    if stale:
+        lines += ["", "Measured under earlier settings, so the next run measures them again: "
+                  + "; ".join(f"{m} ({', '.join(keys)})" for m, keys in stale.items()) + "."]
     lines += _inference_lines(ok, "ppl", lambda v: f"{v:.2f}")
     untrained = out / "recipe" / "reference.json"
     if untrained.is_file():
@@ -1001,6 +1005,20 @@ def report_screen(out: Path) -> None:
                   f"{ref['wikitext2']['ppl']:.2f} on WikiText-2 at {budgets[-1]:,} sequences."]
     lines += ["", f"![{name}]({name}.png)", ""]
     atomic_write_text(folder / f"{name}.md", "\n".join(lines))
+
+
+def _stale_units(out: Path, units: list[dict]) -> dict[str, list[str]]:
+    """The general screen's units whose saved settings differ from what a run would measure them
+    with now, each with the settings that differ (all of them for a unit saved before units held
+    their settings)."""
+    s, recipe = screen_settings(), elm_recipe(out)
+    stale = {}
+    for u in units:
+        want, have = unit_settings(u["method"], s, recipe), u.get("settings")
+        if have != want:
+            stale[u["method"]] = (sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+                                  if have is not None else ["all"])
+    return stale
 
 
 def _tasks_note(units: list[dict]) -> str:

@@ -122,6 +122,13 @@ def test_screen_unit_is_measured_again_when_its_settings_change(tmp_path, monkey
     (tmp_path / "screen.json").write_text(json.dumps({"settings": want}))
     assert not real_model._unit_current(tmp_path, "dense", want)
 
+    # the report names the units a run would measure again, and the settings that moved
+    s, recipe = real_model.screen_settings(), real_model.elm_recipe(tmp_path)
+    dense = {**real_model.unit_settings("dense", s, recipe), "task_batch": 64}
+    units = [{"method": "sleb", "settings": real_model.unit_settings("sleb", s, recipe)},
+             {"method": "dense", "settings": dense}, {"method": "elm"}]
+    assert real_model._stale_units(tmp_path, units) == {"dense": ["task_batch"], "elm": ["all"]}
+
 
 def test_jobs_whose_share_cannot_hold_lm_evals_logits_are_refused(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
