@@ -19,6 +19,9 @@ the batch) and the per-token latency of:
                  the keys, the query heads of a KV head together); each row records what it ran
   fast-math      the same with the one-token attention as matmul, softmax, matmul
   fast-flex      the same with flex attention (inductor's decoding kernel, split along the keys)
+  fast-tuned     the default step with StepConfig(autotune=True): inductor times Triton GEMM
+                 templates against cuBLAS for each matmul (compiling takes minutes; not run unless
+                 named in --paths)
   elm-fixed      the ELM (start 2, M = 8, one-step KV) with 8 evaluations per token, --elm-step path
   elm-anderson   the same ELM with Anderson and a per-token tolerance (adaptive stop)
 
@@ -55,13 +58,14 @@ from elmkit.io import read_json, save_figure, write_json
 from elmkit.methods import elm as elm_method
 
 PATHS = ("hf-eager", "fast-unfused", "fast-ops", "fast-sdpa", "fast", "fast-math", "fast-flex",
-         "elm-fixed", "elm-anderson")
+         "fast-tuned", "elm-fixed", "elm-anderson")
 DEFAULT_PATHS = ("hf-eager", "fast-ops", "fast-sdpa", "fast", "fast-math", "fast-flex", "elm-fixed",
                  "elm-anderson")
 STEPS = {"fast-unfused": StepConfig(compile="none", pack=False, attention="sdpa"),
          "fast-ops": StepConfig(compile="ops", pack=False, attention="sdpa"),
          "fast-sdpa": StepConfig(attention="sdpa"), "fast": StepConfig(),
-         "fast-math": StepConfig(attention="math"), "fast-flex": StepConfig(attention="flex")}
+         "fast-math": StepConfig(attention="math"), "fast-flex": StepConfig(attention="flex"),
+         "fast-tuned": StepConfig(autotune=True)}
 # version 2 named the steps by the default of its day: its "fast" ran SDPA (v3's fast-sdpa) and its
 # "fast-triton" the Triton kernels that v3's default step runs on such a GPU; load() renames them
 V2_NAMES = {"fast": "fast-sdpa", "fast-triton": "fast"}

@@ -257,6 +257,20 @@ def test_compiled_step_equals_generate(kind, attention):
         assert torch.equal(dec.evals, eager.evals)
 
 
+def test_autotuned_step_equals_generate():
+    """StepConfig(autotune=True): inductor times the step's matmuls (on a CPU, its C++ GEMM
+    templates against ATen); the tokens are generate()'s. Refused where nothing is compiled."""
+    model = tiny_model("qwen2", num_layers=2, hidden_size=32)
+    ids, mask = _prompts()
+    ref = _reference(model, ids, mask, 6)
+    dec = Decoder(model, 3, 16, step=StepConfig(compile="step", autotune=True))
+    assert dec.autotune
+    assert torch.equal(dec.generate(ids, mask, DecodeConfig(max_new_tokens=6))[0], ref)
+    assert not Decoder(model, 3, 16, step=StepConfig(autotune=True)).autotune  # "auto" on a CPU: eager
+    with pytest.raises(ValueError, match='autotune times the matmuls of the compiled step'):
+        StepConfig(compile="ops", autotune=True)
+
+
 @pytest.mark.parametrize("settings", [None, *ELM_SETTINGS], ids=lambda s: "dense" if s is None else
                          "-".join(f"{k}={v}" for k, v in s.items()))
 def test_triton_attention_equals_generate(settings):
@@ -347,6 +361,14 @@ def test_cuda_graphs_equal_eager_and_generate(settings, step):
     assert torch.equal(eager, ref)
     if settings is not None:
         assert stats.block_evaluations <= stats.block_launches <= settings["max_iter"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", [None, ELM_SETTINGS[3]], ids=["dense", "elm-adaptive"])
+def test_autotuned_cuda_graphs_equal_generate(settings):
+    """StepConfig(autotune=True) on a GPU: Triton GEMM templates timed against cuBLAS, inside the
+    Decoder's own CUDA graphs (two settings only: each compilation times every matmul)."""
+    test_cuda_graphs_equal_eager_and_generate(settings, StepConfig(autotune=True))
 
 
 @pytest.mark.gpu

@@ -136,12 +136,20 @@ class StepConfig:
     compile="step" only, and the cache is rounded up to whole blocks of FLEX_BLOCK keys) or
     "triton" (elmkit.decode_attention: two Triton kernels, split along the keys, each KV head's
     query heads together; a GPU, or a CPU under TRITON_INTERPRET=1 without compile="step")."""
+    autotune: bool = False
+    """The compiled step lets inductor time its matmuls (max-autotune without its CUDA graphs, which
+    the Decoder captures itself): Triton templates against cuBLAS for each shape, so a one-token
+    GEMV may run in a template with the bias, residual add or next elementwise op fused after it.
+    Compiling takes minutes; only with compile="step" (or "auto", which is "step" on a GPU)."""
 
     def __post_init__(self):
         if self.compile not in COMPILE:
             raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.autotune and self.compile in ("ops", "none"):
+            raise ValueError(f'autotune times the matmuls of the compiled step: use compile="step" or '
+                             f'"auto", not {self.compile!r}')
 
 
 @dataclass(frozen=True)
@@ -316,6 +324,7 @@ class Decoder:
         mode = step.compile if step.compile != "auto" else ("step" if self.graphs else "none")
         self.fuse = mode == "ops" and self.graphs  # compiled elementwise kernels (prefill stays eager)
         self.compiled = mode == "step"
+        self.autotune = step.autotune and self.compiled  # "auto" off a GPU: eager, nothing to time
         self.attention = (_auto_attention(self.device, self.compiled) if step.attention == "auto"
                           else step.attention)  # what the step runs: never "auto"
         if self.attention == "triton":
@@ -634,8 +643,9 @@ class Decoder:
                 pieces = [lambda: [p() for p in (self._pre, *evals, self._after_block)]]
         if self.compiled:
             # fallback_random: sampling draws from torch's generator, as the eager step does
-            pieces = [torch.compile(_own_code(p), fullgraph=True, dynamic=False,
-                                    options={"fallback_random": True}) for p in pieces]
+            options = {"fallback_random": True, **({"max_autotune": True} if self.autotune else {})}
+            pieces = [torch.compile(_own_code(p), fullgraph=True, dynamic=False, options=options)
+                      for p in pieces]
         self._compiled["pieces"] = pieces
         return pieces
 
