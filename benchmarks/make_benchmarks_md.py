@@ -58,6 +58,7 @@ def main() -> None:
         "```",
         "python benchmarks/decode_speed.py            # decode tokens/s, batch 1/8/32, prompt 512/2048",
         "python benchmarks/decode_speed.py --paths fast-unfused   # the graphs without fused kernels",
+        "python benchmarks/decode_speed.py --paths fast,fast-tuned   # matmuls timed by inductor",
         "python benchmarks/kv_memory.py               # KV bytes at 4K: dense / one-step / per-iteration",
         "python benchmarks/solver_savings.py          # solvers on the trained base testbed",
         "python benchmarks/train_step.py              # SJFB vs full backprop; a 7B training step",
