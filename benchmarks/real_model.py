@@ -199,9 +199,10 @@ RECURRENCE = {"core": 4, "r": 3, "lr": 5e-5, "warmup": 20}
 # general knowledge: lm-eval on the full test sets, zero-shot, from ../shared/data/commonsense
 TASKS = ("elmkit_arc_easy", "elmkit_boolq", "elmkit_piqa")
 TASK_LABELS = {"elmkit_arc_easy": "ARC-E", "elmkit_boolq": "BoolQ", "elmkit_piqa": "PIQA"}
-# lm-eval's batch. It holds a batch's logits twice, the model's (bf16) and their log-softmax (fp32):
-# 6 bytes x (B, T, V). At 64, BoolQ's longest request asked for 15.18 GiB of fp32 on an H100: about
-# 1,300 tokens (V 49,152), 23 GiB in all, more than a unit's share at --jobs 6; at 8 it is 2.9 GiB
+# lm-eval's batch. It holds a batch's logits twice, the model's and their log-softmax, both fp32 as
+# the units evaluate in fp32: 8 bytes x (B, T, V). At 64, BoolQ's longest request (1,296 tokens,
+# V 49,152) asked for 15.18 GiB for the log-softmax on an H100, 30 GiB in all, more than a unit's
+# share at --jobs 6 (12.5 GiB); at 8 it is 3.8 GiB
 TASK_BATCH = 8
 # task retention (the paper's protocol): SmolLM2 LoRA-tuned on the base testbed's problems, until
 # validation accuracy stops improving, is the teacher; each method compresses the teacher and trains
@@ -664,10 +665,10 @@ def _check_tasks(data: Path) -> Path:
 
 
 def task_logits_bytes(model: str, tasks_dir: Path, batch: int = TASK_BATCH) -> int:
-    """The bytes lm-eval's logits take for a batch of the longest request of TASKS: bf16 logits and
-    their fp32 log-softmax, 6 bytes x (batch, T, V). T: the query, its answer cue, a space and its
-    longest choice, in the model's tokens; V: the tokenizer's vocabulary (the head's rows, bar
-    padding)."""
+    """The bytes lm-eval's logits take for a batch of the longest request of TASKS: the units'
+    fp32 logits and their fp32 log-softmax, 8 bytes x (batch, T, V). T: the query, its answer cue,
+    a space and its longest choice, in the model's tokens (lm-eval pads a batch to its longest);
+    V: the tokenizer's vocabulary (the head's rows, bar padding)."""
     from elmkit.eval.harness import ANSWER_CUE
     from elmkit.models import load_tokenizer
 
@@ -680,7 +681,7 @@ def task_logits_bytes(model: str, tasks_dir: Path, batch: int = TASK_BATCH) -> i
                 r = json.loads(line)
                 text = r["query"].strip() + ANSWER_CUE.get(stem, "") + " " + max(r["choices"], key=len)
                 longest = max(longest, len(tok(text)["input_ids"]))
-    return batch * longest * len(tok) * 6
+    return batch * longest * len(tok) * 8
 
 
 def check_task_share(share: float, need: int, jobs: int) -> None:

@@ -257,16 +257,24 @@ def test_compiled_step_equals_generate(kind, attention):
         assert torch.equal(dec.evals, eager.evals)
 
 
-def test_autotuned_step_equals_generate():
-    """StepConfig(autotune=True) compiles and gives generate()'s tokens; refused where nothing is
-    compiled. On a CPU inductor keeps ATen's matmuls (its C++ GEMM templates need frozen weights),
-    so the templates themselves are checked by the GPU test below."""
+def test_autotuned_step_equals_generate(monkeypatch):
+    """StepConfig(autotune=True) hands max_autotune to torch.compile and gives generate()'s tokens;
+    refused where nothing is compiled. On a CPU inductor keeps ATen's matmuls (its C++ GEMM
+    templates need frozen weights), so the templates themselves are checked by the GPU test below."""
     model = tiny_model("qwen2", num_layers=2, hidden_size=32)
     ids, mask = _prompts()
     ref = _reference(model, ids, mask, 6)
+    compile_, options = torch.compile, []
+
+    def recording(fn, **kw):
+        options.append(kw.get("options", {}))
+        return compile_(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
     dec = Decoder(model, 3, 16, step=StepConfig(compile="step", autotune=True))
     assert dec.autotune
     assert torch.equal(dec.generate(ids, mask, DecodeConfig(max_new_tokens=6))[0], ref)
+    assert options and all(o.get("max_autotune") for o in options)
     assert not Decoder(model, 3, 16, step=StepConfig(autotune=True)).autotune  # "auto" on a CPU: eager
     with pytest.raises(ValueError, match='autotune times the matmuls of the compiled step'):
         StepConfig(compile="ops", autotune=True)

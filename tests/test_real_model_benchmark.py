@@ -145,6 +145,21 @@ def test_jobs_whose_share_cannot_hold_lm_evals_logits_are_refused(tmp_path, monk
     longer = real_model.task_logits_bytes("testbed:tiny", tasks, batch=8)
     assert longer > 10 * need
 
+    # the estimate bounds what lm-eval holds: its fp32 logits and their log-softmax, a batch padded
+    # to its longest request (lm-eval drops one token and may group rows, so within a quarter)
+    import torch.nn.functional as F
+
+    from elmkit.eval.harness import run_lm_eval
+    from elmkit.models import load_model, load_tokenizer
+
+    seen, log_softmax = [], F.log_softmax
+    monkeypatch.setattr(F, "log_softmax", lambda x, *a, **k: seen.append(x.numel() * x.element_size())
+                        or log_softmax(x, *a, **k))
+    model = load_model("testbed:tiny", dtype="float32", device="cpu")  # as the units evaluate
+    run_lm_eval(model, load_tokenizer("testbed:tiny"), tasks=list(real_model.TASKS), data_dir=tasks,
+                batch_size=real_model.TASK_BATCH)
+    assert 2 * max(seen) <= longer < 1.25 * 2 * max(seen)
+
     real_model.check_task_share(2 * longer, longer, jobs=6)  # the logits fit half the share
     with pytest.raises(SystemExit, match=r"--jobs 6 leaves each unit .* use --jobs 3 or fewer"):
         real_model.check_task_share(longer, longer, jobs=6)

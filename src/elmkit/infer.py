@@ -140,7 +140,8 @@ class StepConfig:
     """The compiled step lets inductor time its matmuls (max-autotune without its CUDA graphs, which
     the Decoder captures itself): Triton templates against cuBLAS for each shape, so a one-token
     GEMV may run in a template with the bias, residual add or next elementwise op fused after it.
-    Compiling takes minutes; only with compile="step" (or "auto", which is "step" on a GPU)."""
+    Compiling takes minutes; only with compile="step" (or "auto", which is "step" on a GPU with
+    CUDA graphs; elsewhere the step is eager and there is nothing to time)."""
 
     def __post_init__(self):
         if self.compile not in COMPILE:
