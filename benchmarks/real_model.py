@@ -52,6 +52,7 @@ import json
 import math
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -722,15 +723,19 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
             "--seed", str(SCREEN["seed"]),
             "--span", str(SCREEN["span"]), "--device-share", f"{0.95 / jobs:.4f}",
             *(["--smoke"] if SMOKE["on"] else [])]
-    queue, running, stopped, failed = list(todo), {}, False, []
+    queue, running, stopped, failed, expected = list(todo), {}, False, [], {}
+    ratios = []  # wall / saved time of the units finished in this run: the side-by-side slowdown
     while queue or running:
         while queue and len(running) < jobs and not stopped:
-            need = expected_seconds(folder, unit_path(folder, queue[0]))
+            need = expected_seconds(folder, unit_path(folder, queue[0])) * slowdown(ratios)
             if not budget.left(need):
-                print(f"stopped at the time budget before {queue[0]}; run again to continue")
+                print(f"stopped at the time budget before {queue[0]} (expected {need:.0f} s side by "
+                      f"side); run again to continue")
                 stopped = True
                 break
             name = queue.pop(0)
+            own = unit_path(folder, name)  # a ratio means something only against the unit's own time
+            expected[name] = (expected_seconds(folder, own) if own.is_file() else None, time.time())
             log = open(logs / f"{unit_path(logs, name).stem}.log", "w")  # noqa: SIM115 (closed when the process ends)
             # a datasets cache of its own: lm-eval's task files are prepared once per process
             cache = {"HF_DATASETS_CACHE": str(run / "hf_datasets" / unit_path(logs, name).stem)}
@@ -745,6 +750,8 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
                 continue
             log.close()
             del running[name]
+            if not proc.returncode and expected[name][0]:
+                ratios.append((time.time() - expected[name][1]) / expected[name][0])
             tail = (logs / f"{unit_path(logs, name).stem}.log").read_text().strip().splitlines()[-1:] or [""]
             print(f"== screen {name} exited {proc.returncode}: {tail[0]}", flush=True)
             if proc.returncode:
@@ -851,6 +858,14 @@ def expected_seconds(folder: Path, own: Path | None = None) -> float:
     if own is not None and own.is_file() and read_json(own).get("seconds"):
         return read_json(own)["seconds"]
     return max([read_json(p)["seconds"] for p in folder.glob("unit_*.json")] or [300.0])
+
+
+def slowdown(ratios: list[float]) -> float:
+    """How much longer a unit takes beside the others than it took before: the median of wall / saved
+    time over the units finished so far in this run that had a saved time (1 before any has, and
+    never below 1). A unit starts only while its expected time times this ends inside the budget:
+    a unit cut off by the end of a GPU run loses all its work."""
+    return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
 
 def unit_name(loss: str, lr: float) -> str:

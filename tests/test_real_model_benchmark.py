@@ -165,6 +165,15 @@ def test_jobs_whose_share_cannot_hold_lm_evals_logits_are_refused(tmp_path, monk
         real_model.check_task_share(longer, longer, jobs=6)
 
 
+def test_units_side_by_side_start_only_while_their_slowed_time_fits(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    assert real_model.slowdown([]) == 1.0  # nothing finished yet: the saved times as they are
+    assert real_model.slowdown([0.6, 0.8]) == 1.0  # faster than before is not counted on
+    assert real_model.slowdown([2.0, 3.5, 2.5]) == 2.5  # the median: one straggler does not decide
+
+
 @pytest.mark.slow
 def test_screen_jobs_run_units_side_by_side_and_refuse_missing_task_files(tmp_path):
     _data(tmp_path)
