@@ -34,6 +34,14 @@ Stages so far:
   task    The screen's units under the paper's protocol: each method compresses the teacher and
           trains on the same problems; greedy exact match on 500 held-out test problems at each
           budget; dense = the teacher with the same budget of LoRA (the ceiling).
+  curves  Budget curves of general retention to 102.4k sequences (checkpoints at 6.4k ... 102.4k
+          of one run) for dense, ELM and the 3 best methods of the screen, over seeds 0, 1, 2
+          (--seed for one): mean ± std in every cell.
+  task-curves  The same under the task protocol, the 3 best of the task screen.
+
+The claim section (claim/claim.md, first in RESULTS.md) answers the seeds' claim from the curves'
+top budget: ELM's retention (score / dense + LoRA's, same seed), whether it keeps 99%, and its gap
+to the best other method, a lead or trail only where the gap exceeds both standard deviations.
 
 --jobs N runs the screen's (or task's) units as N processes side by side on the one GPU: a
 training step of a 135M model is bound by kernel launches, so units in parallel finish several
@@ -227,15 +235,15 @@ def screen_methods() -> list[str]:
 
 def screen_settings() -> dict:
     small = SMOKE["on"]
-    top = (8 if small else SCREEN_TOP) if SCREEN["protocol"] != "curves" else (16 if small else CURVE_TOP)
+    top = (16 if small else CURVE_TOP) if is_curve() else (8 if small else SCREEN_TOP)
     return {"span": min(3, SCREEN["span"]) if small else SCREEN["span"], "batch": 2 if small else BATCH,
-            "seq": 32 if small and SCREEN["protocol"] != "task" else SEQ,  # a problem fits 256 tokens
+            "seq": 32 if small and not is_task() else SEQ,  # a problem fits 256 tokens
             "budgets": [b for b in ((2, 4, 8, 16) if small else BUDGETS) if b <= top],
             "heal_lr": HEAL_LR, "partial": PARTIAL, "recurrence": RECURRENCE,
             **({"val_window": 64 if small else VAL_WINDOW, "val_windows": 2 if small else VAL_WINDOWS,
                 "tasks": list(TASKS), "tasks_limit": 4 if small else None, "task_batch": TASK_BATCH}
-               if SCREEN["protocol"] != "task" else {"task": task_sizes()}),
-            **({"seed": SCREEN["seed"]} if SCREEN["protocol"] == "curves" else {}),
+               if not is_task() else {"task": task_sizes()}),
+            **({"seed": SCREEN["seed"]} if is_curve() else {}),
             "seeded_units": True,  # each unit seeds torch itself (units saved before did not)
             "smoke": small}
 
@@ -250,13 +258,25 @@ def screen_spans(out: Path, protocol: str | None = None) -> list[int]:
     return sorted(spans)
 
 
-PREFIX = {"general": "screen", "task": "task", "curves": "curves"}
-STAGES = ("recipe", "screen", "teacher", "task", "curves")
+# protocol -> folder prefix; the curves are the general protocol over seeds, task_curves the task one
+PREFIX = {"general": "screen", "task": "task", "curves": "curves", "task_curves": "task_curves"}
+STAGES = ("recipe", "screen", "teacher", "task", "curves", "task-curves")
+STAGE_PROTOCOL = {"screen": "general", "task": "task", "curves": "curves", "task-curves": "task_curves"}
+
+
+def is_task() -> bool:
+    """Whether the current protocol scores task retention (the teacher, the testbed's problems)."""
+    return SCREEN["protocol"] in ("task", "task_curves")
+
+
+def is_curve() -> bool:
+    """Whether the current protocol runs budget curves over seeds (to CURVE_TOP, a file per seed)."""
+    return SCREEN["protocol"] in ("curves", "task_curves")
 
 
 def unit_path(folder: Path, name: str) -> Path:
     """A unit's file: unit_<method>.json, or unit_<method>_s<seed>.json for the curves' seeds."""
-    seed = f"_s{SCREEN['seed']}" if SCREEN["protocol"] == "curves" else ""
+    seed = f"_s{SCREEN['seed']}" if is_curve() else ""
     return folder / f"unit_{name}{seed}.json"
 
 
@@ -265,12 +285,14 @@ def seeds() -> tuple[int, ...]:
 
 
 def curve_methods(out: Path) -> list[str]:
-    """dense, ELM and the CURVE_BEST methods with the lowest C4 perplexity at the general screen's
-    top budget (same M): the methods worth a budget curve and seeds."""
-    folder = out / screen_name(protocol="general")
+    """dense, ELM and the CURVE_BEST methods that score best at the top budget of the screen of the
+    same protocol and M (general: the lowest C4 perplexity; task: the highest accuracy): the methods
+    worth a budget curve and seeds."""
+    task = is_task()
+    folder = out / screen_name(protocol="task" if task else "general")
     done = [read_json(p) for p in folder.glob("unit_*.json")]
     ranked = sorted((u for u in done if "error" not in u and u["method"] not in ("original", "dense", "elm")
-                     and u["curve"]), key=lambda u: u["curve"][-1]["ppl"])
+                     and u["curve"]), key=lambda u: -u["curve"][-1]["acc"] if task else u["curve"][-1]["ppl"])
     return ["dense", "elm", *[u["method"] for u in ranked[:CURVE_BEST]]]
 
 
@@ -316,7 +338,7 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     from elmkit.models import count_parameters
 
     s = screen_settings()
-    task = SCREEN["protocol"] == "task"
+    task = is_task()
     folder = out / screen_name()
     folder.mkdir(parents=True, exist_ok=True)
     methods = methods or screen_methods()
@@ -709,7 +731,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     import subprocess
 
     folder, logs = out / screen_name(), run / screen_name()
-    if SCREEN["protocol"] != "task" and torch.cuda.is_available():
+    if not is_task() and torch.cuda.is_available():
         check_task_share(0.95 / jobs * torch.cuda.get_device_properties(0).total_memory,
                          task_logits_bytes(model, data / "commonsense"), jobs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -719,7 +741,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     base = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--data", str(data),
             "--out", str(out), "--run", str(run), "--budget-s", "1e9",
-            "--stages", {"general": "screen"}.get(SCREEN["protocol"], SCREEN["protocol"]),
+            "--stages", {p: st for st, p in STAGE_PROTOCOL.items()}[SCREEN["protocol"]],
             "--seed", str(SCREEN["seed"]),
             "--span", str(SCREEN["span"]), "--device-share", f"{0.95 / jobs:.4f}",
             *(["--smoke"] if SMOKE["on"] else [])]
@@ -950,7 +972,7 @@ def report_screen(out: Path) -> None:
     """<screen>.md / .json / .png from the saved units of the current --span (screen_name)."""
     if SCREEN["protocol"] == "task":
         return report_task(out)
-    if SCREEN["protocol"] == "curves":
+    if is_curve():
         return report_curves(out)
     name, folder, units = _saved_units(out)
     if not units:
@@ -1121,45 +1143,81 @@ def report_task(out: Path) -> None:
     atomic_write_text(folder / f"{name}.md", "\n".join(lines))
 
 
-def report_curves(out: Path) -> None:
-    """curves.md / .json / .png (or curves_m<M>.*): general retention against the budget, mean ±
-    std over the seeds measured so far."""
-    import statistics
+def _stat(xs: list[float], fmt: str = ".2f", scale: float = 1.0) -> str:
+    """mean ± sample std of ``xs`` (the value alone for one, empty for none)."""
+    if not xs:
+        return ""
+    if len(xs) == 1:
+        return f"{scale * xs[0]:{fmt}}"
+    return f"{scale * statistics.mean(xs):{fmt}} ± {scale * statistics.stdev(xs):{fmt}}"
 
+
+def _top_score(u: dict, task: bool) -> float | None:
+    """A curve unit's score at its top budget: test accuracy (task) or the mean lm-eval accuracy
+    (general; None where the unit has no task scores)."""
+    if task:
+        return u["curve"][-1]["acc"]
+    return statistics.mean(v["acc"] for v in u["tasks"].values()) if u.get("tasks") else None
+
+
+def retention(units: list[dict], task: bool) -> dict[str, list[float]]:
+    """Per method, the retention of each seed at the top budget: its score / dense + LoRA's score of
+    the same seed (the ceiling, same budget). Seeds without a dense unit are left out."""
+    top = {(u["method"], u["settings"]["seed"]): _top_score(u, task) for u in units if "error" not in u}
+    out: dict[str, list[float]] = {}
+    for (method, seed), score in sorted(top.items(), key=lambda kv: kv[0][1]):
+        ceiling = top.get(("dense", seed))
+        if method != "dense" and score is not None and ceiling:
+            out.setdefault(method, []).append(score / ceiling)
+    return out
+
+
+def report_curves(out: Path) -> None:
+    """curves.md / .json / .png (or curves_m<M>.*, task_curves*): retention against the budget,
+    mean ± std over the seeds measured so far; general (C4 perplexity at each budget, WikiText-2
+    and lm-eval at the end) or task (test accuracy at each budget)."""
     name, folder, units = _saved_units(out)
     ok = [u for u in units if "error" not in u]
     if not ok:
         return
-    s = screen_settings()
+    s, task = screen_settings(), is_task()
     budgets = s["budgets"]
     by: dict[str, list[dict]] = {}
     for u in ok:
         by.setdefault(u["method"], []).append(u)
-
-    def stat(xs: list[float], fmt: str = ".2f") -> str:
-        if not xs:
-            return ""
-        if len(xs) == 1:
-            return f"{xs[0]:{fmt}}"
-        return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
-
-    lines = [
-        f"## General retention against the budget, M = {s['span']}: mean ± std over seeds",
-        "",
-        f"The methods of the screen worth a curve (dense, ELM and the {CURVE_BEST} lowest C4 perplexities "
-        f"of the screen at its top budget), each trained for {budgets[-1]:,} sequences as in the screen, "
-        "scored on the same validation windows at each budget of the same run, WikiText-2 and lm-eval "
-        "(mean acc of ARC-E, BoolQ, PIQA) at the end. Each seed sets the calibration sample, "
-        "initialisation and data order. ± is the sample standard deviation over the seeds (n given).",
-        "",
-        "| method | seeds | " + " | ".join(f"C4 @ {b:,}" for b in budgets) + " | WikiText-2 | mean acc |",
-        "|---|---|" + "---|" * (len(budgets) + 2),
-    ]
+    kept = retention(ok, task)
+    key = "acc" if task else "ppl"
+    if task:
+        head = (f"## Task retention against the budget, M = {s['span']}: mean ± std over seeds",
+                f"The methods of the task screen worth a curve (dense, ELM and the {CURVE_BEST} highest "
+                "accuracies of the task screen at its top budget), each compressing the teacher and "
+                f"trained on its problems for {budgets[-1]:,} sequences, scored by greedy exact match on "
+                f"the same {task_sizes()['test']} held-out test problems at each budget of the same run. "
+                "Retention: accuracy / dense + LoRA's accuracy of the same seed at the top budget (the "
+                "ceiling). Each seed sets the initialisation, LoRA and data order; the teacher is the "
+                "same. ± is the sample standard deviation over the seeds (n given).")
+        cols = [f"acc @ {b:,}" for b in budgets] + [f"retention @ {budgets[-1]:,}"]
+    else:
+        head = (f"## General retention against the budget, M = {s['span']}: mean ± std over seeds",
+                f"The methods of the screen worth a curve (dense, ELM and the {CURVE_BEST} lowest C4 "
+                f"perplexities of the screen at its top budget), each trained for {budgets[-1]:,} "
+                "sequences as in the screen, scored on the same validation windows at each budget of the "
+                "same run, WikiText-2 and lm-eval (mean acc of ARC-E, BoolQ, PIQA) at the end. Each seed "
+                "sets the calibration sample, initialisation and data order. Retention: mean acc / dense "
+                "+ LoRA's of the same seed. ± is the sample standard deviation over the seeds (n given).")
+        cols = [f"C4 @ {b:,}" for b in budgets] + ["WikiText-2", "mean acc", "retention"]
+    lines = [*head[:1], "", head[1], "", "| method | seeds | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
     for method, us in by.items():
-        cells = [stat([c["ppl"] for u in us for c in u["curve"] if c["sequences"] == b]) for b in budgets]
-        accs = [100 * statistics.mean(v["acc"] for v in u["tasks"].values()) for u in us if "tasks" in u]
-        lines.append(f"| {method} | {len(us)} | " + " | ".join(cells)
-                     + f" | {stat([u['wikitext2']['ppl'] for u in us])} | {stat(accs, '.1f')} |")
+        pts = [[c[key] for u in us for c in u["curve"] if c["sequences"] == b] for b in budgets]
+        if task:
+            cells = [_stat(p, ".1f", 100) for p in pts]
+        else:
+            accs = [_top_score(u, False) for u in us]
+            cells = [_stat(p) for p in pts] + [_stat([u["wikitext2"]["ppl"] for u in us]),
+                                                _stat([a for a in accs if a is not None], ".1f", 100)]
+        cells.append(_stat(kept[method], ".1f", 100) + "%" if kept.get(method) else "")
+        lines.append(f"| {method} | {len(us)} | " + " | ".join(cells) + " |")
     failed = sorted({u["method"] for u in units if "error" in u})
     if failed:
         lines += ["", "Failed (see their unit files): " + ", ".join(failed) + "."]
@@ -1173,17 +1231,98 @@ def report_curves(out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for method, us in by.items():
-        pts = [[c["ppl"] for u in us for c in u["curve"] if c["sequences"] == b] for b in budgets]
+        pts = [[c[key] for u in us for c in u["curve"] if c["sequences"] == b] for b in budgets]
         xs = [b for b, p in zip(budgets, pts) if p]
         mean = [statistics.mean(p) for p in pts if p]
         err = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in pts if p]
         ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=f"{method} (n={len(us)})",
                     **({"ls": ":", "color": "k"} if method == "dense" else {}))
-    ax.set(xscale="log", yscale="log", xlabel="training sequences after compression",
-           ylabel="validation perplexity (C4)")
+    ax.set(xscale="log", yscale="linear" if task else "log", xlabel="training sequences after compression",
+           ylabel="test accuracy (greedy exact match)" if task else "validation perplexity (C4)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, folder / f"{name}.png")
+
+
+CLAIM = 0.99  # the seeds' headline: ELM keeps 99% of the accuracy
+
+
+def verdict(kept: dict[str, list[float]]) -> dict | None:
+    """The seeds' claim on one protocol and M from per-seed retentions (``retention``): whether ELM
+    keeps CLAIM ("yes" when mean - std clears it, "no" when mean + std stays below, else "within the
+    spread"; one seed has no spread, so its mean decides and n says so), and how far it leads or
+    trails the best other method: a lead or trail only where the gap of the means exceeds both
+    standard deviations. None until ELM has a retention."""
+    if not kept.get("elm"):
+        return None
+
+    def ms(xs):
+        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
+
+    m, sd, n = ms(kept["elm"])
+    holds = "yes" if m - sd >= CLAIM else "no" if m + sd < CLAIM else "within the spread"
+    v = {"elm": {"mean": m, "std": sd, "n": n}, "holds": holds, "claim": CLAIM}
+    others = {k: ms(x) for k, x in kept.items() if k not in ("elm", "original") and x}
+    if others:
+        best = max(others, key=lambda k: others[k][0])
+        bm, bsd, bn = others[best]
+        gap = m - bm
+        v["best"] = {"method": best, "mean": bm, "std": bsd, "n": bn}
+        v["gap"] = gap
+        v["outcome"] = ("ELM leads" if gap > max(sd, bsd) else "ELM trails" if -gap > max(sd, bsd)
+                        else "no winner within the spreads")
+    return v
+
+
+def report_claim(out: Path) -> None:
+    """claim/claim.md and claim.json: the seeds' claim answered from the curves' top budget, per
+    protocol and M, in plain words where it does not hold."""
+    keep = dict(SCREEN)
+    rows, found = [], {}
+    try:
+        for protocol, what in (("task_curves", "task"), ("curves", "general")):
+            SCREEN["protocol"] = protocol
+            for span in sorted({SPAN, LONG_SPAN, *screen_spans(out, protocol)}):
+                SCREEN["span"] = span
+                folder = out / screen_name()
+                units = [read_json(p) for p in folder.glob("unit_*.json")]
+                v = verdict(retention(units, is_task())) if units else None
+                found[f"{what}_m{span}"] = v
+                elm = any(u["method"] == "elm" and "error" not in u for u in units)
+                rows.append(_claim_line(what, span, v) if v or not elm else
+                            f"| {what} | {span} | undefined: no seed has both ELM and a dense + LoRA "
+                            "score above 0 | | | | | |")
+    finally:
+        SCREEN.update(keep)
+    if not any(u for u in rows if "not measured yet" not in u):
+        return
+    lines = ["## The seeds' claim: does ELM keep 99%, and how does it stand against the best other "
+             "method?", "",
+             "At the largest equal budget of the curves: retention = score / dense + LoRA's score of the "
+             "same seed (task: test accuracy; general: mean lm-eval accuracy), mean ± std over the seeds "
+             f"measured. ELM keeps {100 * CLAIM:.0f}% when mean - std clears it; a method leads or trails "
+             "another only where the gap of the means exceeds both standard deviations.", "",
+             "| protocol | M | ELM retention | keeps 99%? | best other method | its retention | ELM's gap "
+             "| verdict |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+    (out / "claim").mkdir(parents=True, exist_ok=True)
+    write_json(out / "claim" / "claim.json", found)
+    atomic_write_text(out / "claim" / "claim.md", "\n".join(lines))
+
+
+def _claim_line(what: str, span: int, v: dict | None) -> str:
+    if v is None:
+        return f"| {what} | {span} | not measured yet | | | | | |"
+
+    def pct(d):
+        spread = f" ± {100 * d['std']:.1f}" if d["n"] > 1 else ""
+        return f"{100 * d['mean']:.1f}{spread}% (n={d['n']})"
+
+    one = " (one seed: no spread)" if v["elm"]["n"] < 2 else ""
+    if "best" not in v:
+        return f"| {what} | {span} | {pct(v['elm'])} | {v['holds']}{one} | none measured | | | |"
+    b = v["best"]
+    return (f"| {what} | {span} | {pct(v['elm'])} | {v['holds']}{one} | {b['method']} | {pct(b)} | "
+            f"{100 * v['gap']:+.1f} points | {v['outcome']} |")
 
 
 def report_teacher(out: Path) -> None:
@@ -1230,10 +1369,12 @@ def write_results_section(out: Path) -> None:
     another --out) from the stage reports, with what is not measured yet said plainly."""
     from md_sections import put
 
+    report_claim(out)
     parts = []
-    folders = ["recipe", *(screen_name(span, "general") for span in screen_spans(out, "general")),
+    folders = ["claim", "recipe", *(screen_name(span, "general") for span in screen_spans(out, "general")),
                *(screen_name(span, "curves") for span in screen_spans(out, "curves")),
-               "teacher", *(screen_name(span, "task") for span in screen_spans(out, "task"))]
+               "teacher", *(screen_name(span, "task") for span in screen_spans(out, "task")),
+               *(screen_name(span, "task_curves") for span in screen_spans(out, "task_curves"))]
     for stage in folders:
         md = out / stage / f"{stage}.md"
         if md.is_file():
@@ -1252,12 +1393,15 @@ def write_results_section(out: Path) -> None:
                         + (", ".join(missing) if missing else "all screened") + ".")
     if not (out / "teacher" / "teacher.json").is_file():
         todo.append("- The task teacher (--stages teacher).")
-    for span in sorted({SPAN, LONG_SPAN, *screen_spans(out, "curves")}):
-        have = {p.stem.removeprefix("unit_") for p in (out / screen_name(span, "curves")).glob("unit_*.json")}
-        seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
-        todo.append(f"- Budget curves to {CURVE_TOP:,} sequences at M = {span}: seeds "
-                    + (", ".join(str(x) for x in SEEDS if x not in seeds_done) or "none") + " to run"
-                    + (" (some methods of the measured seeds may be missing too)." if have else "."))
+    for protocol, what in (("curves", "general"), ("task_curves", "task")):
+        for span in sorted({SPAN, LONG_SPAN, *screen_spans(out, protocol)}):
+            folder = out / screen_name(span, protocol)
+            have = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
+            seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
+            todo.append(f"- Budget curves of {what} retention to {CURVE_TOP:,} sequences at M = {span} "
+                        f"(--stages {'curves' if protocol == 'curves' else 'task-curves'}): seeds "
+                        + (", ".join(str(x) for x in SEEDS if x not in seeds_done) or "none") + " to run"
+                        + (" (some methods of the measured seeds may be missing too)." if have else "."))
     section = "\n\n".join([
         "## A real pretrained model: SmolLM2-135M-Instruct (work in progress)",
         "Generated by `python benchmarks/real_model.py` (stages saved as they finish under "
@@ -1340,8 +1484,8 @@ def main() -> None:
             done = stage_recipe(args.model, data, out, Path(args.run), budget)
         elif stage == "teacher":
             done = stage_teacher(args.model, out, Path(args.run), budget)
-        elif stage == "curves":
-            SCREEN["protocol"] = "curves"
+        elif stage in ("curves", "task-curves"):
+            SCREEN["protocol"] = STAGE_PROTOCOL[stage]
             for seed in [args.seed] if args.seed is not None else seeds():
                 SCREEN["seed"] = seed
                 done = stage_screen(args.model, data, out, Path(args.run), budget,
@@ -1351,7 +1495,7 @@ def main() -> None:
         else:
             SCREEN["protocol"] = "general" if stage == "screen" else "task"
             done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
-        state[stage if stage in ("recipe", "teacher", "curves") else screen_name()] = (
+        state[stage if stage in ("recipe", "teacher") else screen_name()] = (
             "done" if done else "stopped at the budget")
         if not done:
             break

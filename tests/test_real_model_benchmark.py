@@ -165,6 +165,28 @@ def test_jobs_whose_share_cannot_hold_lm_evals_logits_are_refused(tmp_path, monk
         real_model.check_task_share(longer, longer, jobs=6)
 
 
+def test_the_claim_needs_the_gap_to_exceed_both_spreads(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    def unit(method, seed, acc):
+        return {"method": method, "settings": {"seed": seed}, "curve": [{"sequences": 16, "acc": acc}]}
+
+    units = [unit("dense", 0, 0.80), unit("dense", 1, 0.90), unit("elm", 0, 0.80), unit("elm", 1, 0.90),
+             unit("sleb", 0, 0.60), unit("sleb", 1, 0.72), unit("elm", 2, 0.5)]  # seed 2: no dense
+    kept = real_model.retention(units, task=True)
+    # each seed against its own ceiling
+    assert kept == {"elm": [1.0, 1.0], "sleb": pytest.approx([0.75, 0.8])}
+    v = real_model.verdict(kept)
+    assert v["holds"] == "yes" and v["best"]["method"] == "sleb" and v["outcome"] == "ELM leads"
+    # a gap inside either spread decides nothing; a mean under the claim with its spread is "no"
+    close = real_model.verdict({"elm": [0.9, 0.94], "sleb": [0.92, 0.94]})
+    assert close["outcome"] == "no winner within the spreads" and close["holds"] == "no"
+    assert real_model.verdict({"elm": [0.97, 1.02]})["holds"] == "within the spread"
+    assert real_model.verdict({"elm": [0.8, 0.81], "sleb": [0.95, 0.96]})["outcome"] == "ELM trails"
+    assert real_model.verdict({"sleb": [0.9]}) is None  # no ELM yet: nothing to claim
+
+
 def test_units_side_by_side_start_only_while_their_slowed_time_fits(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import real_model
@@ -255,6 +277,26 @@ def test_teacher_stops_early_and_task_screen_scores_accuracy_against_it(tmp_path
     for k in before:
         torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0)
 
+    # task curves: dense, ELM and the task screen's best (shortgpt) over seeds, to the curves' top
+    out = _run(tmp_path, "--stages", "task-curves", "--jobs", "2")
+    assert '"task_curves": "done"' in out
+    folder = tmp_path / "out" / "task_curves"
+    files = sorted(p.name for p in folder.glob("unit_*.json"))
+    assert files == sorted(f"unit_{m}_s{s}.json" for m in ("dense", "elm", "shortgpt") for s in (0, 1))
+    curves = json.loads((folder / "task_curves.json").read_text())
+    assert curves["settings"]["budgets"][-1] > budgets[-1]
+    for u in curves["units"]:
+        assert [c["sequences"] for c in u["curve"]] == curves["settings"]["budgets"]
+        assert u["settings"]["teacher"] == teacher["adapter_sha256"] and "error" not in u
+    md = (folder / "task_curves.md").read_text()
+    assert "## Task retention against the budget" in md and "| elm | 2 |" in md
+    # the tiny teacher may score 0, and then no retention is defined: the claim says which
+    claim = (tmp_path / "out" / "claim" / "claim.md").read_text()
+    row = next(line for line in claim.splitlines() if line.startswith("| task | 8 |"))
+    assert "% (n=2)" in row or "undefined: no seed has both ELM and a dense + LoRA score above 0" in row
+    section = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "### The seeds' claim" in section and "task_curves/task_curves.png" in section
+
 
 @pytest.mark.slow
 def test_curves_run_the_chosen_methods_over_seeds_with_mean_and_std(tmp_path):
@@ -277,5 +319,12 @@ def test_curves_run_the_chosen_methods_over_seeds_with_mean_and_std(tmp_path):
     assert dense[0]["curve"] != dense[1]["curve"]
     md = (folder / "curves.md").read_text()
     assert "| dense | 2 |" in md and " ± " in md and (folder / "curves.png").is_file()
+    # the claim from the curves' top budget: ELM against dense + LoRA of the same seed, both seeds
+    claim = json.loads((tmp_path / "out" / "claim" / "claim.json").read_text())["general_m8"]
+    assert claim["elm"]["n"] == 2 and claim["best"]["method"] in ("shortgpt", "sleb")
+    acc = {(u["method"], u["settings"]["seed"]): sum(t["acc"] for t in u["tasks"].values()) for u in units}
+    kept = [acc[("elm", s)] / acc[("dense", s)] for s in (0, 1)]
+    assert claim["elm"]["mean"] == pytest.approx(sum(kept) / 2)
+    assert "| general | 8 | " in (tmp_path / "out" / "claim" / "claim.md").read_text()
     again = _run(tmp_path, "--stages", "curves")  # all saved: nothing reruns
     assert "started" not in again and "== curves" not in again
