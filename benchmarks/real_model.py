@@ -743,7 +743,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
             "--out", str(out), "--run", str(run), "--budget-s", "1e9",
             "--stages", {p: st for st, p in STAGE_PROTOCOL.items()}[SCREEN["protocol"]],
             "--seed", str(SCREEN["seed"]),
-            "--span", str(SCREEN["span"]), "--device-share", f"{0.95 / jobs:.4f}",
+            "--span", str(SCREEN["span"]), "--device-share", f"{0.95 / jobs:.4f}", "--unit",
             *(["--smoke"] if SMOKE["on"] else [])]
     queue, running, stopped, failed, expected = list(todo), {}, False, [], {}
     ratios = []  # wall / saved time of the units finished in this run: the side-by-side slowdown
@@ -1361,6 +1361,83 @@ def report_teacher(out: Path) -> None:
     atomic_write_text(folder / "teacher.md", "\n".join(lines))
 
 
+class StageClock:
+    """The wall time a stage's run holds the device, kept in <folder>/gpu_time.json as one entry per
+    run: started, seconds, device, the unit files it wrote. Rewritten every TICK_S by a thread, so a
+    run killed with its GPU lease loses at most that much of its record; a run that wrote no unit
+    and took under a minute (everything was saved already) leaves no entry."""
+
+    TICK_S = 30.0
+
+    def __init__(self, folder: Path, jobs: int):
+        import datetime
+        import threading
+
+        self.path, self.t0 = folder / "gpu_time.json", time.time()
+        self.before = {p.name: p.stat().st_mtime for p in self._written(folder)}
+        self.runs = read_json(self.path)["runs"] if self.path.is_file() else []
+        self.entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "seconds": 0.0, "device": _device_name(), "jobs": jobs, "units": []}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _written(folder: Path) -> list[Path]:
+        """The files that hold a stage's results: its units (the teacher's is teacher.json)."""
+        return [*folder.glob("unit_*.json"), *folder.glob("teacher.json")]
+
+    def _run(self) -> None:
+        while not self.done.wait(self.TICK_S):
+            self._write()
+
+    def _write(self) -> None:
+        folder = self.path.parent
+        self.entry.update(seconds=round(time.time() - self.t0, 1),
+                          units=sorted(p.stem.removeprefix("unit_") for p in self._written(folder)
+                                       if self.before.get(p.name) != p.stat().st_mtime))
+        if self.entry["units"] or self.entry["seconds"] >= 60:
+            write_json(self.path, {"runs": [*self.runs, self.entry]})
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        if self.path.parent.is_dir():
+            self._write()
+
+
+def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
+    """The GPU time of each stage folder from its gpu_time.json, and the total against the 4-hour
+    budget of the whole section (GPU runs only: a CPU smoke run is counted apart)."""
+    rows, total = [], 0.0
+    for name in folders:
+        path = out / name / "gpu_time.json"
+        if not path.is_file():
+            units = [read_json(p) for p in StageClock._written(out / name)]
+            if units:  # measured before the stages kept their GPU time: the units' own wall times
+                own = sum(u.get("seconds", 0) for u in units)
+                rows.append(f"| {name} | – | – (before this record; its {len(units)} units' own times "
+                            f"sum to {own / 60:.1f}) | {len(units)} | "
+                            f"{', '.join(sorted({u.get('device', '?') for u in units}))} |")
+            continue
+        runs = read_json(path)["runs"]
+        gpu = [r for r in runs if not r["device"].startswith("CPU")]
+        seconds = sum(r["seconds"] for r in gpu)
+        total += seconds
+        devices = sorted({r["device"] for r in runs})
+        rows.append(f"| {name} | {len(runs)} | {seconds / 60:.1f} | "
+                    f"{sum(len(r['units']) for r in runs)} | {', '.join(devices)} |")
+    if not rows:
+        return []
+    return ["### GPU time", "",
+            "Wall time each stage held the GPU, summed over its runs (units side by side share it; a run "
+            "cut off by the end of its lease counts to its last 30-second record). The whole section's "
+            f"budget is 4 GPU hours; recorded so far: {total / 60:.1f} minutes"
+            + (", besides the stages measured before this record (their units' own times, which "
+               "overlap where units ran side by side)." if any("| – |" in r for r in rows) else "."), "",
+            "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -1412,6 +1489,7 @@ def write_results_section(out: Path) -> None:
         "passes over it). Task retention: the paper's protocol on testbed problems, against a "
         "LoRA-tuned teacher.",
         *parts,
+        *(["\n".join(gpu_time_lines(out, folders))] if gpu_time_lines(out, folders) else []),
         "### Not measured yet",
         "\n".join(todo),
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"
@@ -1444,6 +1522,7 @@ def main() -> None:
                     help=f"curves: only this seed (default: each of {', '.join(map(str, SEEDS))} in turn)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="screen: units run side by side as this many processes on the one device")
+    ap.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # a process of --jobs
     ap.add_argument("--device-share", type=float, default=None,
                     help="fraction of the GPU's memory this process may hold (--jobs gives each of its "
                          "processes 0.95 / jobs, so that no unit keeps a cache the others need)")
@@ -1480,21 +1559,29 @@ def main() -> None:
     budget, state = Budget(args.budget_s), {}
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     for stage in stages:
-        if stage == "recipe":
-            done = stage_recipe(args.model, data, out, Path(args.run), budget)
-        elif stage == "teacher":
-            done = stage_teacher(args.model, out, Path(args.run), budget)
-        elif stage in ("curves", "task-curves"):
+        if stage in STAGE_PROTOCOL:
             SCREEN["protocol"] = STAGE_PROTOCOL[stage]
-            for seed in [args.seed] if args.seed is not None else seeds():
-                SCREEN["seed"] = seed
-                done = stage_screen(args.model, data, out, Path(args.run), budget,
-                                    methods or curve_methods(out), args.jobs)
-                if not done:
-                    break
-        else:
-            SCREEN["protocol"] = "general" if stage == "screen" else "task"
-            done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
+        folder = out / (stage if stage in ("recipe", "teacher") else screen_name())
+        folder.mkdir(parents=True, exist_ok=True)
+        # the processes of --jobs are units of this run: only the run itself keeps the GPU time
+        clock = None if args.unit else StageClock(folder, args.jobs)
+        try:
+            if stage == "recipe":
+                done = stage_recipe(args.model, data, out, Path(args.run), budget)
+            elif stage == "teacher":
+                done = stage_teacher(args.model, out, Path(args.run), budget)
+            elif is_curve():
+                for seed in [args.seed] if args.seed is not None else seeds():
+                    SCREEN["seed"] = seed
+                    done = stage_screen(args.model, data, out, Path(args.run), budget,
+                                        methods or curve_methods(out), args.jobs)
+                    if not done:
+                        break
+            else:
+                done = stage_screen(args.model, data, out, Path(args.run), budget, methods, args.jobs)
+        finally:
+            if clock is not None:
+                clock.close()
         state[stage if stage in ("recipe", "teacher") else screen_name()] = (
             "done" if done else "stopped at the budget")
         if not done:

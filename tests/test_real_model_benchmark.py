@@ -187,6 +187,28 @@ def test_the_claim_needs_the_gap_to_exceed_both_spreads(monkeypatch):
     assert real_model.verdict({"sleb": [0.9]}) is None  # no ELM yet: nothing to claim
 
 
+def test_stage_clock_keeps_a_killed_runs_time(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    monkeypatch.setattr(real_model.StageClock, "TICK_S", 0.05)
+    (tmp_path / "unit_old.json").write_text("{}")
+    clock = real_model.StageClock(tmp_path, jobs=3)
+    (tmp_path / "unit_new.json").write_text("{}")
+    deadline = time.time() + 10
+    while not (tmp_path / "gpu_time.json").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    # before close, as when the run is killed: the record is there, with the unit it wrote
+    run = json.loads((tmp_path / "gpu_time.json").read_text())["runs"]
+    assert len(run) == 1 and run[0]["units"] == ["new"] and run[0]["jobs"] == 3
+    clock.close()
+    second = real_model.StageClock(tmp_path, jobs=1)  # a later run with nothing to write: no entry
+    second.close()
+    assert len(json.loads((tmp_path / "gpu_time.json").read_text())["runs"]) == 1
+
+
 def test_units_side_by_side_start_only_while_their_slowed_time_fits(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import real_model
@@ -205,6 +227,12 @@ def test_screen_jobs_run_units_side_by_side_and_refuse_missing_task_files(tmp_pa
     units = {u["method"]: u for u in json.loads((screen / "screen.json").read_text())["units"]}
     assert set(units) == {"original", "shortgpt", "sleb"} and not any("error" in u for u in units.values())
     assert all((tmp_path / "run" / "screen" / f"unit_{m}.log").is_file() for m in units)
+    # the run, not its unit processes, keeps the time it held the device: one entry, three units
+    runs = json.loads((screen / "gpu_time.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["jobs"] == 2 and runs[0]["units"] == ["original", "shortgpt", "sleb"]
+    assert runs[0]["seconds"] > 0 and "| screen | 1 |" in (tmp_path / "out" / "RESULTS.md").read_text()
+    _run(tmp_path, "--stages", "screen", "--methods", "original,shortgpt,sleb", "--jobs", "2")
+    assert json.loads((screen / "gpu_time.json").read_text())["runs"] == runs  # nothing to do: no entry
     # a unit measured alone gives what it gave beside others: its own seed and data order
     alone = tmp_path / "alone"
     run_benchmark("real_model.py", "--smoke", "--model", "testbed:tiny", "--data", str(tmp_path / "data"),
