@@ -17,7 +17,9 @@ Stages so far:
           perplexity on C4 validation documents after 4k, 8k, 16k and 32k training sequences,
           from one training run per recipe; the final block also at 1, 2, 4 and 8 evaluations
           per token. Dense and ShortGPT (7 layers deleted: the same layer count and KV cache)
-          without training are the reference rows.
+          without training are the reference rows. Then the ablation: the winner with LoRA
+          (r 16) on the kept layers, and with its start searched by GPPO; the screen's ELM takes
+          each change that lowers the validation score.
   screen  General retention at one budget (25.6k sequences, M = 8): every method of
           `compare --methods all` (reverse-order pruning included), retrofitted recurrence, and
           dense + LoRA as the ceiling. Each method compresses the model and then spends the
@@ -81,6 +83,10 @@ EVALUATIONS = (1, 2, 4, 8)
 VAL_WINDOW, VAL_WINDOWS = 512, 64
 VAL_DOCS = 200
 SMOKE = {"on": False}
+# the recipe's ablation, each against the grid's winner, one change at a time: LoRA (r 16) on the
+# kept layers, trained with the block; the block's start searched by GPPO instead of the cosine
+# criterion (the GPPO search at GppoConfig's defaults, on the training text)
+ABLATION = {"kept-lora": {"kept_lora_r": 16}, "gppo": {"start": "gppo"}}
 
 
 def texts(data: Path) -> dict[str, list[str]]:
@@ -112,13 +118,12 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
     from elmkit.methods import elm as elm_method
     from elmkit.methods import shortgpt
     from elmkit.models import load_model, load_tokenizer
-    from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
 
     s = settings()
     folder = out / "recipe"
     folder.mkdir(parents=True, exist_ok=True)
     todo = [(loss, lr) for lr in LRS for loss in LOSSES if not (folder / unit_name(loss, lr)).is_file()]
-    if not todo and (folder / "reference.json").is_file():
+    if not todo and (folder / "reference.json").is_file() and not ablation_todo(folder):
         return True
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(model)
@@ -157,32 +162,88 @@ def stage_recipe(model: str, data: Path, out: Path, run: Path, budget: Budget) -
             print(f"stopped at the time budget before {unit_name(loss, lr)}; run again to continue")
             return False
         t0 = time.time()
-        dense = copy.deepcopy(master).to(device)
-        plan = elm_method.plan(dense, start=ref["start"], span=span, max_iter=span)
-        teacher = SpanTeacher(dense, plan.start, plan.span)
-        elm = elm_method.apply_(dense, plan)
-        curve: list[dict] = []
-        on_step = _checkpoint_evals(elm, curve, s, val_ppl)
-
-        cfg = ElmTrainConfig(steps=s["eval_at"][-1], batch_size=s["batch"], max_len=s["seq"], lr=lr,
-                             min_lr=lr, lambda_ce=0.0, distill_loss=loss, save_every=10**9, seed=0)
-        work = run / unit_name(loss, lr).removesuffix(".json")  # checkpoints and model: not committed
-        fit = train_elm(elm, teacher, tok, t["train"], work, cfg, progress=False, on_step=on_step)
-        per_k = {}
-        for k in EVALUATIONS if not SMOKE["on"] else (1, span):
-            elm.config.max_iter = k
-            per_k[str(k)] = val_ppl(elm)["ppl"]
-        unit = {"loss": loss, "lr": lr, "curve": curve, "evaluations": per_k,
-                "first_distill": fit["first_distill"], "final_distill": fit["final_distill"],
-                "final_residual": fit["final_residual"], "train_s": fit["train_time_s"],
-                "seconds": round(time.time() - t0, 1), "device": _device_name()}
+        unit = {"loss": loss, "lr": lr, **_recipe_unit(master, tok, t["train"], ref["start"], s, loss, lr, 0,
+                                                       run / unit_name(loss, lr).removesuffix(".json"),
+                                                       val_ppl, device)}
+        unit.update(seconds=round(time.time() - t0, 1), device=_device_name())
         write_json(folder / unit_name(loss, lr), unit)
-        print(f"{loss} lr {lr:g}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in curve)
+        print(f"{loss} lr {lr:g}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in unit["curve"])
               + f"  ({unit['seconds']:.0f} s)", flush=True)
         report(out)
-        del elm, teacher, dense
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    if not budget.left():
+        return False
+    return _recipe_ablation(master, tok, t["train"], ref, s, folder, out, run, val_ppl, device, budget)
+
+
+def _recipe_unit(master, tok, train, start: int, s: dict, loss: str, lr: float, kept_lora_r: int,
+                 work: Path, val_ppl, device: str) -> dict:
+    """One ELM recipe: the block from ``start`` trained by SJFB on the recipe's budget, validation
+    perplexity at its checkpoints and, at the end, at each number of evaluations."""
+    from elmkit.methods import elm as elm_method
+    from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
+
+    span = s["span"]
+    dense = copy.deepcopy(master).to(device)
+    plan = elm_method.plan(dense, start=start, span=span, max_iter=span)
+    # kept-layer LoRA tunes the layers below the block, so the teacher keeps its own copy of them
+    teacher = SpanTeacher(dense, plan.start, plan.span, own_lower=kept_lora_r > 0)
+    elm = elm_method.apply_(dense, plan)
+    curve: list[dict] = []
+    cfg = ElmTrainConfig(steps=s["eval_at"][-1], batch_size=s["batch"], max_len=s["seq"], lr=lr, min_lr=lr,
+                         lambda_ce=0.0, distill_loss=loss, kept_lora_r=kept_lora_r, save_every=10**9, seed=0)
+    fit = train_elm(elm, teacher, tok, train, work, cfg, progress=False,
+                    on_step=_checkpoint_evals(elm, curve, s, val_ppl))
+    per_k = {}
+    for k in EVALUATIONS if not SMOKE["on"] else (1, span):
+        elm.config.max_iter = k
+        per_k[str(k)] = val_ppl(elm)["ppl"]
+    del elm, teacher, dense
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"curve": curve, "evaluations": per_k, "first_distill": fit["first_distill"],
+            "final_distill": fit["final_distill"], "final_residual": fit["final_residual"],
+            "train_s": fit["train_time_s"]}
+
+
+def gppo_config(span: int, seq: int, seed: int):
+    """The GPPO search of the ablation and of a screen ELM whose recipe starts by GPPO."""
+    from elmkit.methods.gppo import GppoConfig
+
+    small = {"steps": 4, "group_size": 2, "batch_size": 2} if SMOKE["on"] else {}
+    return GppoConfig(span=span, max_len=seq, seed=seed, **small)
+
+
+def _recipe_ablation(master, tok, train, ref: dict, s: dict, folder: Path, out: Path, run: Path,
+                     val_ppl, device: str, budget: Budget) -> bool:
+    """The grid's winner changed one way at a time (ABLATION), same budget and checkpoints. A GPPO
+    search that lands on the cosine start changes nothing: the winner's numbers stand for it."""
+    from elmkit.methods import gppo
+
+    best = min(grid_units(folder), key=recipe_score)
+    for name in ablation_todo(folder):
+        change, path = ABLATION[name], folder / f"unit_ablation_{name}.json"
+        if not budget.left(expected_seconds(folder)):
+            print(f"stopped at the time budget before {path.name}; run again to continue")
+            return False
+        t0 = time.time()
+        unit = {"variant": name, "base": {"loss": best["loss"], "lr": best["lr"]}, "change": change,
+                "start": ref["start"]}
+        if change.get("start") == "gppo":
+            found = gppo.plan(copy.deepcopy(master).to(device), tok, train,
+                              gppo_config(s["span"], s["seq"], 0), progress=False)
+            unit.update(start=found.start, theta=[round(x, 4) for x in found.theta],
+                        search_s=round(time.time() - t0, 1))
+        if unit["start"] == ref["start"] and "kept_lora_r" not in change:
+            unit.update(same_as=unit_name(best["loss"], best["lr"]), curve=best["curve"],
+                        evaluations=best["evaluations"])
+        else:
+            unit.update(_recipe_unit(master, tok, train, unit["start"], s, best["loss"], best["lr"],
+                                     change.get("kept_lora_r", 0), run / path.stem, val_ppl, device))
+        unit.update(seconds=round(time.time() - t0, 1), device=_device_name())
+        write_json(path, unit)
+        print(f"ablation {name}: " + ", ".join(f"{c['sequences']}: {c['ppl']:.2f}" for c in unit["curve"])
+              + f"  ({unit['seconds']:.0f} s)", flush=True)
+        report(out)
     report(out)
     return True
 
@@ -304,13 +365,48 @@ def screen_name(span: int | None = None, protocol: str | None = None) -> str:
     return base if span == SPAN else f"{base}_m{span}"
 
 
+def grid_units(folder: Path) -> list[dict]:
+    """The recipe stage's loss x lr units."""
+    return [read_json(p) for p in folder.glob("unit_*.json") if not p.name.startswith("unit_ablation_")]
+
+
+def ablation_units(folder: Path) -> dict[str, dict]:
+    """The recipe stage's ablation units measured against the grid's current winner, by variant."""
+    grid = grid_units(folder)
+    if not grid:
+        return {}
+    best = min(grid, key=recipe_score)
+    units = {name: read_json(folder / f"unit_ablation_{name}.json") for name in ABLATION
+             if (folder / f"unit_ablation_{name}.json").is_file()}
+    return {k: u for k, u in units.items() if u["base"] == {"loss": best["loss"], "lr": best["lr"]}}
+
+
+def ablation_todo(folder: Path) -> list[str]:
+    """The ablation's variants not yet measured against the grid's winner (all of them until the
+    grid is complete)."""
+    if len(grid_units(folder)) < len(LOSSES) * len(LRS):
+        return list(ABLATION)
+    done = ablation_units(folder)
+    return [name for name in ABLATION if name not in done]
+
+
 def elm_recipe(out: Path) -> dict:
-    """The recipe stage's winner; the relative loss at lr 3e-4 until that stage has results."""
-    units = [read_json(p) for p in (out / "recipe").glob("unit_*.json")]
-    if not units:
-        return {"loss": "relative", "lr": 3e-4, "chosen_by": "default (no recipe results yet)"}
-    best = min(units, key=recipe_score)
-    return {"loss": best["loss"], "lr": best["lr"], "chosen_by": "recipe stage (validation)"}
+    """The recipe stage's winner: the grid's loss and lr, kept-layer LoRA and the GPPO start each
+    where its ablation unit beat the grid's winner on validation (one change at a time). Until the
+    stage has results: the relative loss at lr 3e-4, block only, cosine start."""
+    folder = out / "recipe"
+    grid = grid_units(folder)
+    if not grid:
+        return {"loss": "relative", "lr": 3e-4, "kept_lora_r": 0, "start": "cosine",
+                "chosen_by": "default (no recipe results yet)"}
+    best = min(grid, key=recipe_score)
+    abl = ablation_units(folder)
+    wins = {k for k, u in abl.items() if recipe_score(u) < recipe_score(best)}
+    return {"loss": best["loss"], "lr": best["lr"],
+            "kept_lora_r": ABLATION["kept-lora"]["kept_lora_r"] if "kept-lora" in wins else 0,
+            "start": "gppo" if "gppo" in wins else "cosine",
+            "chosen_by": "recipe stage (validation)" + ("" if not ablation_todo(folder) else
+                                                        "; its ablation not measured yet")}
 
 
 def model_label(model: str) -> str:
@@ -790,7 +886,7 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
 def unit_settings(name: str, s: dict, recipe: dict) -> dict:
     """What a screen unit's numbers depend on: the shared settings and the method's own."""
     own = {"original": {}, "dense": {"heal_lr": s["heal_lr"]},
-           "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr")}},
+           "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr", "kept_lora_r", "start")}},
            "reverse": {"partial": s["partial"]}, "recurrence": {"recurrence": s["recurrence"]},
            "streamline": {}}.get(name, {"heal_lr": s["heal_lr"]})
     if name == "darwinlm" or name in ("ziplm", "uniform"):
@@ -814,17 +910,24 @@ def _unit_current(folder: Path, name: str, want: dict) -> bool:
 
 
 def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
-    """The ELM block placed by the cosine criterion, trained on the whole budget with the recipe."""
+    """The ELM block placed as the recipe says (cosine criterion, or a GPPO search on the training
+    data), trained on the whole budget with the recipe (kept-layer LoRA where it won)."""
     from elmkit.methods import elm as elm_method
+    from elmkit.methods import gppo
     from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
 
-    start, _ = elm_method.cosine_start(dense, calib, s["span"])
+    if recipe.get("start") == "gppo":
+        cfg = gppo_config(s["span"], s["seq"], s.get("seed", 0))
+        start = gppo.plan(copy.deepcopy(dense), tok, train, cfg, progress=False).start
+    else:
+        start, _ = elm_method.cosine_start(dense, calib, s["span"])
+    kept = recipe.get("kept_lora_r", 0)
     plan = elm_method.plan(dense, start=start, span=s["span"], max_iter=s["span"])
-    teacher = SpanTeacher(dense, plan.start, plan.span)
+    teacher = SpanTeacher(dense, plan.start, plan.span, own_lower=kept > 0)
     elm = elm_method.apply_(dense, plan)
     cfg = ElmTrainConfig(steps=s["budgets"][-1] // s["batch"], batch_size=s["batch"], max_len=s["seq"],
                          lr=recipe["lr"], min_lr=recipe["lr"], lambda_ce=0.0, distill_loss=recipe["loss"],
-                         save_every=10**9, seed=s.get("seed", 0))
+                         kept_lora_r=kept, save_every=10**9, seed=s.get("seed", 0))
     train_elm(elm, teacher, tok, train, work, cfg, progress=False, on_step=lambda step, _: score(step, elm))
     return elm
 
@@ -902,7 +1005,7 @@ def report(out: Path) -> None:
     """recipe.md / recipe.json / recipe.png from the saved units."""
     folder = out / "recipe"
     ref = read_json(folder / "reference.json")
-    units = sorted((read_json(p) for p in folder.glob("unit_*.json")), key=lambda u: (u["loss"], -u["lr"]))
+    units = sorted(grid_units(folder), key=lambda u: (u["loss"], -u["lr"]))
     if not units:
         return
     write_json(folder / "recipe.json", {"reference": ref, "units": units})
@@ -933,9 +1036,37 @@ def report(out: Path) -> None:
     lines += ["", f"Chosen (geometric mean of the last two checkpoints, {seqs[-2]:,} and {seqs[-1]:,} "
               f"sequences, so that a spike between checkpoints does not win on one point): "
               f"{best['loss']}, lr {best['lr']:g} ({recipe_score(best):.2f}). Columns xk: the final block "
-              "at k evaluations per token.",
+              "at k evaluations per token.", *_ablation_lines(out, best, ref, seqs),
               "", "![recipe](recipe.png)", ""]
     atomic_write_text(folder / "recipe.md", "\n".join(lines))
+
+
+def _ablation_lines(out: Path, best: dict, ref: dict, seqs: list[int]) -> list[str]:
+    """The recipe report's ablation: the grid's winner changed one way at a time, and what the
+    screen's ELM takes from it."""
+    abl = ablation_units(out / "recipe")
+    if not abl:
+        return []
+    rows = [("winner: cosine start, block only", ref["start"], best)]
+    for name, u in abl.items():
+        same = " (= the cosine start: the winner's run)" if "same_as" in u else ""
+        what = {"kept-lora": f"+ kept-layer LoRA r {u['change'].get('kept_lora_r')}",
+                "gppo": f"start by GPPO{same}"}
+        rows.append((what.get(name, name), u["start"], u))
+    chosen = elm_recipe(out)
+    lines = ["", f"Ablation on the winner ({best['loss']}, lr {best['lr']:g}), one change at a time, same "
+             "budget and validation windows, one seed:", "",
+             "| variant | start | " + " | ".join(f"{n:,} seq" for n in seqs) + " | "
+             + " | ".join(f"x{k}" for k in best["evaluations"]) + " | score | s |",
+             "|---|---|" + "---|" * (len(seqs) + len(best["evaluations"]) + 2)]
+    for what, start, u in rows:
+        lines.append(f"| {what} | {start} | " + " | ".join(f"{c['ppl']:.2f}" for c in u["curve"]) + " | "
+                     + " | ".join(f"{v:.2f}" for v in u["evaluations"].values())
+                     + f" | {recipe_score(u):.2f} | {u['seconds']:.0f} |")
+    lines += ["", f"The screen's ELM takes: kept-layer LoRA r {chosen['kept_lora_r']} (0 = block only), "
+              f"start by {chosen['start']} ({chosen['chosen_by']}); a change is taken only where its score "
+              "is lower than the winner's."]
+    return lines
 
 
 def _plot(png: Path, ref: dict, units: list[dict]) -> None:

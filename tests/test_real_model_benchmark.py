@@ -1,6 +1,7 @@
 """benchmarks/real_model.py --smoke: the plumbing of the real-model benchmark on the tiny testbed."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,23 @@ def test_recipe_stage_stops_resumes_and_reports(tmp_path):
 
     assert '"recipe": "done"' in _run(tmp_path, "--stages", "recipe")
     units = sorted(p.name for p in recipe.glob("unit_*.json"))
-    assert len(units) == 6  # 3 losses x 2 learning rates
+    assert len(units) == 6 + 2  # 3 losses x 2 learning rates, and the two ablation units
     data = json.loads((recipe / "recipe.json").read_text())
     assert all(len(u["curve"]) == 2 and all(c["ppl"] > 0 for c in u["curve"]) for u in data["units"])
     assert "| relative |" in (recipe / "recipe.md").read_text() and (recipe / "recipe.png").is_file()
+    # the ablation: the winner with kept-layer LoRA, and with its start searched by GPPO
+    grid = [json.loads((recipe / u).read_text()) for u in units if not u.startswith("unit_ablation_")]
+    best = min(grid, key=lambda u: sum(math.log(c["ppl"]) for c in u["curve"][-2:]))
+    abl = {n: json.loads((recipe / f"unit_ablation_{n}.json").read_text()) for n in ("kept-lora", "gppo")}
+    assert all(u["base"] == {"loss": best["loss"], "lr": best["lr"]} for u in abl.values())
+    assert abl["kept-lora"]["curve"] != best["curve"]  # the kept layers trained too
+    ref = json.loads((recipe / "reference.json").read_text())
+    gppo = abl["gppo"]
+    assert len(gppo["theta"]) == ref["layers"] - ref["settings"]["span"] + 1  # one per candidate start
+    if gppo["start"] == ref["start"]:  # the same block as the winner's: its numbers, not a rerun
+        assert gppo["curve"] == best["curve"] and gppo["same_as"]
+    md = (recipe / "recipe.md").read_text()
+    assert "+ kept-layer LoRA r 16" in md and "start by GPPO" in md and "The screen's ELM takes" in md
 
     before = {p.name: p.read_text() for p in recipe.glob("unit_*.json")}
     out = _run(tmp_path, "--stages", "recipe")  # everything saved: nothing is trained again
