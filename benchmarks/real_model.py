@@ -19,7 +19,7 @@ Stages so far:
           per token. Dense and ShortGPT (7 layers deleted: the same layer count and KV cache)
           without training are the reference rows. Then the ablation: the winner with LoRA
           (r 16) on the kept layers, and with its start searched by GPPO; the screen's ELM takes
-          each change that lowers the validation score.
+          the change that lowers the validation score most, if one does.
   screen  General retention at one budget (25.6k sequences, M = 8): every method of
           `compare --methods all` (reverse-order pruning included), retrofitted recurrence, and
           dense + LoRA as the ceiling. Each method compresses the model and then spends the
@@ -58,12 +58,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import platform
 import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,15 +224,17 @@ def _recipe_ablation(master, tok, train, ref: dict, s: dict, folder: Path, out: 
     best = min(grid_units(folder), key=recipe_score)
     for name in ablation_todo(folder):
         change, path = ABLATION[name], folder / f"unit_ablation_{name}.json"
-        if not budget.left(expected_seconds(folder)):
+        # the GPPO unit searches (200 reward-model steps) before it trains: count it as two units
+        if not budget.left(expected_seconds(folder) * (2 if "start" in change else 1)):
             print(f"stopped at the time budget before {path.name}; run again to continue")
             return False
         t0 = time.time()
         unit = {"variant": name, "base": {"loss": best["loss"], "lr": best["lr"]}, "change": change,
                 "start": ref["start"]}
         if change.get("start") == "gppo":
-            found = gppo.plan(copy.deepcopy(master).to(device), tok, train,
-                              gppo_config(s["span"], s["seq"], 0), progress=False)
+            cfg = gppo_config(s["span"], s["seq"], 0)
+            found = gppo.plan(copy.deepcopy(master).to(device), tok, train, cfg, progress=False,
+                              ckpt_dir=run / path.stem / "gppo")  # a search cut off resumes
             unit.update(start=found.start, theta=[round(x, 4) for x in found.theta],
                         search_s=round(time.time() - t0, 1))
         if unit["start"] == ref["start"] and "kept_lora_r" not in change:
@@ -391,9 +395,10 @@ def ablation_todo(folder: Path) -> list[str]:
 
 
 def elm_recipe(out: Path) -> dict:
-    """The recipe stage's winner: the grid's loss and lr, kept-layer LoRA and the GPPO start each
-    where its ablation unit beat the grid's winner on validation (one change at a time). Until the
-    stage has results: the relative loss at lr 3e-4, block only, cosine start."""
+    """The recipe stage's winner: the grid's loss and lr, and the ablation's change (kept-layer LoRA
+    or the GPPO start) that lowers the grid winner's validation score most, if one does. Only one:
+    the two together were never measured. Until the stage has results: the relative loss at lr
+    3e-4, block only, cosine start."""
     folder = out / "recipe"
     grid = grid_units(folder)
     if not grid:
@@ -401,10 +406,14 @@ def elm_recipe(out: Path) -> dict:
                 "chosen_by": "default (no recipe results yet)"}
     best = min(grid, key=recipe_score)
     abl = ablation_units(folder)
-    wins = {k for k, u in abl.items() if recipe_score(u) < recipe_score(best)}
+    wins = sorted((k for k, u in abl.items() if recipe_score(u) < recipe_score(best)),
+                  key=lambda k: recipe_score(abl[k]))
+    take = wins[0] if wins else None
     return {"loss": best["loss"], "lr": best["lr"],
-            "kept_lora_r": ABLATION["kept-lora"]["kept_lora_r"] if "kept-lora" in wins else 0,
-            "start": "gppo" if "gppo" in wins else "cosine",
+            "kept_lora_r": ABLATION["kept-lora"]["kept_lora_r"] if take == "kept-lora" else 0,
+            "start": "gppo" if take == "gppo" else "cosine",
+            # the ablation's search at M = SPAN, on the general protocol's text and seed 0
+            "gppo_start": abl["gppo"]["start"] if take == "gppo" else None,
             "chosen_by": "recipe stage (validation)" + ("" if not ablation_todo(folder) else
                                                         "; its ablation not measured yet")}
 
@@ -445,6 +454,10 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     if task:
         s["teacher"] = _teacher_ready(model, out, run)
     todo = [m for m in methods if not _unit_current(folder, m, unit_settings(m, s, recipe))]
+    if "elm" in todo and grid_units(out / "recipe") and ablation_todo(out / "recipe"):
+        # the grid is done but its ablation is not: ELM measured now would be measured again
+        print("elm waits for the recipe stage's ablation: run --stages recipe first")
+        todo.remove("elm")
     if not todo:
         report_screen(out)
         return True
@@ -853,7 +866,9 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
                 break
             name = queue.pop(0)
             own = unit_path(folder, name)  # a ratio means something only against the unit's own time
-            expected[name] = (expected_seconds(folder, own) if own.is_file() else None, time.time())
+            old = read_json(own) if own.is_file() else {}
+            saved = old.get("seconds") if "error" not in old else None
+            expected[name] = (saved, old.get("device"), time.time())
             log = open(logs / f"{unit_path(logs, name).stem}.log", "w")  # noqa: SIM115 (closed when the process ends)
             # a datasets cache of its own: lm-eval's task files are prepared once per process
             cache = {"HF_DATASETS_CACHE": str(run / "hf_datasets" / unit_path(logs, name).stem)}
@@ -868,8 +883,12 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
                 continue
             log.close()
             del running[name]
-            if not proc.returncode and expected[name][0]:
-                ratios.append((time.time() - expected[name][1]) / expected[name][0])
+            saved, device, t0 = expected[name]
+            new = read_json(unit_path(folder, name)) if unit_path(folder, name).is_file() else {}
+            # on the same device, both complete: the ratio is the side-by-side slowdown, not a change
+            # of GPU or a unit that failed early
+            if not proc.returncode and saved and "error" not in new and new.get("device") == device:
+                ratios.append((time.time() - t0) / saved)
             tail = (logs / f"{unit_path(logs, name).stem}.log").read_text().strip().splitlines()[-1:] or [""]
             print(f"== screen {name} exited {proc.returncode}: {tail[0]}", flush=True)
             if proc.returncode:
@@ -883,10 +902,21 @@ def _screen_jobs(model: str, data: Path, out: Path, run: Path, todo: list[str], 
     return not stopped
 
 
+def elm_settings(recipe: dict) -> dict:
+    """The recipe keys an ELM unit's numbers depend on: loss and lr, and the ablation's changes only
+    where taken (a unit saved before the ablation existed ran without them, and stays current)."""
+    own = {k: recipe[k] for k in ("loss", "lr")}
+    if recipe.get("kept_lora_r"):
+        own["kept_lora_r"] = recipe["kept_lora_r"]
+    if recipe.get("start", "cosine") != "cosine":
+        own["start"] = recipe["start"]
+    return own
+
+
 def unit_settings(name: str, s: dict, recipe: dict) -> dict:
     """What a screen unit's numbers depend on: the shared settings and the method's own."""
     own = {"original": {}, "dense": {"heal_lr": s["heal_lr"]},
-           "elm": {"recipe": {k: recipe[k] for k in ("loss", "lr", "kept_lora_r", "start")}},
+           "elm": {"recipe": elm_settings(recipe)},
            "reverse": {"partial": s["partial"]}, "recurrence": {"recurrence": s["recurrence"]},
            "streamline": {}}.get(name, {"heal_lr": s["heal_lr"]})
     if name == "darwinlm" or name in ("ziplm", "uniform"):
@@ -916,7 +946,10 @@ def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
     from elmkit.methods import gppo
     from elmkit.train.elm import ElmTrainConfig, SpanTeacher, train_elm
 
-    if recipe.get("start") == "gppo":
+    if recipe.get("start") == "gppo" and recipe.get("gppo_start") is not None and s["span"] == SPAN \
+            and not is_task() and s.get("seed", 0) == 0:  # the ablation's own search: same text and seed
+        start = recipe["gppo_start"]
+    elif recipe.get("start") == "gppo":
         cfg = gppo_config(s["span"], s["seq"], s.get("seed", 0))
         start = gppo.plan(copy.deepcopy(dense), tok, train, cfg, progress=False).start
     else:
@@ -1008,7 +1041,8 @@ def report(out: Path) -> None:
     units = sorted(grid_units(folder), key=lambda u: (u["loss"], -u["lr"]))
     if not units:
         return
-    write_json(folder / "recipe.json", {"reference": ref, "units": units})
+    write_json(folder / "recipe.json", {"reference": ref, "units": units, "ablation": ablation_units(folder),
+                                        "chosen": elm_recipe(out)})
     _plot(folder / "recipe.png", ref, units)
     seqs = [c["sequences"] for c in units[0]["curve"]]
     best = min(units, key=recipe_score)
@@ -1064,8 +1098,8 @@ def _ablation_lines(out: Path, best: dict, ref: dict, seqs: list[int]) -> list[s
                      + " | ".join(f"{v:.2f}" for v in u["evaluations"].values())
                      + f" | {recipe_score(u):.2f} | {u['seconds']:.0f} |")
     lines += ["", f"The screen's ELM takes: kept-layer LoRA r {chosen['kept_lora_r']} (0 = block only), "
-              f"start by {chosen['start']} ({chosen['chosen_by']}); a change is taken only where its score "
-              "is lower than the winner's."]
+              f"start by {chosen['start']} ({chosen['chosen_by']}): the change whose score is lowest, if "
+              "it is lower than the winner's; one change only, as the two were not measured together."]
     return lines
 
 
@@ -1499,15 +1533,18 @@ class StageClock:
     and took under a minute (everything was saved already) leaves no entry."""
 
     TICK_S = 30.0
+    _LOCK = threading.Lock()  # the runs of one process; flock orders the processes
 
     def __init__(self, folder: Path, jobs: int):
         import datetime
-        import threading
+        import os
+        import uuid
 
         self.path, self.t0 = folder / "gpu_time.json", time.time()
         self.before = {p.name: p.stat().st_mtime for p in self._written(folder)}
-        self.runs = read_json(self.path)["runs"] if self.path.is_file() else []
-        self.entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        # the id finds this run's entry again: another run may write the same file meanwhile
+        self.entry = {"id": f"{platform.node()}/{os.getpid()}/{uuid.uuid4().hex[:8]}", "started": started,
                       "seconds": 0.0, "device": _device_name(), "jobs": jobs, "units": []}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -1523,18 +1560,25 @@ class StageClock:
             self._write()
 
     def _write(self) -> None:
-        folder = self.path.parent
-        self.entry.update(seconds=round(time.time() - self.t0, 1),
-                          units=sorted(p.stem.removeprefix("unit_") for p in self._written(folder)
-                                       if self.before.get(p.name) != p.stat().st_mtime))
-        if self.entry["units"] or self.entry["seconds"] >= 60:
-            write_json(self.path, {"runs": [*self.runs, self.entry]})
+        """Rewrite this run's entry; a failure to write is reported, and the stage goes on."""
+        try:
+            folder = self.path.parent
+            self.entry.update(seconds=round(time.time() - self.t0, 1),
+                              units=sorted(p.stem.removeprefix("unit_") for p in self._written(folder)
+                                           if self.before.get(p.name) != p.stat().st_mtime))
+            if self.entry["units"] or self.entry["seconds"] >= 60:
+                with self._LOCK, open(self.path.with_suffix(".lock"), "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # read, change, write: one run at a time
+                    runs = read_json(self.path)["runs"] if self.path.is_file() else []
+                    runs = [r for r in runs if r.get("id") != self.entry["id"]]
+                    write_json(self.path, {"runs": [*runs, self.entry]})
+        except (OSError, ValueError) as e:  # a unit file replaced mid-scan, a full disk, a torn file
+            print(f"gpu_time.json not updated: {e}", flush=True)
 
     def close(self) -> None:
         self.done.set()
         self.thread.join()
-        if self.path.parent.is_dir():
-            self._write()
+        self._write()
 
 
 def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
@@ -1620,7 +1664,7 @@ def write_results_section(out: Path) -> None:
         "passes over it). Task retention: the paper's protocol on testbed problems, against a "
         "LoRA-tuned teacher.",
         *parts,
-        *(["\n".join(gpu_time_lines(out, folders))] if gpu_time_lines(out, folders) else []),
+        *(["\n".join(spent)] if (spent := gpu_time_lines(out, folders)) else []),
         "### Not measured yet",
         "\n".join(todo),
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"

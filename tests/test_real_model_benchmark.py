@@ -217,10 +217,60 @@ def test_stage_clock_keeps_a_killed_runs_time(tmp_path, monkeypatch):
     # before close, as when the run is killed: the record is there, with the unit it wrote
     run = json.loads((tmp_path / "gpu_time.json").read_text())["runs"]
     assert len(run) == 1 and run[0]["units"] == ["new"] and run[0]["jobs"] == 3
+    # a second run writing the same folder meanwhile keeps its own entry beside the first's
+    other = real_model.StageClock(tmp_path, jobs=1)
+    (tmp_path / "unit_other.json").write_text("{}")
+    other.close()
     clock.close()
+    runs = json.loads((tmp_path / "gpu_time.json").read_text())["runs"]
+    assert sorted(r["jobs"] for r in runs) == [1, 3] and len({r["id"] for r in runs}) == 2
     second = real_model.StageClock(tmp_path, jobs=1)  # a later run with nothing to write: no entry
     second.close()
-    assert len(json.loads((tmp_path / "gpu_time.json").read_text())["runs"]) == 1
+    assert len(json.loads((tmp_path / "gpu_time.json").read_text())["runs"]) == 2
+
+
+def _recipe_folder(folder: Path, ablation: dict[str, float]) -> None:
+    """A complete loss x lr grid (relative at 3e-4 wins, 40.0) and ablation units with these scores."""
+    folder.mkdir(parents=True)
+    for loss in ("mse", "relative", "channel"):
+        for lr in (1e-3, 3e-4):
+            ppl = 40.0 if (loss, lr) == ("relative", 3e-4) else 50.0
+            (folder / f"unit_{loss}_lr{lr:g}.json").write_text(json.dumps(
+                {"loss": loss, "lr": lr, "curve": [{"ppl": ppl}, {"ppl": ppl}], "seconds": 1.0}))
+    for name, ppl in ablation.items():
+        (folder / f"unit_ablation_{name}.json").write_text(json.dumps(
+            {"variant": name, "base": {"loss": "relative", "lr": 3e-4}, "start": 5,
+             "curve": [{"ppl": ppl}, {"ppl": ppl}], "seconds": 1.0}))
+
+
+def test_elm_takes_the_ablations_best_change_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    _recipe_folder(tmp_path / "a" / "recipe", {"kept-lora": 41.0})
+    r = real_model.elm_recipe(tmp_path / "a")
+    assert (r["loss"], r["lr"], r["kept_lora_r"], r["start"]) == ("relative", 3e-4, 0, "cosine")
+    assert "ablation not measured yet" in r["chosen_by"]  # gppo is missing
+    # a unit saved before the ablation existed stays current while the ablation changes nothing
+    assert real_model.elm_settings(r) == {"loss": "relative", "lr": 3e-4}
+
+    _recipe_folder(tmp_path / "b" / "recipe", {"kept-lora": 39.0, "gppo": 38.0})  # both win: the best only
+    r = real_model.elm_recipe(tmp_path / "b")
+    assert (r["kept_lora_r"], r["start"], r["gppo_start"]) == (0, "gppo", 5)
+    assert real_model.elm_settings(r) == {"loss": "relative", "lr": 3e-4, "start": "gppo"}
+
+    _recipe_folder(tmp_path / "c" / "recipe", {"kept-lora": 39.0, "gppo": 45.0})
+    r = real_model.elm_recipe(tmp_path / "c")
+    assert (r["kept_lora_r"], r["start"]) == (16, "cosine") and "not measured" not in r["chosen_by"]
+
+
+@pytest.mark.slow
+def test_screen_elm_waits_for_the_recipes_ablation(tmp_path):
+    _data(tmp_path)
+    _recipe_folder(tmp_path / "out" / "recipe", {"kept-lora": 41.0})  # the grid done, gppo not yet
+    out = _run(tmp_path, "--stages", "screen", "--methods", "original,elm")
+    assert "elm waits for the recipe stage's ablation" in out
+    assert sorted(p.name for p in (tmp_path / "out" / "screen").glob("unit_*.json")) == ["unit_original.json"]
 
 
 def test_units_side_by_side_start_only_while_their_slowed_time_fits(monkeypatch):
