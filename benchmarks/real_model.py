@@ -1688,15 +1688,19 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved units")
     ap.add_argument("--smoke", action="store_true", help="check the plumbing with a few steps (CPU)")
     ap.add_argument("--stages", default="recipe,screen",
-                    help=f"stages to run, in order: {', '.join(STAGES)} (task needs teacher)")
-    ap.add_argument("--methods", default=None, help="screen / task: only these methods (comma-separated)")
+                    help=f"stages to run, in order: {', '.join(STAGES)} (task and task-curves need "
+                         "teacher; curves and task-curves take the best methods of their screen)")
+    ap.add_argument("--methods", default=None,
+                    help="screen, task and the curves: only these methods (comma-separated)")
     ap.add_argument("--span", type=int, default=SPAN,
                     help=f"screen: M, the layers ELM's block replaces (the others remove M - 1); "
                          f"{SPAN} (default) and {LONG_SPAN} are the two compressions reported")
     ap.add_argument("--seed", type=int, default=None,
-                    help=f"curves: only this seed (default: each of {', '.join(map(str, SEEDS))} in turn)")
+                    help="curves, task-curves: only this seed (default: each of "
+                         f"{', '.join(map(str, SEEDS))} in turn)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="screen: units run side by side as this many processes on the one device")
+                    help="screen, task and the curves: units run side by side as this many processes on "
+                         "the one device")
     ap.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # a process of --jobs
     ap.add_argument("--device-share", type=float, default=None,
                     help="fraction of the GPU's memory this process may hold (--jobs gives each of its "
