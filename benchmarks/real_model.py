@@ -358,7 +358,12 @@ def curve_methods(out: Path) -> list[str]:
     done = [read_json(p) for p in folder.glob("unit_*.json")]
     ranked = sorted((u for u in done if "error" not in u and u["method"] not in ("original", "dense", "elm")
                      and u["curve"]), key=lambda u: -u["curve"][-1]["acc"] if task else u["curve"][-1]["ppl"])
-    return ["dense", "elm", *[u["method"] for u in ranked[:CURVE_BEST]]]
+    chosen = ["dense", "elm", *[u["method"] for u in ranked[:CURVE_BEST]]]
+    # what the choice was made from: a screen still missing methods may rank them otherwise later
+    missing = [m for m in screen_methods() if m not in {u["method"] for u in done}]
+    write_json(out / screen_name() / "chosen.json",
+               {"methods": chosen, "from": folder.name, "missing": missing})
+    return chosen
 
 
 def screen_name(span: int | None = None, protocol: str | None = None) -> str:
@@ -1386,6 +1391,11 @@ def report_curves(out: Path) -> None:
     failed = sorted({u["method"] for u in units if "error" in u})
     if failed:
         lines += ["", "Failed (see their unit files): " + ", ".join(failed) + "."]
+    if (folder / "chosen.json").is_file():
+        c = read_json(folder / "chosen.json")
+        lines += ["", f"Methods chosen from `{c['from']}`" + (
+            f" while it still missed {', '.join(c['missing'])}: the choice may change once they are "
+            "measured." if c["missing"] else ", complete.")]
     lines += ["", f"![{name}]({name}.png)", ""]
     atomic_write_text(folder / f"{name}.md", "\n".join(lines))
 

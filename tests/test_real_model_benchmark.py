@@ -411,6 +411,11 @@ def test_curves_run_the_chosen_methods_over_seeds_with_mean_and_std(tmp_path):
     assert dense[0]["curve"] != dense[1]["curve"]
     md = (folder / "curves.md").read_text()
     assert "| dense | 2 |" in md and " ± " in md and (folder / "curves.png").is_file()
+    # chosen from a screen of two methods: the report says which are missing from it
+    chosen = json.loads((folder / "chosen.json").read_text())
+    assert sorted(chosen["methods"]) == sorted(methods) and chosen["from"] == "screen"
+    assert "elm" in chosen["missing"] and "shortgpt" not in chosen["missing"]
+    assert "Methods chosen from `screen` while it still missed original, dense, elm" in md
     # the claim from the curves' top budget: ELM against dense + LoRA of the same seed, both seeds
     claim = json.loads((tmp_path / "out" / "claim" / "claim.json").read_text())["general_m8"]
     assert claim["elm"]["n"] == 2 and claim["best"]["method"] in ("shortgpt", "sleb")
