@@ -221,7 +221,7 @@ def _recipe_ablation(master, tok, train, ref: dict, s: dict, folder: Path, out: 
     search that lands on the cosine start changes nothing: the winner's numbers stand for it."""
     from elmkit.methods import gppo
 
-    best = min(grid_units(folder), key=recipe_score)
+    best = grid_winner(folder)
     for name in ablation_todo(folder):
         change, path = ABLATION[name], folder / f"unit_ablation_{name}.json"
         # the GPPO unit searches (200 reward-model steps) before it trains: count it as two units
@@ -379,12 +379,16 @@ def grid_units(folder: Path) -> list[dict]:
     return [read_json(p) for p in folder.glob("unit_*.json") if not p.name.startswith("unit_ablation_")]
 
 
+def grid_winner(folder: Path) -> dict | None:
+    """The grid's unit with the lowest validation score (``recipe_score``); None before any."""
+    return min(grid_units(folder), key=recipe_score, default=None)
+
+
 def ablation_units(folder: Path) -> dict[str, dict]:
     """The recipe stage's ablation units measured against the grid's current winner, by variant."""
-    grid = grid_units(folder)
-    if not grid:
+    best = grid_winner(folder)
+    if best is None:
         return {}
-    best = min(grid, key=recipe_score)
     units = {name: read_json(folder / f"unit_ablation_{name}.json") for name in ABLATION
              if (folder / f"unit_ablation_{name}.json").is_file()}
     return {k: u for k, u in units.items() if u["base"] == {"loss": best["loss"], "lr": best["lr"]}}
@@ -405,11 +409,10 @@ def elm_recipe(out: Path) -> dict:
     the two together were never measured. Until the stage has results: the relative loss at lr
     3e-4, block only, cosine start."""
     folder = out / "recipe"
-    grid = grid_units(folder)
-    if not grid:
+    best = grid_winner(folder)
+    if best is None:
         return {"loss": "relative", "lr": 3e-4, "kept_lora_r": 0, "start": "cosine",
                 "chosen_by": "default (no recipe results yet)"}
-    best = min(grid, key=recipe_score)
     abl = ablation_units(folder)
     wins = sorted((k for k, u in abl.items() if recipe_score(u) < recipe_score(best)),
                   key=lambda k: recipe_score(abl[k]))
@@ -1046,8 +1049,8 @@ def report(out: Path) -> None:
     units = sorted(grid_units(folder), key=lambda u: (u["loss"], -u["lr"]))
     if not units:
         return
-    write_json(folder / "recipe.json", {"reference": ref, "units": units, "ablation": ablation_units(folder),
-                                        "chosen": elm_recipe(out)})
+    abl, chosen = ablation_units(folder), elm_recipe(out)
+    write_json(folder / "recipe.json", {"reference": ref, "units": units, "ablation": abl, "chosen": chosen})
     _plot(folder / "recipe.png", ref, units)
     seqs = [c["sequences"] for c in units[0]["curve"]]
     best = min(units, key=recipe_score)
@@ -1075,15 +1078,14 @@ def report(out: Path) -> None:
     lines += ["", f"Chosen (geometric mean of the last two checkpoints, {seqs[-2]:,} and {seqs[-1]:,} "
               f"sequences, so that a spike between checkpoints does not win on one point): "
               f"{best['loss']}, lr {best['lr']:g} ({recipe_score(best):.2f}). Columns xk: the final block "
-              "at k evaluations per token.", *_ablation_lines(out, best, ref, seqs),
+              "at k evaluations per token.", *_ablation_lines(abl, chosen, best, ref, seqs),
               "", "![recipe](recipe.png)", ""]
     atomic_write_text(folder / "recipe.md", "\n".join(lines))
 
 
-def _ablation_lines(out: Path, best: dict, ref: dict, seqs: list[int]) -> list[str]:
-    """The recipe report's ablation: the grid's winner changed one way at a time, and what the
-    screen's ELM takes from it."""
-    abl = ablation_units(out / "recipe")
+def _ablation_lines(abl: dict[str, dict], chosen: dict, best: dict, ref: dict, seqs: list[int]) -> list[str]:
+    """The recipe report's ablation: the grid's winner changed one way at a time (``abl``), and what
+    the screen's ELM takes from it (``chosen``, elm_recipe)."""
     if not abl:
         return []
     rows = [("winner: cosine start, block only", ref["start"], best)]
@@ -1092,7 +1094,6 @@ def _ablation_lines(out: Path, best: dict, ref: dict, seqs: list[int]) -> list[s
         what = {"kept-lora": f"+ kept-layer LoRA r {u['change'].get('kept_lora_r')}",
                 "gppo": f"start by GPPO{same}"}
         rows.append((what.get(name, name), u["start"], u))
-    chosen = elm_recipe(out)
     lines = ["", f"Ablation on the winner ({best['loss']}, lr {best['lr']:g}), one change at a time, same "
              "budget and validation windows, one seed:", "",
              "| variant | start | " + " | ".join(f"{n:,} seq" for n in seqs) + " | "
@@ -1594,12 +1595,13 @@ class StageClock:
 def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
     """The GPU time of each stage folder from its gpu_time.json, and the total against the 4-hour
     budget of the whole section (GPU runs only: a CPU smoke run is counted apart)."""
-    rows, total = [], 0.0
+    rows, total, unrecorded = [], 0.0, False
     for name in folders:
         path = out / name / "gpu_time.json"
         if not path.is_file():
             units = [read_json(p) for p in StageClock._written(out / name)]
             if units:  # measured before the stages kept their GPU time: the units' own wall times
+                unrecorded = True
                 own = sum(u.get("seconds", 0) for u in units)
                 rows.append(f"| {name} | – | – (before this record; its {len(units)} units' own times "
                             f"sum to {own / 60:.1f}) | {len(units)} | "
@@ -1619,7 +1621,7 @@ def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
             "cut off by the end of its lease counts to its last 30-second record). The whole section's "
             f"budget is 4 GPU hours; recorded so far: {total / 60:.1f} minutes"
             + (", besides the stages measured before this record (their units' own times, which "
-               "overlap where units ran side by side)." if any("| – |" in r for r in rows) else "."), "",
+               "overlap where units ran side by side)." if unrecorded else "."), "",
             "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows]
 
 
