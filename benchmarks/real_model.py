@@ -56,6 +56,7 @@ and with --report-only from the saved units.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import fcntl
@@ -470,6 +471,8 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
         report_screen(out)
         return True
     tasks_dir = None if task else _check_tasks(data)
+    if tasks_dir is not None:
+        task_floors(tasks_dir, out)
     if jobs > 1 and len(todo) > 1:
         return _screen_jobs(model, data, out, run, todo, jobs, budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -804,6 +807,22 @@ def _check_tasks(data: Path) -> Path:
     return folder
 
 
+def task_floors(folder: Path, out: Path) -> dict:
+    """What no skill scores on each task file of ``folder``, saved as out/floors.json: a uniform
+    random choice, and the best constant answer (always the same option position; on BoolQ, whose
+    options are always no / yes, always the more frequent answer). A row at its floor has lost the
+    task, whatever the other columns say."""
+    floors = {}
+    for t in TASKS:
+        rows = [json.loads(line) for line in (folder / f"{t.removeprefix('elmkit_')}.jsonl").read_text()
+                .splitlines() if line.strip()]
+        by_position = collections.Counter(r["gold"] for r in rows)
+        floors[t] = {"n": len(rows), "random": statistics.fmean(1 / len(r["choices"]) for r in rows),
+                     "constant": max(by_position.values()) / len(rows)}
+    write_json(out / "floors.json", floors)
+    return floors
+
+
 def task_logits_bytes(model: str, tasks_dir: Path, batch: int = TASK_BATCH) -> int:
     """The bytes lm-eval's logits take for a batch of the longest request of TASKS: the units'
     fp32 logits and their fp32 log-softmax, 8 bytes x (batch, T, V). T: the query, its answer cue,
@@ -1103,9 +1122,13 @@ def _ablation_lines(abl: dict[str, dict], chosen: dict, best: dict, ref: dict, s
         lines.append(f"| {what} | {start} | " + " | ".join(f"{c['ppl']:.2f}" for c in u["curve"]) + " | "
                      + " | ".join(f"{v:.2f}" for v in u["evaluations"].values())
                      + f" | {recipe_score(u):.2f} | {u['seconds']:.0f} |")
-    lines += ["", f"The screen's ELM takes: kept-layer LoRA r {chosen['kept_lora_r']} (0 = block only), "
-              f"start by {chosen['start']} ({chosen['chosen_by']}): the change whose score is lowest, if "
-              "it is lower than the winner's; one change only, as the two were not measured together."]
+    take = (f"kept-layer LoRA r {chosen['kept_lora_r']}" if chosen["kept_lora_r"] else "the block only")
+    label = {"kept-lora": "kept-layer LoRA", "gppo": "the GPPO start"}
+    todo = [label.get(n, n) for n in ABLATION if n not in abl]
+    lines += ["", f"The screen's ELM takes {take}, {chosen['start']} start: of the changes measured, the one "
+              "whose score is lowest, if lower than the winner's; one change only, as the two were not "
+              "measured together."
+              + (f" Not measured yet: {', '.join(todo)}; the choice may change when it is." if todo else "")]
     return lines
 
 
@@ -1173,7 +1196,7 @@ def report_screen(out: Path) -> None:
         "the budget. Validation: perplexity on held-out C4 "
         f"({VAL_WINDOWS} windows of {VAL_WINDOW} tokens) at each budget of the same run; the ELM "
         "recipe was chosen on these same windows, so WikiText-2 (the whole test set in windows of "
-        f"{VAL_WINDOW}) is the column no method was selected on. {_tasks_note(ok)}`original` is "
+        f"{VAL_WINDOW}) is the column no method was selected on. {_tasks_note(ok, out)}`original` is "
         "the model as shipped, untrained (its one validation point stands in each budget column). "
         "s: wall time of the unit (compression, training, evaluation); units may share the GPU "
         "(--jobs), so it is not a speed comparison. One seed.",
@@ -1230,16 +1253,23 @@ def _stale_units(out: Path, units: list[dict]) -> dict[str, list[str]]:
     return stale
 
 
-def _tasks_note(units: list[dict]) -> str:
-    """How the task columns were measured, from a unit that has them."""
+def _tasks_note(units: list[dict], out: Path) -> str:
+    """How the task columns were measured, from a unit that has them, and the tasks' floors."""
     u = next((u for u in units if "tasks" in u), None)
     if u is None:
         return ""
     sizes = " / ".join(f"{u['tasks'][t]['n']:,}" for t in TASKS)
+    floors = read_json(out / "floors.json") if (out / "floors.json").is_file() else {}
+    floor = ""
+    if all(t in floors for t in TASKS):
+        floor = (" No skill scores " + ", ".join(
+            f"{TASK_LABELS[t]} {100 * floors[t]['random']:.1f} at random / {100 * floors[t]['constant']:.1f} "
+            "with one constant answer" for t in TASKS)
+            + " (floors.json): a score near these has lost the task, whatever the others say.")
     return (f"{', '.join(TASK_LABELS[t] for t in TASKS)}: lm-eval {u['lm_eval']} zero-shot accuracy "
             f"(acc, %) on {sizes} questions (the full test sets, from ../shared/data/commonsense; "
             "elmkit's task files); mean acc is their plain mean; – where a unit was measured before "
-            "these columns existed. ")
+            f"these columns existed.{floor} ")
 
 
 def _plot_screen(png: Path, units: list[dict], key: str = "ppl",
@@ -1594,33 +1624,36 @@ class StageClock:
 
 def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
     """The GPU time of each stage folder from its gpu_time.json, and the total against the 4-hour
-    budget of the whole section (GPU runs only: a CPU smoke run is counted apart)."""
+    budget of the whole section (GPU runs only: a CPU smoke run is counted apart). Units on disk
+    that no recorded run wrote were measured before the record: their own wall times stand in."""
     rows, total, unrecorded = [], 0.0, False
     for name in folders:
         path = out / name / "gpu_time.json"
-        if not path.is_file():
-            units = [read_json(p) for p in StageClock._written(out / name)]
-            if units:  # measured before the stages kept their GPU time: the units' own wall times
-                unrecorded = True
-                own = sum(u.get("seconds", 0) for u in units)
-                rows.append(f"| {name} | – | – (before this record; its {len(units)} units' own times "
-                            f"sum to {own / 60:.1f}) | {len(units)} | "
-                            f"{', '.join(sorted({u.get('device', '?') for u in units}))} |")
+        runs = read_json(path)["runs"] if path.is_file() else []
+        recorded = {u for r in runs for u in r["units"]}
+        earlier = [read_json(p) for p in StageClock._written(out / name)
+                   if p.stem.removeprefix("unit_") not in recorded]
+        if not runs and not earlier:
             continue
-        runs = read_json(path)["runs"]
         gpu = [r for r in runs if not r["device"].startswith("CPU")]
         seconds = sum(r["seconds"] for r in gpu)
         total += seconds
-        devices = sorted({r["device"] for r in runs})
-        rows.append(f"| {name} | {len(runs)} | {seconds / 60:.1f} | "
-                    f"{sum(len(r['units']) for r in runs)} | {', '.join(devices)} |")
+        minutes = f"{seconds / 60:.1f}" if runs else "–"
+        if earlier:  # their times overlap where units ran side by side: not added to the total
+            unrecorded = True
+            own = sum(u.get("seconds", 0) for u in earlier)
+            minutes += (f" (+ {len(earlier)} unit{'s' * (len(earlier) != 1)} from before this record, "
+                        f"own times {own / 60:.1f})")
+        devices = sorted({r["device"] for r in runs} | {u.get("device", "?") for u in earlier})
+        rows.append(f"| {name} | {len(runs) or '–'} | {minutes} | "
+                    f"{sum(len(r['units']) for r in runs) + len(earlier)} | {', '.join(devices)} |")
     if not rows:
         return []
     return ["### GPU time", "",
             "Wall time each stage held the GPU, summed over its runs (units side by side share it; a run "
             "cut off by the end of its lease counts to its last 30-second record). The whole section's "
             f"budget is 4 GPU hours; recorded so far: {total / 60:.1f} minutes"
-            + (", besides the stages measured before this record (their units' own times, which "
+            + (", besides the units measured before this record (their own wall times, which "
                "overlap where units ran side by side)." if unrecorded else "."), "",
             "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows]
 
@@ -1734,6 +1767,9 @@ def main() -> None:
     if set(stages) - set(STAGES):
         raise SystemExit(f"unknown --stages {args.stages}; choose from {', '.join(STAGES)}")
     if args.report_only:
+        if all((Path(args.data) / "commonsense" / f"{t.removeprefix('elmkit_')}.jsonl").is_file()
+               for t in TASKS):  # the floors need only the task files, no model
+            task_floors(Path(args.data) / "commonsense", out)
         if (out / "recipe" / "reference.json").is_file():
             report(out)
         report_teacher(out)

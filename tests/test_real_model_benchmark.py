@@ -229,6 +229,47 @@ def test_stage_clock_keeps_a_killed_runs_time(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "gpu_time.json").read_text())["runs"]) == 2
 
 
+def test_task_floors_are_random_choice_and_the_best_constant_answer(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    folder = tmp_path / "commonsense"
+    folder.mkdir()
+    golds = {"arc_easy": [0, 1, 1, 3], "boolq": [1, 1, 1, 0], "piqa": [0, 1, 0, 1]}
+    for task, gold in golds.items():
+        n = 4 if task == "arc_easy" else 2
+        rows = [{"query": "q", "choices": [f"c{k}" for k in range(n - (i == 0 and n == 4))], "gold": g}
+                for i, g in enumerate(gold)]  # one ARC row with 3 options
+        (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    floors = real_model.task_floors(folder, tmp_path)
+    assert floors["elmkit_arc_easy"]["random"] == pytest.approx((1 / 3 + 3 / 4) / 4)
+    assert floors["elmkit_arc_easy"]["constant"] == 0.5  # always the second option
+    assert floors["elmkit_boolq"] == {"n": 4, "random": 0.5, "constant": 0.75}  # always "yes"
+    assert floors["elmkit_piqa"]["constant"] == 0.5
+    assert json.loads((tmp_path / "floors.json").read_text()) == floors
+    note = real_model._tasks_note([{"tasks": {t: {"n": 4} for t in real_model.TASKS}, "lm_eval": "x"}],
+                                  tmp_path)
+    assert "BoolQ 50.0 at random / 75.0 with one constant answer" in note
+
+
+def test_gpu_time_counts_units_from_before_the_record_apart(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    stage = tmp_path / "screen"
+    stage.mkdir()
+    for name, seconds in (("old", 120.0), ("new", 60.0)):
+        (stage / f"unit_{name}.json").write_text(json.dumps({"seconds": seconds, "device": "H100"}))
+    (stage / "gpu_time.json").write_text(json.dumps({"runs": [
+        {"id": "a", "seconds": 300.0, "device": "H100", "jobs": 2, "units": ["new"]}]}))
+    lines = real_model.gpu_time_lines(tmp_path, ["screen", "absent"])
+    row = next(line for line in lines if line.startswith("| screen |"))
+    # the run's 5 minutes are the total; the older unit's own 2 minutes are shown, not added
+    assert row == "| screen | 1 | 5.0 (+ 1 unit from before this record, own times 2.0) | 2 | H100 |"
+    assert "recorded so far: 5.0 minutes, besides the units measured before" in "\n".join(lines)
+    assert not any(line.startswith("| absent |") for line in lines)
+
+
 def _recipe_folder(folder: Path, ablation: dict[str, float]) -> None:
     """A complete loss x lr grid (relative at 3e-4 wins, 40.0) and ablation units with these scores."""
     folder.mkdir(parents=True)
