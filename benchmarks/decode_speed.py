@@ -395,10 +395,14 @@ def step_targets(rows: list[dict], noise: float = 0.02) -> list[tuple[str, bool]
             ev = (f"{r['block_launches']:.2f} evaluations per token" if what == "adaptive"
                   else f"{r['block_launches']:.0f} evaluations")
             claim = "within 1.03x of" if what == "fixed" else "faster than"
+            # rows of two runs (--again of one path) differ by the run-to-run spread as well
+            apart = (f" (dense and ELM timed in different runs, {d.get('run') or 'unstamped'} and "
+                     f"{r.get('run') or 'unstamped'}: rerun both together)" if d.get("run") != r.get("run")
+                     else "")
             out.append((f"ELM ({what}, {ev}, {trained} block) per-token latency {claim} the dense fast "
                         f"path, {shape}{_on_step(r)}: {lat:.3f}x"
                         + (f" (within {noise:.0%} of 1: one run each, no spread measured)"
-                           if abs(lat - 1) < noise else ""),
+                           if abs(lat - 1) < noise else "") + apart,
                         # "faster" must clear the noise; "within 1.03x" is itself a tolerance
                         lat <= bound if what == "fixed" else lat < 1 - noise))
     return out

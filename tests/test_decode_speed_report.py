@@ -79,6 +79,10 @@ def test_step_targets(ds):
     assert "0.995x" in ada and not ok_ada  # faster, but not beyond one run's noise
     adaptive["ms_per_token"] = 1.8
     assert dict(ds.step_targets([fast, adaptive])).popitem()[1]
+    assert "different runs" not in fix  # one run: nothing to add
+    fixed["run"] = "2026-01-02 10:00 UTC"  # ELM timed again alone
+    (text, _), = [t for t in ds.step_targets([fast, fixed]) if "fixed" in t[0]]
+    assert "timed in different runs, unstamped and 2026-01-02 10:00 UTC: rerun both together" in text
 
 
 def test_rows_of_several_runs_are_named(tmp_path, ds):
