@@ -1622,7 +1622,7 @@ class StageClock:
         self._write()
 
 
-def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
+def gpu_time_lines(out: Path, folders: list[str], left: dict[str, int] | None = None) -> list[str]:
     """The GPU time of each stage folder from its gpu_time.json, and the total against the 4-hour
     budget of the whole section (GPU runs only: a CPU smoke run is counted apart). Units on disk
     that no recorded run wrote were measured before the record: their own wall times stand in."""
@@ -1655,7 +1655,29 @@ def gpu_time_lines(out: Path, folders: list[str]) -> list[str]:
             f"budget is 4 GPU hours; recorded so far: {total / 60:.1f} minutes"
             + (", besides the units measured before this record (their own wall times, which "
                "overlap where units ran side by side)." if unrecorded else "."), "",
-            "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows]
+            "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows,
+            *_projection(out, [f for f in folders if f.split("_m")[0] in PREFIX.values()], left or {})]
+
+
+def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str]:
+    """What the units not measured yet would take at the rate of the recorded screen runs (GPU
+    minutes per unit written, units side by side as they ran): ``left`` holds the screen units and
+    the curve units still to run. A curve unit trains CURVE_TOP / SCREEN_TOP times as long as a
+    screen unit and is evaluated as often plus its extra budgets: counted at that many screen units,
+    which overstates it by its evaluation's share."""
+    runs = [r for f in folders if f.split("_m")[0] in ("screen", "task")
+            for r in (read_json(out / f / "gpu_time.json")["runs"] if (out / f / "gpu_time.json").is_file()
+                      else []) if not r["device"].startswith("CPU")]
+    units = sum(len(r["units"]) for r in runs)
+    if not units or not any(left.values()):
+        return []
+    rate = sum(r["seconds"] for r in runs) / units / 60
+    screen, curve = left.get("screen", 0), left.get("curves", 0) * CURVE_TOP // SCREEN_TOP
+    return ["", f"At the recorded screens' rate, {rate:.1f} GPU minutes per unit ({units} unit{'s' * (units != 1)}), what is "
+            f"left needs about {(screen + curve) * rate / 60:.1f} GPU hours: {screen} screen units "
+            f"({screen * rate / 60:.1f} h) and {left.get('curves', 0)} curve units counted as "
+            f"{CURVE_TOP // SCREEN_TOP} screen units each ({curve * rate / 60:.1f} h); units measured under "
+            "earlier settings and the teacher come on top."]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1680,12 +1702,13 @@ def write_results_section(out: Path) -> None:
             parts.append(body.replace("## ", "### ", 1).strip())
     if not parts:
         return
-    todo = []
+    todo, left = [], {"screen": 0, "curves": 0}
     for protocol, what in (("general", "general retention"), ("task", "task retention")):
         for span in sorted({SPAN, LONG_SPAN, *screen_spans(out, protocol)}):
             folder = out / screen_name(span, protocol)
             screened = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             missing = [m for m in screen_methods() if m not in screened]
+            left["screen"] += len(missing)
             todo.append(f"- The screen of {what} at M = {span}: "
                         + (", ".join(missing) if missing else "all screened") + ".")
     if not (out / "teacher" / "teacher.json").is_file():
@@ -1695,6 +1718,8 @@ def write_results_section(out: Path) -> None:
             folder = out / screen_name(span, protocol)
             have = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
+            # dense, ELM and the CURVE_BEST best of the screen, for each seed
+            left["curves"] += max(0, (2 + CURVE_BEST) * len(SEEDS) - len(have))
             todo.append(f"- Budget curves of {what} retention to {CURVE_TOP:,} sequences at M = {span} "
                         f"(--stages {'curves' if protocol == 'curves' else 'task-curves'}): seeds "
                         + (", ".join(str(x) for x in SEEDS if x not in seeds_done) or "none") + " to run"
@@ -1709,7 +1734,7 @@ def write_results_section(out: Path) -> None:
         "passes over it). Task retention: the paper's protocol on testbed problems, against a "
         "LoRA-tuned teacher.",
         *parts,
-        *(["\n".join(spent)] if (spent := gpu_time_lines(out, folders)) else []),
+        *(["\n".join(spent)] if (spent := gpu_time_lines(out, folders, left)) else []),
         "### Not measured yet",
         "\n".join(todo),
         "```\npython benchmarks/real_model.py --model smollm2-135m --data ../shared/data \\\n"

@@ -268,6 +268,11 @@ def test_gpu_time_counts_units_from_before_the_record_apart(tmp_path, monkeypatc
     assert row == "| screen | 1 | 5.0 (+ 1 unit from before this record, own times 2.0) | 2 | H100 |"
     assert "recorded so far: 5.0 minutes, besides the units measured before" in "\n".join(lines)
     assert not any(line.startswith("| absent |") for line in lines)
+    # what is left, at 5 GPU minutes per unit: 3 screen units and 2 curve units of 4 screen units each
+    text = "\n".join(real_model.gpu_time_lines(tmp_path, ["screen"], {"screen": 3, "curves": 2}))
+    assert "5.0 GPU minutes per unit (1 unit), what is left needs about 0.9 GPU hours" in text
+    assert "3 screen units (0.2 h) and 2 curve units counted as 4 screen units each (0.7 h)" in text
+    assert "what is left" not in "\n".join(real_model.gpu_time_lines(tmp_path, ["screen"], {"screen": 0}))
 
 
 def _recipe_folder(folder: Path, ablation: dict[str, float]) -> None:
