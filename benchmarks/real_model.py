@@ -1673,8 +1673,9 @@ def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str
         return []
     rate = sum(r["seconds"] for r in runs) / units / 60
     screen, curve = left.get("screen", 0), left.get("curves", 0) * CURVE_TOP // SCREEN_TOP
-    return ["", f"At the recorded screens' rate, {rate:.1f} GPU minutes per unit ({units} unit{'s' * (units != 1)}), what is "
-            f"left needs about {(screen + curve) * rate / 60:.1f} GPU hours: {screen} screen units "
+    plural = "s" * (units != 1)
+    return ["", f"At the recorded screens' rate, {rate:.1f} GPU minutes per unit ({units} unit{plural}), "
+            f"what is left needs about {(screen + curve) * rate / 60:.1f} GPU hours: {screen} screen units "
             f"({screen * rate / 60:.1f} h) and {left.get('curves', 0)} curve units counted as "
             f"{CURVE_TOP // SCREEN_TOP} screen units each ({curve * rate / 60:.1f} h); units measured under "
             "earlier settings and the teacher come on top."]
