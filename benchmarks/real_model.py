@@ -1663,22 +1663,33 @@ def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str
     """What the units not measured yet would take at the rate of the recorded screen runs (GPU
     minutes per unit written, units side by side as they ran): ``left`` holds the screen units and
     the curve units still to run. A curve unit trains CURVE_TOP / SCREEN_TOP times as long as a
-    screen unit and is evaluated as often plus its extra budgets: counted at that many screen units,
-    which overstates it by its evaluation's share."""
-    runs = [r for f in folders if f.split("_m")[0] in ("screen", "task")
-            for r in (read_json(out / f / "gpu_time.json")["runs"] if (out / f / "gpu_time.json").is_file()
-                      else []) if not r["device"].startswith("CPU")]
+    screen unit and is evaluated about as long: its weight in screen units comes from the eval
+    share of the recorded units that trained."""
+    runs, done = [], []
+    for f in folders:
+        if f.split("_m")[0] not in ("screen", "task") or not (out / f / "gpu_time.json").is_file():
+            continue
+        for r in read_json(out / f / "gpu_time.json")["runs"]:
+            if not r["device"].startswith("CPU"):
+                runs.append(r)
+                done += [read_json(out / f / f"unit_{u}.json") for u in r["units"]
+                         if (out / f / f"unit_{u}.json").is_file()]
     units = sum(len(r["units"]) for r in runs)
     if not units or not any(left.values()):
         return []
     rate = sum(r["seconds"] for r in runs) / units / 60
-    screen, curve = left.get("screen", 0), left.get("curves", 0) * CURVE_TOP // SCREEN_TOP
+    trained = [u for u in done if u.get("trainer", "none") != "none" and u.get("seconds") and "eval_s" in u]
+    share = statistics.fmean(u["eval_s"] / u["seconds"] for u in trained) if trained else 0.0
+    weight = (1 - share) * CURVE_TOP / SCREEN_TOP + share
+    screen, curve = left.get("screen", 0), left.get("curves", 0) * weight
     plural = "s" * (units != 1)
     return ["", f"At the recorded screens' rate, {rate:.1f} GPU minutes per unit ({units} unit{plural}), "
             f"what is left needs about {(screen + curve) * rate / 60:.1f} GPU hours: {screen} screen units "
-            f"({screen * rate / 60:.1f} h) and {left.get('curves', 0)} curve units counted as "
-            f"{CURVE_TOP // SCREEN_TOP} screen units each ({curve * rate / 60:.1f} h); units measured under "
-            "earlier settings and the teacher come on top."]
+            f"({screen * rate / 60:.1f} h) and {left.get('curves', 0)} curve units "
+            f"({curve * rate / 60:.1f} h), each counted as {weight:.1f} screen units (training "
+            f"{CURVE_TOP // SCREEN_TOP}x as long; evaluation, {100 * share:.0f}% of a trained screen "
+            "unit's time, about the same); units measured under earlier settings and the teacher come "
+            "on top."]
 
 
 ROOT = Path(__file__).resolve().parents[1]

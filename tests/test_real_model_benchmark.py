@@ -271,7 +271,12 @@ def test_gpu_time_counts_units_from_before_the_record_apart(tmp_path, monkeypatc
     # what is left, at 5 GPU minutes per unit: 3 screen units and 2 curve units of 4 screen units each
     text = "\n".join(real_model.gpu_time_lines(tmp_path, ["screen"], {"screen": 3, "curves": 2}))
     assert "5.0 GPU minutes per unit (1 unit), what is left needs about 0.9 GPU hours" in text
-    assert "3 screen units (0.2 h) and 2 curve units counted as 4 screen units each (0.7 h)" in text
+    assert "3 screen units (0.2 h) and 2 curve units (0.7 h), each counted as 4.0 screen units" in text
+    # a trained unit that spent half its time evaluating: a curve unit weighs 0.5 * 4 + 0.5 screen units
+    (tmp_path / "screen" / "unit_new.json").write_text(json.dumps(
+        {"seconds": 60.0, "eval_s": 30.0, "trainer": "lora", "device": "H100"}))
+    text = "\n".join(real_model.gpu_time_lines(tmp_path, ["screen"], {"screen": 3, "curves": 2}))
+    assert "2 curve units (0.4 h), each counted as 2.5 screen units" in text and "50% of a trained" in text
     assert "what is left" not in "\n".join(real_model.gpu_time_lines(tmp_path, ["screen"], {"screen": 0}))
 
 
