@@ -225,8 +225,11 @@ def _recipe_ablation(master, tok, train, ref: dict, s: dict, folder: Path, out: 
     best = grid_winner(folder)
     for name in ablation_todo(folder):
         change, path = ABLATION[name], folder / f"unit_ablation_{name}.json"
-        # the GPPO unit searches (200 reward-model steps) before it trains: count it as two units
-        if not budget.left(expected_seconds(folder) * (2 if "start" in change else 1)):
+        # the GPPO unit searches (200 reward-model steps) before it trains: count it as two units.
+        # Expected from the grid's units, which ran one at a time: an ablation unit may have shared
+        # the device with another stage's run, and its time says nothing about one alone
+        alone = max(u["seconds"] for u in grid_units(folder))
+        if not budget.left(alone * (2 if "start" in change else 1)):
             print(f"stopped at the time budget before {path.name}; run again to continue")
             return False
         t0 = time.time()
