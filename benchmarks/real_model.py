@@ -266,6 +266,8 @@ LONG_SPAN = 15  # the seeds' 14 of 28: the second compression
 # --span: the screen at M = 8 (folder screen/) or another M (screen_m<M>/); --stages task: the same
 # units under the task-retention protocol (task/, task_m<M>/)
 SCREEN = {"span": SPAN, "protocol": "general", "seed": 0}
+# units that compress nothing: their numbers do not depend on M, so other Ms copy the M = SPAN unit
+SPAN_FREE = ("original", "dense")
 CURVE_TOP = 102_400  # curves: the whole budget range, for the strongest methods, over SEEDS
 SEEDS = (0, 1, 2)
 CURVE_BEST = 3  # besides dense and ELM: this many of the screen's best (C4 at its top budget)
@@ -465,6 +467,8 @@ def stage_screen(model: str, data: Path, out: Path, run: Path, budget: Budget,
     recipe = elm_recipe(out)
     if task:
         s["teacher"] = _teacher_ready(model, out, run)
+    if SCREEN["span"] != SPAN:
+        _reuse_span_free(out, folder, methods, s, recipe)
     todo = [m for m in methods if not _unit_current(folder, m, unit_settings(m, s, recipe))]
     if "elm" in todo and grid_units(out / "recipe") and ablation_todo(out / "recipe"):
         # the grid is done but its ablation is not: ELM measured now would be measured again
@@ -967,6 +971,30 @@ def _unit_current(folder: Path, name: str, want: dict) -> bool:
         print(f"{path.name} was measured with other settings; measuring it again")
         return False
     return True
+
+
+def _reuse_span_free(out: Path, folder: Path, methods: list[str], s: dict, recipe: dict) -> list[str]:
+    """At an M other than SPAN (the caller checks): the SPAN_FREE units of ``methods`` that the
+    screen of the same protocol (and seed) at M = SPAN measured with the same settings but M,
+    copied here with ``reused_from`` instead of measured again. Returns the methods copied."""
+    home, copied = out / screen_name(span=SPAN), []
+    for name in (m for m in methods if m in SPAN_FREE):
+        want, src = unit_settings(name, s, recipe), unit_path(home, name)
+        path = unit_path(folder, name)
+        if (path.is_file() and read_json(path).get("settings") == want) or not src.is_file():
+            continue
+        unit = read_json(src)
+        if "error" in unit or _but_span(unit.get("settings") or {}) != _but_span(want):
+            continue
+        write_json(path, {**unit, "settings": want, "reused_from": home.name})
+        print(f"{name}: the unit of {home.name} (M = {SPAN}) stands for M = {s['span']}: "
+              "it compresses nothing")
+        copied.append(name)
+    return copied
+
+
+def _but_span(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "span"}
 
 
 def _screen_elm(dense, tok, calib, train, s, recipe, work, score):
@@ -1677,8 +1705,8 @@ def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str
                 runs.append(r)
                 done += [read_json(out / f / f"unit_{u}.json") for u in r["units"]
                          if (out / f / f"unit_{u}.json").is_file()]
-    units = sum(len(r["units"]) for r in runs)
-    if not units or not any(left.values()):
+    units = sum(len(r["units"]) for r in runs) - sum("reused_from" in u for u in done)
+    if units <= 0 or not any(left.values()):
         return []
     rate = sum(r["seconds"] for r in runs) / units / 60
     trained = [u for u in done if u.get("trainer", "none") != "none" and u.get("seconds") and "eval_s" in u]
@@ -1723,7 +1751,9 @@ def write_results_section(out: Path) -> None:
             folder = out / screen_name(span, protocol)
             screened = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             missing = [m for m in screen_methods() if m not in screened]
-            left["screen"] += len(missing)
+            home = out / screen_name(SPAN, protocol)
+            left["screen"] += len([m for m in missing if span == SPAN or m not in SPAN_FREE
+                                   or not (home / f"unit_{m}.json").is_file()])
             todo.append(f"- The screen of {what} at M = {span}: "
                         + (", ".join(missing) if missing else "all screened") + ".")
     if not (out / "teacher" / "teacher.json").is_file():
@@ -1733,8 +1763,13 @@ def write_results_section(out: Path) -> None:
             folder = out / screen_name(span, protocol)
             have = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
-            # dense, ELM and the CURVE_BEST best of the screen, for each seed
-            left["curves"] += max(0, (2 + CURVE_BEST) * len(SEEDS) - len(have))
+            # dense, ELM and the CURVE_BEST best of the screen, for each seed; dense at another M is
+            # copied from M = SPAN's where that has it
+            home = out / screen_name(SPAN, protocol)
+            copies = 0 if span == SPAN else sum(
+                (home / f"unit_{m}_s{x}.json").is_file() and f"{m}_s{x}" not in have
+                for m in SPAN_FREE for x in SEEDS)
+            left["curves"] += max(0, (2 + CURVE_BEST) * len(SEEDS) - len(have) - copies)
             todo.append(f"- Budget curves of {what} retention to {CURVE_TOP:,} sequences at M = {span} "
                         f"(--stages {'curves' if protocol == 'curves' else 'task-curves'}): seeds "
                         + (", ".join(str(x) for x in SEEDS if x not in seeds_done) or "none") + " to run"

@@ -252,6 +252,35 @@ def test_task_floors_are_random_choice_and_the_best_constant_answer(tmp_path, mo
     assert "BoolQ 50.0 at random / 75.0 with one constant answer" in note
 
 
+def test_units_that_compress_nothing_are_copied_to_another_span(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_model
+
+    recipe = real_model.elm_recipe(tmp_path)
+    s8 = real_model.screen_settings()
+    home = tmp_path / "screen"
+    home.mkdir()
+    dense = {"method": "dense", "settings": real_model.unit_settings("dense", s8, recipe), "params": 1.0,
+             "curve": [{"sequences": 25_600, "ppl": 27.2}], "seconds": 700.0}
+    (home / "unit_dense.json").write_text(json.dumps(dense))
+    (home / "unit_sleb.json").write_text(json.dumps({**dense, "method": "sleb"}))
+    monkeypatch.setitem(real_model.SCREEN, "span", real_model.LONG_SPAN)
+    s15, folder = real_model.screen_settings(), tmp_path / "screen_m15"
+    folder.mkdir()
+    methods = ["original", "dense", "sleb"]
+    # original was never measured at M = 8, and SLEB removes layers: only dense is copied
+    assert real_model._reuse_span_free(tmp_path, folder, methods, s15, recipe) == ["dense"]
+    copy = json.loads((folder / "unit_dense.json").read_text())
+    assert copy["reused_from"] == "screen" and copy["curve"] == dense["curve"]
+    assert real_model._unit_current(folder, "dense", real_model.unit_settings("dense", s15, recipe))
+    assert real_model._reuse_span_free(tmp_path, folder, methods, s15, recipe) == []  # current already
+    # measured at M = 8 with other settings: measured again, not copied
+    (folder / "unit_dense.json").unlink()
+    stale = {**dense, "settings": {**dense["settings"], "heal_lr": 1.0}}
+    (home / "unit_dense.json").write_text(json.dumps(stale))
+    assert real_model._reuse_span_free(tmp_path, folder, methods, s15, recipe) == []
+
+
 def test_gpu_time_counts_units_from_before_the_record_apart(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import real_model
