@@ -986,11 +986,18 @@ def _reuse_span_free(out: Path, folder: Path, methods: list[str], s: dict, recip
         unit = read_json(src)
         if "error" in unit or _but_span(unit.get("settings") or {}) != _but_span(want):
             continue
-        write_json(path, {**unit, "settings": want, "reused_from": home.name})
+        # no GPU time spent here: a copy's seconds would inflate expected_seconds and the projection
+        write_json(path, {**unit, "settings": want, "reused_from": home.name, "seconds": 0.0,
+                          "measured_s": unit.get("seconds")})
         print(f"{name}: the unit of {home.name} (M = {SPAN}) stands for M = {s['span']}: "
               "it compresses nothing")
         copied.append(name)
     return copied
+
+
+def _unit_s(u: dict) -> str:
+    """A report's s cell: the unit's wall time, or where a copy came from."""
+    return f"copy of {u['reused_from']}" if "reused_from" in u else f"{u['seconds']:.0f}"
 
 
 def _but_span(settings: dict) -> dict:
@@ -1251,7 +1258,7 @@ def report_screen(out: Path) -> None:
                      f"{u['removed_non_embedding']:.3f} | "
                      + " | ".join(f"{pts[b]:.2f}" if b in pts else "" for b in budgets)
                      + f" | {u['wikitext2']['ppl']:.2f} | " + " | ".join(task_cells)
-                     + f" | {u['seconds']:.0f} |")
+                     + f" | {_unit_s(u)} |")
     stale = _stale_units(out, units)
     if stale:
         lines += ["", "Measured under earlier settings, so the next run measures them again: "
@@ -1367,7 +1374,7 @@ def report_task(out: Path) -> None:
         lines.append(f"| {u['method']} | {u['layers']} | {u['params']:.3f} | "
                      + " | ".join(f"{100 * pts[b]:.1f}" if b in pts else "" for b in budgets)
                      + f" | {'' if last is None or not ref else f'{100 * last / ref:.1f}%'} | "
-                     f"{u['seconds']:.0f} |")
+                     f"{_unit_s(u)} |")
     if ceiling is not None:
         lines += ["", f"Dense + LoRA for the same budget: {100 * ceiling['curve'][-1]['acc']:.1f}%."]
     lines += _inference_lines(ok, "acc", lambda v: f"{100 * v:.1f}%")
@@ -1709,7 +1716,8 @@ def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str
     if units <= 0 or not any(left.values()):
         return []
     rate = sum(r["seconds"] for r in runs) / units / 60
-    trained = [u for u in done if u.get("trainer", "none") != "none" and u.get("seconds") and "eval_s" in u]
+    trained = [u for u in done if u.get("trainer", "none") != "none" and u.get("seconds") and "eval_s" in u
+               and "reused_from" not in u]
     share = statistics.fmean(u["eval_s"] / u["seconds"] for u in trained) if trained else 0.0
     weight = (1 - share) * CURVE_TOP / SCREEN_TOP + share
     screen, curve = left.get("screen", 0), left.get("curves", 0) * weight
@@ -1751,9 +1759,8 @@ def write_results_section(out: Path) -> None:
             folder = out / screen_name(span, protocol)
             screened = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             missing = [m for m in screen_methods() if m not in screened]
-            home = out / screen_name(SPAN, protocol)
-            left["screen"] += len([m for m in missing if span == SPAN or m not in SPAN_FREE
-                                   or not (home / f"unit_{m}.json").is_file()])
+            # at another M the SPAN_FREE units are copies of M = SPAN's, counted there
+            left["screen"] += len([m for m in missing if span == SPAN or m not in SPAN_FREE])
             todo.append(f"- The screen of {what} at M = {span}: "
                         + (", ".join(missing) if missing else "all screened") + ".")
     if not (out / "teacher" / "teacher.json").is_file():
@@ -1764,11 +1771,8 @@ def write_results_section(out: Path) -> None:
             have = {p.stem.removeprefix("unit_") for p in folder.glob("unit_*.json")}
             seeds_done = {int(x.rsplit("_s", 1)[1]) for x in have}
             # dense, ELM and the CURVE_BEST best of the screen, for each seed; dense at another M is
-            # copied from M = SPAN's where that has it
-            home = out / screen_name(SPAN, protocol)
-            copies = 0 if span == SPAN else sum(
-                (home / f"unit_{m}_s{x}.json").is_file() and f"{m}_s{x}" not in have
-                for m in SPAN_FREE for x in SEEDS)
+            # a copy of M = SPAN's, counted there
+            copies = 0 if span == SPAN else sum(f"dense_s{x}" not in have for x in SEEDS)
             left["curves"] += max(0, (2 + CURVE_BEST) * len(SEEDS) - len(have) - copies)
             todo.append(f"- Budget curves of {what} retention to {CURVE_TOP:,} sequences at M = {span} "
                         f"(--stages {'curves' if protocol == 'curves' else 'task-curves'}): seeds "

@@ -272,6 +272,8 @@ def test_units_that_compress_nothing_are_copied_to_another_span(tmp_path, monkey
     assert real_model._reuse_span_free(tmp_path, folder, methods, s15, recipe) == ["dense"]
     copy = json.loads((folder / "unit_dense.json").read_text())
     assert copy["reused_from"] == "screen" and copy["curve"] == dense["curve"]
+    assert (copy["seconds"], copy["measured_s"]) == (0.0, 700.0)  # no GPU time spent on the copy
+    assert real_model._unit_s(copy) == "copy of screen" and real_model._unit_s(dense) == "700"
     assert real_model._unit_current(folder, "dense", real_model.unit_settings("dense", s15, recipe))
     assert real_model._reuse_span_free(tmp_path, folder, methods, s15, recipe) == []  # current already
     # measured at M = 8 with other settings: measured again, not copied
