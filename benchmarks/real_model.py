@@ -814,6 +814,15 @@ def _check_tasks(data: Path) -> Path:
     return folder
 
 
+def task_file(folder: Path, task: str) -> Path:
+    """The MosaicML file of a TASKS entry in the commonsense folder (elmkit_<stem> -> <stem>.jsonl)."""
+    return folder / f"{task.removeprefix('elmkit_')}.jsonl"
+
+
+def task_records(folder: Path, task: str) -> list[dict]:
+    return [json.loads(line) for line in task_file(folder, task).read_text().splitlines() if line.strip()]
+
+
 def task_floors(folder: Path, out: Path) -> dict:
     """What no skill scores on each task file of ``folder``, saved as out/floors.json: a uniform
     random choice, and the best constant answer (always the same option position; on BoolQ, whose
@@ -821,8 +830,7 @@ def task_floors(folder: Path, out: Path) -> dict:
     task, whatever the other columns say."""
     floors = {}
     for t in TASKS:
-        rows = [json.loads(line) for line in (folder / f"{t.removeprefix('elmkit_')}.jsonl").read_text()
-                .splitlines() if line.strip()]
+        rows = task_records(folder, t)
         by_position = collections.Counter(r["gold"] for r in rows)
         floors[t] = {"n": len(rows), "random": statistics.fmean(1 / len(r["choices"]) for r in rows),
                      "constant": max(by_position.values()) / len(rows)}
@@ -841,12 +849,10 @@ def task_logits_bytes(model: str, tasks_dir: Path, batch: int = TASK_BATCH) -> i
     tok = load_tokenizer(model)
     longest = 0
     for t in TASKS:
-        stem = t.removeprefix("elmkit_")
-        for line in (tasks_dir / f"{stem}.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                text = r["query"].strip() + ANSWER_CUE.get(stem, "") + " " + max(r["choices"], key=len)
-                longest = max(longest, len(tok(text)["input_ids"]))
+        cue = ANSWER_CUE.get(t.removeprefix("elmkit_"), "")
+        for r in task_records(tasks_dir, t):
+            text = r["query"].strip() + cue + " " + max(r["choices"], key=len)
+            longest = max(longest, len(tok(text)["input_ids"]))
     return batch * longest * len(tok) * 8
 
 
@@ -1846,8 +1852,8 @@ def main() -> None:
     if set(stages) - set(STAGES):
         raise SystemExit(f"unknown --stages {args.stages}; choose from {', '.join(STAGES)}")
     if args.report_only:
-        if all((Path(args.data) / "commonsense" / f"{t.removeprefix('elmkit_')}.jsonl").is_file()
-               for t in TASKS):  # the floors need only the task files, no model
+        if all(task_file(Path(args.data) / "commonsense", t).is_file() for t in TASKS):
+            # the floors need only the task files, no model
             task_floors(Path(args.data) / "commonsense", out)
         if (out / "recipe" / "reference.json").is_file():
             report(out)
