@@ -1670,10 +1670,10 @@ def gpu_time_lines(out: Path, folders: list[str], left: dict[str, int] | None = 
     """The GPU time of each stage folder from its gpu_time.json, and the total against the 4-hour
     budget of the whole section (GPU runs only: a CPU smoke run is counted apart). Units on disk
     that no recorded run wrote were measured before the record: their own wall times stand in."""
-    rows, total, unrecorded = [], 0.0, False
+    rows, total, unrecorded, recorded_runs = [], 0.0, False, {}
     for name in folders:
         path = out / name / "gpu_time.json"
-        runs = read_json(path)["runs"] if path.is_file() else []
+        runs = recorded_runs[name] = read_json(path)["runs"] if path.is_file() else []
         recorded = {u for r in runs for u in r["units"]}
         earlier = [read_json(p) for p in StageClock._written(out / name)
                    if p.stem.removeprefix("unit_") not in recorded]
@@ -1700,20 +1700,20 @@ def gpu_time_lines(out: Path, folders: list[str], left: dict[str, int] | None = 
             + (", besides the units measured before this record (their own wall times, which "
                "overlap where units ran side by side)." if unrecorded else "."), "",
             "| stage | runs | GPU minutes | units written | device |", "|---|---|---|---|---|", *rows,
-            *_projection(out, [f for f in folders if f.split("_m")[0] in PREFIX.values()], left or {})]
+            *_projection(out, recorded_runs, left or {})]
 
 
-def _projection(out: Path, folders: list[str], left: dict[str, int]) -> list[str]:
+def _projection(out: Path, recorded_runs: dict[str, list[dict]], left: dict[str, int]) -> list[str]:
     """What the units not measured yet would take at the rate of the recorded screen runs (GPU
     minutes per unit written, units side by side as they ran): ``left`` holds the screen units and
     the curve units still to run. A curve unit trains CURVE_TOP / SCREEN_TOP times as long as a
     screen unit and is evaluated about as long: its weight in screen units comes from the eval
-    share of the recorded units that trained."""
+    share of the recorded units that trained. ``recorded_runs``: each stage folder's runs."""
     runs, done = [], []
-    for f in folders:
-        if f.split("_m")[0] not in ("screen", "task") or not (out / f / "gpu_time.json").is_file():
+    for f, stage_runs in recorded_runs.items():
+        if f.split("_m")[0] not in ("screen", "task"):
             continue
-        for r in read_json(out / f / "gpu_time.json")["runs"]:
+        for r in stage_runs:
             if not r["device"].startswith("CPU"):
                 runs.append(r)
                 done += [read_json(out / f / f"unit_{u}.json") for u in r["units"]
